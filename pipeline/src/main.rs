@@ -1,1 +1,5 @@
-fn main() {}
+//! The `distill` binary.
+
+fn main() -> std::process::ExitCode {
+    distill_pipeline::cli::main()
+}

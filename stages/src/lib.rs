@@ -1,1 +1,22 @@
-//! placeholder
+//! Stage kinds of the distill DAG, each behind the [`StageKind`] / [`Stage`] traits.
+//!
+//! A [`StageKind`] turns the parameters of a `[[stage]]` table into a runnable
+//! [`Stage`], rejecting unknown keys, missing ones and wrong types with the field's
+//! name. The executor (in `distill-pipeline`) fingerprints each stage from its
+//! [`Stage::identity`], decides what to run, and calls [`Stage::run`] with a
+//! [`StageContext`]. A stage writes one row per item of work inside a transaction,
+//! so an interrupted stage resumes by doing only the missing items.
+
+mod context;
+mod error;
+pub mod hash;
+pub mod load;
+mod params;
+mod registry;
+#[cfg(feature = "test-stages")]
+pub mod testing;
+
+pub use context::{Input, Progress, StageContext};
+pub use error::{ParamError, StageError};
+pub use params::parse_params;
+pub use registry::{BuildEnv, Registry, RetryPolicy, Stage, StageKind};

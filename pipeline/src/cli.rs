@@ -1,0 +1,246 @@
+//! The `distill` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use distill_db::{Db, runs};
+use distill_stages::Registry;
+use indicatif::{MultiProgress, ProgressDrawTarget};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ConfigError, Pipeline};
+use crate::executor::{self, Outcome};
+use crate::fingerprint::fingerprints;
+use crate::{logging, report};
+
+/// Exit status of a config that does not validate (also clap's for bad usage).
+pub const EXIT_INVALID: u8 = 2;
+/// Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "distill",
+    version,
+    about = "Distil a reasoning teacher into small students: generate, curate, train, evaluate, export.",
+    long_about = "Distil a reasoning teacher into small students: generate, curate, train, evaluate, export.\n\n\
+        A pipeline is a TOML config describing a DAG of stages. Every stage and every item of \
+        work is recorded in a SQLite job database, so a run can be stopped at any moment \
+        (Ctrl-C, a crash, a reboot) and continued with `distill resume` without losing or \
+        redoing anything.\n\n\
+        Start with:  distill run examples/quickstart.toml\n\
+        Then look:   distill status     (the DAG and its progress)\n\
+        \x20            distill runs       (every run in the database)",
+    after_help = "Logs go to stderr; set RUST_LOG=debug for more. Inspection commands take --json."
+)]
+struct Cli {
+    /// Job database [default: the config's [run].db, else ./distill.db]
+    #[arg(long, global = true, env = "DISTILL_DB", value_name = "PATH")]
+    db: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline config; a run of the same name continues where it stopped.
+    ///
+    /// Stages whose parameters, inputs and upstream are unchanged since they finished
+    /// are skipped; a changed stage runs again together with everything downstream.
+    Run {
+        /// The pipeline config (TOML).
+        config: PathBuf,
+    },
+    /// Continue an interrupted or failed run with the config it was started with.
+    Resume {
+        /// The run's name or numeric id (see `distill runs`).
+        run: String,
+    },
+    /// Show a run's stages: state, item counts, attempts, durations.
+    Status {
+        /// The run's name or id [default: the most recent run].
+        run: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the runs in the job database.
+    Runs {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a config without running it: keys, types, stage kinds, needs, cycles.
+    Validate {
+        /// The pipeline config (TOML).
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let bars = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    logging::init(bars.clone());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli, bars)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_INVALID)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
+    let registry = Registry::builtin();
+    match cli.command {
+        Command::Run { config } => {
+            let workdir = std::env::current_dir().context("cannot read the working directory")?;
+            let pipeline = config::load(&config, &workdir, &registry)?;
+            let fps = fingerprints(&pipeline)?;
+            let db_path = cli
+                .db
+                .or_else(|| pipeline.run.db.as_ref().map(|p| workdir.join(p)))
+                .unwrap_or_else(default_db);
+            let db = open_for_run(&db_path).await?;
+            execute(&db, &pipeline, &fps, bars).await
+        }
+        Command::Resume { run } => {
+            let db = open_existing(cli.db).await?;
+            let run = runs::find(&db, &run).await?;
+            let pipeline = config::parse(
+                &run.config,
+                Path::new(&run.config_path),
+                Path::new(&run.workdir),
+                &registry,
+            )
+            .with_context(|| format!("the config recorded for run `{}` no longer validates", run.name))?;
+            let fps = fingerprints(&pipeline)?;
+            execute(&db, &pipeline, &fps, bars).await
+        }
+        Command::Status { run, json } => {
+            let db = open_existing(cli.db).await?;
+            let run = match run {
+                Some(key) => runs::find(&db, &key).await?,
+                None => runs::latest(&db)
+                    .await?
+                    .context("the job database has no runs yet")?,
+            };
+            let status = report::RunStatusReport::load(&db, run).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs { json } => {
+            let db = open_existing(cli.db).await?;
+            let list = report::RunList::load(&db).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print!("{}", list.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { config, json } => {
+            let workdir = std::env::current_dir().context("cannot read the working directory")?;
+            let pipeline = config::load(&config, &workdir, &registry)?;
+            let plan = report::Plan::new(&pipeline);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", plan.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn default_db() -> PathBuf {
+    PathBuf::from("distill.db")
+}
+
+async fn open_for_run(path: &Path) -> Result<Db> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the folder of {}", path.display()))?;
+    }
+    Ok(Db::open(path).await?)
+}
+
+async fn open_existing(db: Option<PathBuf>) -> Result<Db> {
+    Ok(Db::open_existing(&db.unwrap_or_else(default_db)).await?)
+}
+
+/// Executes a pipeline with Ctrl-C handling and prints where it ended.
+async fn execute(
+    db: &Db,
+    pipeline: &Pipeline,
+    fps: &[String],
+    bars: MultiProgress,
+) -> Result<ExitCode> {
+    let cancel = CancellationToken::new();
+    let on_ctrl_c = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!(
+                    "\nstopping: in-flight items finish and are recorded (Ctrl-C again to stop at once)"
+                );
+                cancel.cancel();
+                // Transactions keep the database consistent even if we exit mid-item.
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(EXIT_INTERRUPTED as i32);
+                }
+            }
+        })
+    };
+    let result = executor::execute(db, pipeline, fps, cancel, bars.clone()).await;
+    on_ctrl_c.abort();
+    let (run, outcome) = result?;
+    bars.clear().ok();
+    let status = report::RunStatusReport::load(db, run).await?;
+    print!("{}", status.render());
+    Ok(match outcome {
+        Outcome::Done => ExitCode::SUCCESS,
+        Outcome::Failed(failures) => {
+            for (stage, err) in failures {
+                eprintln!("error: stage `{stage}` failed: {err}");
+            }
+            eprintln!(
+                "fix the cause, then `distill resume {}` retries the failed stages",
+                status.run.name
+            );
+            ExitCode::FAILURE
+        }
+        Outcome::Interrupted => {
+            eprintln!(
+                "interrupted: `distill resume {}` continues where it stopped",
+                status.run.name
+            );
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+    })
+}

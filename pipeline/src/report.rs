@@ -1,0 +1,365 @@
+//! What the inspection commands print: each report is one serialisable struct
+//! (the `--json` form) with a `render` for people.
+
+use std::fmt::Write;
+
+use distill_db::runs::Run;
+use distill_db::stages::{self, StageRow, StageStatus};
+use distill_db::{Db, now_ms, runs};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::Pipeline;
+
+/// `distill status`: a run and its stages.
+#[derive(Debug, Serialize)]
+pub struct RunStatusReport {
+    /// The run.
+    pub run: RunInfo,
+    /// Its stages in topological order.
+    pub stages: Vec<StageInfo>,
+}
+
+/// A run, without its config text.
+#[derive(Debug, Serialize)]
+pub struct RunInfo {
+    /// Numeric id.
+    pub id: i64,
+    /// Name.
+    pub name: String,
+    /// running, done, failed or interrupted.
+    pub status: runs::RunStatus,
+    /// Config file it was last started from.
+    pub config_path: String,
+    /// Process executing it, if any.
+    pub owner_pid: Option<i64>,
+    /// Creation time (unix ms).
+    pub created_at: i64,
+    /// Last change (unix ms).
+    pub updated_at: i64,
+}
+
+impl From<Run> for RunInfo {
+    fn from(r: Run) -> Self {
+        RunInfo {
+            id: r.id,
+            name: r.name,
+            status: r.status,
+            config_path: r.config_path,
+            owner_pid: r.owner_pid,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+/// A stage as `status` shows it.
+#[derive(Debug, Serialize)]
+pub struct StageInfo {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: String,
+    /// Stages it needs.
+    pub needs: Vec<String>,
+    /// pending, running, done or failed.
+    pub status: StageStatus,
+    /// Attempts under the current fingerprint.
+    pub attempts: i64,
+    /// Last error.
+    pub error: Option<String>,
+    /// Items it will produce, when known.
+    pub items_total: Option<i64>,
+    /// Items produced.
+    pub items_done: i64,
+    /// Items that failed and wait for a resume.
+    pub items_failed: i64,
+    /// Time spent, over all attempts, including the current one.
+    pub elapsed_ms: i64,
+    /// Items per second in the current attempt (running stages).
+    pub rate_per_s: Option<f64>,
+    /// Estimated seconds to finish (running stages with a known total).
+    pub eta_s: Option<f64>,
+    /// The stage's own summary, when done.
+    pub summary: Option<Value>,
+    /// Fingerprint of parameters, inputs, code and upstream.
+    pub fingerprint: String,
+}
+
+impl StageInfo {
+    fn from_row(r: StageRow, now: i64) -> Self {
+        let running_ms = match (r.status, r.started_at) {
+            (StageStatus::Running, Some(t)) => (now - t).max(0),
+            _ => 0,
+        };
+        let rate = (running_ms > 0 && r.items_done > 0)
+            .then(|| r.items_done as f64 / (running_ms as f64 / 1000.0));
+        let eta = match (rate, r.items_total) {
+            (Some(rate), Some(total)) if rate > 0.0 => {
+                Some(((total - r.items_done).max(0)) as f64 / rate)
+            }
+            _ => None,
+        };
+        StageInfo {
+            needs: serde_json::from_str(&r.needs).unwrap_or_default(),
+            summary: r.summary.as_deref().and_then(|s| serde_json::from_str(s).ok()),
+            name: r.name,
+            kind: r.kind,
+            status: r.status,
+            attempts: r.attempts,
+            error: r.error,
+            items_total: r.items_total,
+            items_done: r.items_done,
+            items_failed: r.items_failed,
+            elapsed_ms: r.elapsed_ms + running_ms,
+            rate_per_s: rate,
+            eta_s: eta,
+            fingerprint: r.fingerprint,
+        }
+    }
+}
+
+impl RunStatusReport {
+    /// Reads a run's stages.
+    pub async fn load(db: &Db, run: Run) -> distill_db::Result<Self> {
+        let now = now_ms();
+        let stages = stages::list(db.pool(), run.id)
+            .await?
+            .into_iter()
+            .map(|r| StageInfo::from_row(r, now))
+            .collect();
+        Ok(Self {
+            run: run.into(),
+            stages,
+        })
+    }
+
+    /// A table for people.
+    pub fn render(&self) -> String {
+        let r = &self.run;
+        let mut out = format!(
+            "run {} (#{}): {} · started {} · config {}\n",
+            r.name,
+            r.id,
+            status_word(&r.status),
+            ago(r.created_at),
+            r.config_path
+        );
+        let rows: Vec<[String; 6]> = self
+            .stages
+            .iter()
+            .map(|s| {
+                let items = match s.items_total {
+                    Some(t) if s.status != StageStatus::Done || t != s.items_done => {
+                        format!("{}/{}", s.items_done, t)
+                    }
+                    _ => s.items_done.to_string(),
+                };
+                let items = if s.items_failed > 0 {
+                    format!("{items} ({} failed)", s.items_failed)
+                } else {
+                    items
+                };
+                let mut note = s.error.clone().unwrap_or_default();
+                if let Some(eta) = s.eta_s {
+                    note = format!("{:.1}/s, eta {}", s.rate_per_s.unwrap_or(0.0), duration(eta * 1000.0));
+                }
+                [
+                    s.name.clone(),
+                    s.kind.clone(),
+                    if s.needs.is_empty() { "-".into() } else { s.needs.join(",") },
+                    format!("{:?}", s.status).to_lowercase(),
+                    items,
+                    format!("{} {}", duration(s.elapsed_ms as f64), note).trim().to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(["STAGE", "KIND", "NEEDS", "STATUS", "ITEMS", "TIME"], &rows));
+        out
+    }
+}
+
+/// `distill runs`.
+#[derive(Debug, Serialize)]
+pub struct RunList {
+    /// Runs, newest first.
+    pub runs: Vec<RunSummary>,
+}
+
+/// One line of `distill runs`.
+#[derive(Debug, Serialize)]
+pub struct RunSummary {
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunInfo,
+    /// Stages in the run.
+    pub stages: usize,
+    /// Stages done.
+    pub stages_done: usize,
+}
+
+impl RunList {
+    /// Reads every run with its stage counts.
+    pub async fn load(db: &Db) -> distill_db::Result<Self> {
+        let mut out = Vec::new();
+        for run in runs::list(db).await? {
+            let st = stages::list(db.pool(), run.id).await?;
+            out.push(RunSummary {
+                stages: st.len(),
+                stages_done: st.iter().filter(|s| s.status == StageStatus::Done).count(),
+                run: run.into(),
+            });
+        }
+        Ok(Self { runs: out })
+    }
+
+    /// A table for people.
+    pub fn render(&self) -> String {
+        if self.runs.is_empty() {
+            return "no runs yet: `distill run CONFIG` starts one\n".into();
+        }
+        let rows: Vec<[String; 5]> = self
+            .runs
+            .iter()
+            .map(|r| {
+                [
+                    r.run.id.to_string(),
+                    r.run.name.clone(),
+                    status_word(&r.run.status).into(),
+                    format!("{}/{}", r.stages_done, r.stages),
+                    ago(r.run.updated_at),
+                ]
+            })
+            .collect();
+        table(["ID", "NAME", "STATUS", "STAGES DONE", "UPDATED"], &rows)
+    }
+}
+
+/// `distill validate`: the stages a config would run, in order.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    /// Always true: an invalid config is an error, not a plan.
+    pub valid: bool,
+    /// The run's name.
+    pub run: String,
+    /// Stages in execution order.
+    pub stages: Vec<PlanStage>,
+}
+
+/// A stage of a [`Plan`].
+#[derive(Debug, Serialize)]
+pub struct PlanStage {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: String,
+    /// Stages it needs.
+    pub needs: Vec<String>,
+}
+
+impl Plan {
+    /// The plan of a validated pipeline.
+    pub fn new(p: &Pipeline) -> Self {
+        Plan {
+            valid: true,
+            run: p.run.name.clone(),
+            stages: p
+                .stages
+                .iter()
+                .map(|s| PlanStage {
+                    name: s.name.clone(),
+                    kind: s.kind.clone(),
+                    needs: s.needs.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Text for people.
+    pub fn render(&self) -> String {
+        let mut out = format!("config is valid: run `{}`, {} stages\n", self.run, self.stages.len());
+        for (i, s) in self.stages.iter().enumerate() {
+            let needs = if s.needs.is_empty() {
+                String::new()
+            } else {
+                format!("  ← {}", s.needs.join(", "))
+            };
+            let _ = writeln!(out, "  {}. {} ({}){}", i + 1, s.name, s.kind, needs);
+        }
+        out
+    }
+}
+
+fn status_word(s: &runs::RunStatus) -> &'static str {
+    match s {
+        runs::RunStatus::Running => "running",
+        runs::RunStatus::Done => "done",
+        runs::RunStatus::Failed => "failed",
+        runs::RunStatus::Interrupted => "interrupted",
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// `850ms`, `12.3s`, `4m05s`, `2h03m`.
+pub fn duration(ms: f64) -> String {
+    let s = ms / 1000.0;
+    if s < 1.0 {
+        format!("{ms:.0}ms")
+    } else if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
+    } else {
+        format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+    }
+}
+
+fn ago(t: i64) -> String {
+    format!("{} ago", duration((now_ms() - t).max(0) as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(850.0), "850ms");
+        assert_eq!(duration(12_340.0), "12.3s");
+        assert_eq!(duration(245_000.0), "4m05s");
+        assert_eq!(duration(7_380_000.0), "2h03m");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(["A", "BB"], &[["xyz".into(), "1".into()]]);
+        assert_eq!(t, "A    BB\nxyz  1\n");
+    }
+}
