@@ -1,0 +1,8 @@
+//! Integration tests against the committed Hugging Face fixtures (see `tests/fixtures/make_parity.py`).
+
+mod api;
+mod chat;
+mod common;
+mod errors;
+mod parity;
+mod weights;
