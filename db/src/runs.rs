@@ -51,10 +51,12 @@ const COLUMNS: &str = "id, name, config_path, config, workdir, status, owner_pid
 /// Finds a run by numeric id or by name.
 pub async fn find(db: &Db, key: &str) -> Result<Run> {
     let by_id = match key.parse::<i64>() {
-        Ok(id) => sqlx::query_as::<_, Run>(&format!("SELECT {COLUMNS} FROM runs WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(db.pool())
-            .await?,
+        Ok(id) => {
+            sqlx::query_as::<_, Run>(&format!("SELECT {COLUMNS} FROM runs WHERE id = ?"))
+                .bind(id)
+                .fetch_optional(db.pool())
+                .await?
+        }
         Err(_) => None,
     };
     match by_id {

@@ -134,7 +134,12 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
                 Path::new(&run.workdir),
                 &registry,
             )
-            .with_context(|| format!("the config recorded for run `{}` no longer validates", run.name))?;
+            .with_context(|| {
+                format!(
+                    "the config recorded for run `{}` no longer validates",
+                    run.name
+                )
+            })?;
             let fps = fingerprints(&pipeline)?;
             execute(&db, &pipeline, &fps, bars).await
         }
@@ -148,9 +153,9 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             };
             let status = report::RunStatusReport::load(&db, run).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                out(&format!("{}\n", serde_json::to_string_pretty(&status)?));
             } else {
-                print!("{}", status.render());
+                out(&status.render());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -158,9 +163,9 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             let db = open_existing(cli.db).await?;
             let list = report::RunList::load(&db).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out(&format!("{}\n", serde_json::to_string_pretty(&list)?));
             } else {
-                print!("{}", list.render());
+                out(&list.render());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -169,9 +174,9 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             let pipeline = config::load(&config, &workdir, &registry)?;
             let plan = report::Plan::new(&pipeline);
             if json {
-                println!("{}", serde_json::to_string_pretty(&plan)?);
+                out(&format!("{}\n", serde_json::to_string_pretty(&plan)?));
             } else {
-                print!("{}", plan.render());
+                out(&plan.render());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -222,7 +227,7 @@ async fn execute(
     let (run, outcome) = result?;
     bars.clear().ok();
     let status = report::RunStatusReport::load(db, run).await?;
-    print!("{}", status.render());
+    out(&status.render());
     Ok(match outcome {
         Outcome::Done => ExitCode::SUCCESS,
         Outcome::Failed(failures) => {
@@ -243,4 +248,21 @@ async fn execute(
             ExitCode::from(EXIT_INTERRUPTED)
         }
     })
+}
+
+/// Writes command output to stdout; a closed pipe (`distill runs | head`) ends the
+/// process quietly instead of panicking.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
 }

@@ -169,7 +169,10 @@ pub fn parse(
                     d.name
                 ));
             } else if need == &d.name {
-                problems.push(format!("stage `{}`: needs: a stage cannot need itself", d.name));
+                problems.push(format!(
+                    "stage `{}`: needs: a stage cannot need itself",
+                    d.name
+                ));
             }
         }
     }
@@ -250,7 +253,9 @@ struct StageDecl {
 fn split_stage(i: usize, mut table: toml::Table) -> Result<StageDecl, String> {
     let name = match table.remove("name") {
         Some(toml::Value::String(s)) if !s.trim().is_empty() => s,
-        Some(toml::Value::String(_)) => return Err(format!("stage #{}: name: must not be empty", i + 1)),
+        Some(toml::Value::String(_)) => {
+            return Err(format!("stage #{}: name: must not be empty", i + 1));
+        }
         Some(v) => {
             return Err(format!(
                 "stage #{}: name: expected a string, found {}",

@@ -174,10 +174,7 @@ async fn schedule(
         if !cancel.is_cancelled() {
             for planned in &pipeline.stages {
                 let ready = status[&planned.name] == StageStatus::Pending
-                    && planned
-                        .needs
-                        .iter()
-                        .all(|n| status[n] == StageStatus::Done);
+                    && planned.needs.iter().all(|n| status[n] == StageStatus::Done);
                 if !ready {
                     continue;
                 }
@@ -312,8 +309,14 @@ impl StageJob {
             match result {
                 Ok(summary) => {
                     let summary = summary.to_string();
-                    stages::finish(&self.db, self.row.id, StageStatus::Done, None, Some(&summary))
-                        .await?;
+                    stages::finish(
+                        &self.db,
+                        self.row.id,
+                        StageStatus::Done,
+                        None,
+                        Some(&summary),
+                    )
+                    .await?;
                     self.bar.finish_and_clear();
                     info!(stage = %name, "stage done in {secs:.1}s: {summary}");
                     return Ok(StageResult::Done);
@@ -328,7 +331,10 @@ impl StageJob {
                     let msg = e.to_string();
                     stages::finish(&self.db, self.row.id, StageStatus::Failed, Some(&msg), None)
                         .await?;
-                    if e.is_retryable() && tries < policy.max_attempts && !self.cancel.is_cancelled() {
+                    if e.is_retryable()
+                        && tries < policy.max_attempts
+                        && !self.cancel.is_cancelled()
+                    {
                         let wait = policy.backoff(tries + 1);
                         warn!(stage = %name, "attempt {attempt} failed: {msg}; retrying in {wait:?}");
                         tokio::select! {

@@ -12,8 +12,9 @@ const STALE_AFTER: Duration = Duration::from_secs(30);
 pub fn is_alive(pid: i64, heartbeat_at: Option<i64>) -> bool {
     match proc_state(pid) {
         Some(alive) => alive,
-        None => heartbeat_at
-            .is_some_and(|t| distill_db::now_ms() - t < STALE_AFTER.as_millis() as i64),
+        None => {
+            heartbeat_at.is_some_and(|t| distill_db::now_ms() - t < STALE_AFTER.as_millis() as i64)
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Logs (tracing) that do not tear the progress bars.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use indicatif::MultiProgress;
 use tracing_subscriber::EnvFilter;
@@ -13,6 +13,7 @@ pub fn init(bars: MultiProgress) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(BarWriter(bars))
         .try_init();
 }

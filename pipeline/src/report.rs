@@ -102,7 +102,10 @@ impl StageInfo {
         };
         StageInfo {
             needs: serde_json::from_str(&r.needs).unwrap_or_default(),
-            summary: r.summary.as_deref().and_then(|s| serde_json::from_str(s).ok()),
+            summary: r
+                .summary
+                .as_deref()
+                .and_then(|s| serde_json::from_str(s).ok()),
             name: r.name,
             kind: r.kind,
             status: r.status,
@@ -162,19 +165,32 @@ impl RunStatusReport {
                 };
                 let mut note = s.error.clone().unwrap_or_default();
                 if let Some(eta) = s.eta_s {
-                    note = format!("{:.1}/s, eta {}", s.rate_per_s.unwrap_or(0.0), duration(eta * 1000.0));
+                    note = format!(
+                        "{:.1}/s, eta {}",
+                        s.rate_per_s.unwrap_or(0.0),
+                        duration(eta * 1000.0)
+                    );
                 }
                 [
                     s.name.clone(),
                     s.kind.clone(),
-                    if s.needs.is_empty() { "-".into() } else { s.needs.join(",") },
+                    if s.needs.is_empty() {
+                        "-".into()
+                    } else {
+                        s.needs.join(",")
+                    },
                     format!("{:?}", s.status).to_lowercase(),
                     items,
-                    format!("{} {}", duration(s.elapsed_ms as f64), note).trim().to_string(),
+                    format!("{} {}", duration(s.elapsed_ms as f64), note)
+                        .trim()
+                        .to_string(),
                 ]
             })
             .collect();
-        out.push_str(&table(["STAGE", "KIND", "NEEDS", "STATUS", "ITEMS", "TIME"], &rows));
+        out.push_str(&table(
+            ["STAGE", "KIND", "NEEDS", "STATUS", "ITEMS", "TIME"],
+            &rows,
+        ));
         out
     }
 }
@@ -277,7 +293,11 @@ impl Plan {
 
     /// Text for people.
     pub fn render(&self) -> String {
-        let mut out = format!("config is valid: run `{}`, {} stages\n", self.run, self.stages.len());
+        let mut out = format!(
+            "config is valid: run `{}`, {} stages\n",
+            self.run,
+            self.stages.len()
+        );
         for (i, s) in self.stages.iter().enumerate() {
             let needs = if s.needs.is_empty() {
                 String::new()
@@ -337,7 +357,11 @@ pub fn duration(ms: f64) -> String {
     } else if s < 3600.0 {
         format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64)
     } else {
-        format!("{}h{:02}m", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+        format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
     }
 }
 

@@ -178,9 +178,8 @@ pub fn read_prompts(file: &Path, params: &LoadParams) -> Result<Loaded, StageErr
 
 /// [`read_prompts`] on the file's bytes, already read.
 fn read_prompts_from(file: &Path, bytes: &[u8], params: &LoadParams) -> Result<Loaded, StageError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        StageError::Input(format!("{}: not UTF-8 text: {e}", file.display()))
-    })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| StageError::Input(format!("{}: not UTF-8 text: {e}", file.display())))?;
     let records = parse_records(file, &text, params.format)?;
     let n_records = records.len();
     if n_records == 0 {
@@ -196,7 +195,10 @@ fn read_prompts_from(file: &Path, bytes: &[u8], params: &LoadParams) -> Result<L
     for (loc, record) in records {
         let at = || loc.describe(file);
         let Value::Object(mut obj) = record else {
-            return Err(StageError::Input(format!("{}: expected a JSON object", at())));
+            return Err(StageError::Input(format!(
+                "{}: expected a JSON object",
+                at()
+            )));
         };
         let prompt = match obj.remove(&params.prompt_field) {
             Some(Value::String(s)) if !s.trim().is_empty() => s,
@@ -435,12 +437,22 @@ mod tests {
         let f = write(&dir, "x.jsonl", "{\"problem\":\"a\"}\n{\"problem\": \n");
         let err = read_prompts(&f, &params(&f)).unwrap_err().to_string();
         assert!(err.contains("x.jsonl:2"), "{err}");
-        let f = write(&dir, "y.jsonl", "{\"problem\":\"a\"}\n{\"question\":\"b\"}\n");
+        let f = write(
+            &dir,
+            "y.jsonl",
+            "{\"problem\":\"a\"}\n{\"question\":\"b\"}\n",
+        );
         let err = read_prompts(&f, &params(&f)).unwrap_err().to_string();
-        assert!(err.contains("y.jsonl:2") && err.contains("`problem` is missing"), "{err}");
+        assert!(
+            err.contains("y.jsonl:2") && err.contains("`problem` is missing"),
+            "{err}"
+        );
         let f = write(&dir, "z.json", "[{\"problem\":\"a\"},{\"problem\":7}]");
         let err = read_prompts(&f, &params(&f)).unwrap_err().to_string();
-        assert!(err.contains("z.json: record 2") && err.contains("a number"), "{err}");
+        assert!(
+            err.contains("z.json: record 2") && err.contains("a number"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -454,7 +466,10 @@ mod tests {
         let mut p = params(&f);
         p.id_field = Some("id".into());
         let err = read_prompts(&f, &p).unwrap_err().to_string();
-        assert!(err.contains("x.jsonl:2") && err.contains("x.jsonl:1"), "{err}");
+        assert!(
+            err.contains("x.jsonl:2") && err.contains("x.jsonl:1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,1 +1,5 @@
+//! End-to-end tests: they drive the real `distill` binary against a scratch
+//! directory and inspect what it printed and what it recorded.
 
+mod common;
+mod foundation;
