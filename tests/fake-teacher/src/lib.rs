@@ -370,6 +370,16 @@ impl FakeConfig {
         self.record_requests = true;
         self
     }
+
+    /// The reply the server sends for `input` before any fault: the responder's,
+    /// padded to `response_bytes`. Tests use it to predict completions.
+    pub fn reply(&self, input: &ReplyInput<'_>) -> Reply {
+        let mut r = (self.responder)(input);
+        if let Some(size) = self.response_bytes {
+            pad(&mut r, input.prompt, size);
+        }
+        r
+    }
 }
 
 /// What the server has served so far.
@@ -389,6 +399,10 @@ pub struct FakeStats {
     pub rejected: u64,
     /// `/models` requests.
     pub model_requests: u64,
+    /// Chat requests being handled now (until their response headers are sent).
+    pub in_flight: u64,
+    /// Most chat requests handled at once so far.
+    pub max_in_flight: u64,
 }
 
 /// A request as received.
@@ -410,6 +424,8 @@ struct Shared {
     unauthorized: AtomicU64,
     rejected: AtomicU64,
     model_requests: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     faults: Mutex<BTreeMap<String, u64>>,
     recorded: Mutex<Vec<RecordedRequest>>,
 }
@@ -424,6 +440,8 @@ impl Shared {
             unauthorized: self.unauthorized.load(Ordering::SeqCst),
             rejected: self.rejected.load(Ordering::SeqCst),
             model_requests: self.model_requests.load(Ordering::SeqCst),
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            max_in_flight: self.max_in_flight.load(Ordering::SeqCst),
         }
     }
 }
@@ -457,6 +475,8 @@ impl FakeTeacher {
             unauthorized: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             model_requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             faults: Mutex::new(BTreeMap::new()),
             recorded: Mutex::new(Vec::new()),
         });
@@ -618,8 +638,26 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+/// Counts a chat request as in flight until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn chat(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
     let number = shared.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let _in_flight = InFlight::enter(shared);
     let config = &shared.config;
     let authorization = req
         .headers()
@@ -708,14 +746,11 @@ async fn chat(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
     let cut = fault == Some(Fault::FinishLength);
     let replies: Vec<Reply> = (0..n)
         .map(|choice| {
-            let mut r = (config.responder)(&ReplyInput {
+            let mut r = config.reply(&ReplyInput {
                 prompt,
                 choice,
                 seed: body.seed,
             });
-            if let Some(size) = config.response_bytes {
-                pad(&mut r, prompt, size);
-            }
             if cut {
                 let half = floor_char_boundary(&r.reasoning, r.reasoning.len() / 2);
                 r.reasoning.truncate(half);
@@ -1059,7 +1094,12 @@ fn respond_frames(
 ) -> Response<Body> {
     let stall_at = (frames.len() / 2).max(1);
     let (end, stall) = match fault {
-        Some(Fault::DropMidStream) => (End::Abort, None),
+        // Pause before aborting so the partial response is flushed, as when a
+        // server dies mid-generation, rather than lost with the connection.
+        Some(Fault::DropMidStream) => (
+            End::Abort,
+            Some((frames.len(), Duration::from_millis(20), None)),
+        ),
         Some(Fault::EndWithoutDone | Fault::MalformedJson) => (End::Quiet, None),
         Some(Fault::StallMidStream(d)) => (End::Complete(u64::from(n)), Some((stall_at, *d, None))),
         _ => (End::Complete(u64::from(n)), None),
