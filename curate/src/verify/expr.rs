@@ -92,7 +92,10 @@ impl Poly {
 
     fn add(mut self, other: Poly) -> Poly {
         for (m, c) in other.terms {
-            let entry = self.terms.entry(m.clone()).or_insert_with(BigRational::zero);
+            let entry = self
+                .terms
+                .entry(m.clone())
+                .or_insert_with(BigRational::zero);
             *entry += c;
             if entry.is_zero() {
                 self.terms.remove(&m);
@@ -337,10 +340,43 @@ enum Tok {
 }
 
 const GREEK: &[&str] = &[
-    "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",
-    "vartheta", "iota", "kappa", "lambda", "mu", "nu", "xi", "pi", "rho", "sigma", "tau",
-    "upsilon", "phi", "varphi", "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda",
-    "Xi", "Pi", "Sigma", "Phi", "Psi", "Omega", "infty",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "varepsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "vartheta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "varphi",
+    "chi",
+    "psi",
+    "omega",
+    "Gamma",
+    "Delta",
+    "Theta",
+    "Lambda",
+    "Xi",
+    "Pi",
+    "Sigma",
+    "Phi",
+    "Psi",
+    "Omega",
+    "infty",
 ];
 
 fn tokenize(src: &str) -> Option<Vec<Tok>> {
@@ -351,17 +387,25 @@ fn tokenize(src: &str) -> Option<Vec<Tok>> {
         let c = chars[i];
         if c.is_whitespace() {
             i += 1;
-        } else if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
+        } else if c.is_ascii_digit()
+            || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()))
+        {
             let start = i;
             while i < chars.len() && chars[i].is_ascii_digit() {
                 i += 1;
             }
-            if i < chars.len() && chars[i] == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+            if i < chars.len()
+                && chars[i] == '.'
+                && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())
+            {
                 i += 1;
                 while i < chars.len() && chars[i].is_ascii_digit() {
                     i += 1;
                 }
-            } else if i < chars.len() && chars[i] == '.' && !chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+            } else if i < chars.len()
+                && chars[i] == '.'
+                && !chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())
+            {
                 // A trailing decimal point ("5.") is just punctuation.
                 i += 1;
             }
@@ -574,8 +618,11 @@ impl Parser {
                 self.eat('}').then_some(v)
             }
             Tok::Num(n) => {
+                // A bare argument is one digit in TeX; "\sqrt34" is ambiguous.
+                if !n.is_integer() || n.to_integer() >= BigInt::from(10) {
+                    return None;
+                }
                 self.pos += 1;
-                // \frac12 arrives as the single number token "12": split digits.
                 Some(Poly::constant(n))
             }
             Tok::Sym(s) => {
@@ -641,7 +688,7 @@ impl Parser {
     fn two_arguments(&mut self) -> Option<(Poly, Poly)> {
         if let Some(Tok::Num(n)) = self.peek().cloned() {
             let text = n.to_integer().to_string();
-            if n.is_integer() && text.len() == 2 && !n.is_negative() {
+            if n.is_integer() && text.len() == 2 {
                 self.pos += 1;
                 let a = BigRational::from_integer(BigInt::from(text.as_bytes()[0] - b'0'));
                 let b = BigRational::from_integer(BigInt::from(text.as_bytes()[1] - b'0'));
@@ -658,7 +705,10 @@ fn binom(n: &BigRational, k: &BigRational) -> Option<Poly> {
     if !n.is_integer() || !k.is_integer() {
         return None;
     }
-    let n = n.to_integer().to_i64().filter(|n| (0..=10_000).contains(n))?;
+    let n = n
+        .to_integer()
+        .to_i64()
+        .filter(|n| (0..=10_000).contains(n))?;
     let k = k.to_integer().to_i64()?;
     if k < 0 || k > n {
         return Some(Poly::constant(BigRational::zero()));

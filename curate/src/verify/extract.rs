@@ -35,7 +35,8 @@ pub struct Extracted {
 }
 
 static ANSWER_IS: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)\b(?:final\s+)?answer\s+(?:is|would\s+be|will\s+be)\s*:?\s*").expect("static regex")
+    Regex::new(r"(?i)\b(?:final\s+)?answer\s+(?:is|would\s+be|will\s+be)\s*:?\s*")
+        .expect("static regex")
 });
 static ANSWER_LABEL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?im)^[\s*#_>-]*(?:final\s+)?answer\s*\**\s*[:：]\s*\**").expect("static regex")
@@ -43,7 +44,8 @@ static ANSWER_LABEL: LazyLock<Regex> = LazyLock::new(|| {
 static CHOICE_LINE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^[\s*_]*\(([A-E])\)[\s*_.]*$").expect("static regex"));
 static NUMBER_THEN_WORDS: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^(?P<num>-?\$?[0-9][0-9,]*(?:\.[0-9]+)?(?:/[0-9]+)?)\s+[A-Za-z][A-Za-z\s]*$").expect("static regex")
+    Regex::new(r"^(?P<num>-?\$?[0-9][0-9,]*(?:\.[0-9]+)?(?:/[0-9]+)?)\s+[A-Za-z][A-Za-z\s]*$")
+        .expect("static regex")
 });
 
 /// Longest answer taken from free text; longer captures are prose, not answers.
@@ -75,7 +77,10 @@ fn extract_from(text: &str) -> Option<Extracted> {
             });
         }
     }
-    let is = ANSWER_IS.find_iter(text).last().map(|m| (m.end(), Method::AnswerIs));
+    let is = ANSWER_IS
+        .find_iter(text)
+        .last()
+        .map(|m| (m.end(), Method::AnswerIs));
     let label = ANSWER_LABEL
         .find_iter(text)
         .last()
@@ -198,7 +203,10 @@ mod tests {
             ex("\\boxed{\\{1, 2\\}}"),
             Some(("\\{1, 2\\}".into(), Method::Boxed))
         );
-        assert_eq!(ex("so \\boxed{7} and \\boxed{8"), Some(("7".into(), Method::Boxed)));
+        assert_eq!(
+            ex("so \\boxed{7} and \\boxed{8"),
+            Some(("7".into(), Method::Boxed))
+        );
         assert_eq!(ex("\\fbox{x+1}"), Some(("x+1".into(), Method::Fbox)));
         assert_eq!(ex("$\\boxed 5$"), Some(("5".into(), Method::Boxed)));
     }
@@ -213,15 +221,30 @@ mod tests {
 
     #[test]
     fn gsm8k_and_phrases() {
-        assert_eq!(ex("blah\n#### 1,234"), Some(("1,234".into(), Method::Hashes)));
+        assert_eq!(
+            ex("blah\n#### 1,234"),
+            Some(("1,234".into(), Method::Hashes))
+        );
         assert_eq!(
             ex("So the answer is $\\frac{3}{4}$."),
             Some(("\\frac{3}{4}".into(), Method::AnswerIs))
         );
-        assert_eq!(ex("The final answer is 42 apples."), Some(("42".into(), Method::AnswerIs)));
-        assert_eq!(ex("The answer is 3.5. Done"), Some(("3.5".into(), Method::AnswerIs)));
-        assert_eq!(ex("Reasoning...\nAnswer: C"), Some(("C".into(), Method::AnswerLabel)));
-        assert_eq!(ex("**Answer:** (B)"), Some(("(B)".into(), Method::AnswerLabel)));
+        assert_eq!(
+            ex("The final answer is 42 apples."),
+            Some(("42".into(), Method::AnswerIs))
+        );
+        assert_eq!(
+            ex("The answer is 3.5. Done"),
+            Some(("3.5".into(), Method::AnswerIs))
+        );
+        assert_eq!(
+            ex("Reasoning...\nAnswer: C"),
+            Some(("C".into(), Method::AnswerLabel))
+        );
+        assert_eq!(
+            ex("**Answer:** (B)"),
+            Some(("(B)".into(), Method::AnswerLabel))
+        );
         assert_eq!(ex("I pick\n(D)"), Some(("D".into(), Method::Choice)));
     }
 

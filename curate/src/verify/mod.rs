@@ -170,8 +170,14 @@ mod tests {
         assert_eq!(v("\\$18.90", "18.9"), Verdict::Correct);
         assert_eq!(v("x=5", "5"), Verdict::Correct);
         assert_eq!(v("5", "x = 5"), Verdict::Correct);
-        assert_eq!(v("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,pi/2)"), Verdict::Correct);
-        assert_eq!(v("\\frac{\\sqrt3}{2}", "\\frac{\\sqrt{3}}{2}"), Verdict::Correct);
+        assert_eq!(
+            v("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,pi/2)"),
+            Verdict::Correct
+        );
+        assert_eq!(
+            v("\\frac{\\sqrt3}{2}", "\\frac{\\sqrt{3}}{2}"),
+            Verdict::Correct
+        );
         assert_eq!(v("3\\sqrt{13}", "3*sqrt(13)"), Verdict::Correct);
         assert_eq!(v("\\sqrt{51}", "sqrt(51)"), Verdict::Correct);
         assert_eq!(v("\\pi", "pi"), Verdict::Correct);
@@ -205,8 +211,14 @@ mod tests {
         assert_eq!(v("\\{1, 2, 3\\}", "\\{3, 1, 2\\}"), Verdict::Correct);
         assert_eq!(v("1, -2", "-2, 1"), Verdict::Correct);
         assert_eq!(v("1,-2", "1"), Verdict::Incorrect);
-        assert_eq!(v("(0,9) \\cup (9,36)", "(9,36)\\cup(0,9)"), Verdict::Correct);
-        assert_eq!(v("1 \\pm \\sqrt{2}", "1+\\sqrt2, 1-\\sqrt2"), Verdict::Correct);
+        assert_eq!(
+            v("(0,9) \\cup (9,36)", "(9,36)\\cup(0,9)"),
+            Verdict::Correct
+        );
+        assert_eq!(
+            v("1 \\pm \\sqrt{2}", "1+\\sqrt2, 1-\\sqrt2"),
+            Verdict::Correct
+        );
         assert_eq!(
             v(
                 "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
@@ -215,11 +227,47 @@ mod tests {
             Verdict::Correct
         );
         assert_eq!(
-            v("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 3 \\end{pmatrix}"),
+            v(
+                "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
+                "\\begin{pmatrix} 1 \\\\ 3 \\end{pmatrix}"
+            ),
             Verdict::Incorrect
         );
         assert_eq!(v("(1, \\sin x)", "(2, \\cos x)"), Verdict::Incorrect);
         assert_eq!(v("(1, \\sin x)", "(1, \\cos x)"), Verdict::Unknown);
+    }
+
+    #[test]
+    fn lists_bases_and_garbled_tex() {
+        assert_eq!(
+            v("(\\frac{3}{2}, -13)", "\\frac{3}{2}, -13"),
+            Verdict::Correct
+        );
+        assert_eq!(
+            v("(\\frac{3}{2}, -13)", "m=\\frac{3}{2}, b=-1"),
+            Verdict::Incorrect
+        );
+        assert_eq!(v("(1, 2)", "2, 1"), Verdict::Unknown);
+        assert_eq!(v("52_8", "52_8"), Verdict::Correct);
+        assert_eq!(v("52_8", "52"), Verdict::Correct);
+        assert_eq!(v("52_8", "42"), Verdict::Incorrect);
+        assert_eq!(v("4210_{5}", "4210_5"), Verdict::Correct);
+        assert_eq!(v("x_2", "x_{2}"), Verdict::Correct);
+        assert_eq!(v("\\frac9{19}", "\\frac919"), Verdict::Unknown);
+        assert_eq!(v("\\sqrt{34}", "\\sqrt34"), Verdict::Unknown);
+        assert_eq!(v("5.4 \\text{ cents}", "5.4cents"), Verdict::Correct);
+        assert_eq!(v("15\\mbox{ cm}^2", "15\\mboxcm^2"), Verdict::Correct);
+        assert_eq!(
+            v(
+                "\\begin{pmatrix} 1/5 \\\\ -18/5 \\end{pmatrix}",
+                "\\beginpmatrix1/5\\\\-18/5\\endpmatrix"
+            ),
+            Verdict::Correct
+        );
+        assert_eq!(
+            v("(5,\\infty)", "(-\\infty, 5) \\cup (5, \\infty)"),
+            Verdict::Unknown
+        );
     }
 
     #[test]
@@ -241,13 +289,22 @@ mod tests {
 
     #[test]
     fn verify_combines_extraction_and_comparison() {
-        let o = verify("\\frac{1}{2}", "<think>hmm</think> So the result is \\boxed{0.5}.");
+        let o = verify(
+            "\\frac{1}{2}",
+            "<think>hmm</think> So the result is \\boxed{0.5}.",
+        );
         assert_eq!(o.verdict, Verdict::Correct);
         assert_eq!(o.extracted.unwrap().method, Method::Boxed);
         let o = verify("7", "I give up.");
-        assert_eq!((o.verdict, o.detail.as_str()), (Verdict::Incorrect, "no answer found"));
+        assert_eq!(
+            (o.verdict, o.detail.as_str()),
+            (Verdict::Incorrect, "no answer found")
+        );
         let o = verify("", "\\boxed{7}");
-        assert_eq!((o.verdict, o.detail.as_str()), (Verdict::Unknown, "no reference answer"));
+        assert_eq!(
+            (o.verdict, o.detail.as_str()),
+            (Verdict::Unknown, "no reference answer")
+        );
         let o = verify("B", "Reasoning.\nAnswer: (B)");
         assert_eq!(o.verdict, Verdict::Correct);
         let o = verify("Q: ... #### 18", "She makes 9 * 2 = 18 dollars.\n#### 18");

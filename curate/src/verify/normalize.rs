@@ -10,23 +10,115 @@ use regex::Regex;
 
 /// Commands whose braced argument is kept as plain text.
 const TEXT_COMMANDS: &[&str] = &[
-    "\\textbf", "\\textit", "\\textrm", "\\textnormal", "\\textsf", "\\texttt", "\\text",
-    "\\mathrm", "\\mathbf", "\\mathit", "\\mathsf", "\\mathtt", "\\mathbb", "\\mathcal",
-    "\\boldsymbol", "\\operatorname", "\\mbox", "\\hbox",
+    "\\textbf",
+    "\\textit",
+    "\\textrm",
+    "\\textnormal",
+    "\\textsf",
+    "\\texttt",
+    "\\text",
+    "\\mathrm",
+    "\\mathbf",
+    "\\mathit",
+    "\\mathsf",
+    "\\mathtt",
+    "\\mathbb",
+    "\\mathcal",
+    "\\boldsymbol",
+    "\\operatorname",
+    "\\mbox",
+    "\\hbox",
 ];
 
 /// Unit words dropped after a number ("5 cm", "12 square units", "3 dollars").
 /// Only whole words after whitespace, so "2m" (an expression in m) is untouched.
 const UNITS: &[&str] = &[
-    "mm", "cm", "m", "km", "meter", "meters", "metre", "metres", "centimeter", "centimeters",
-    "millimeter", "millimeters", "kilometer", "kilometers", "inch", "inches", "ft", "foot",
-    "feet", "yd", "yard", "yards", "mile", "miles", "mph", "kmh", "unit", "units", "sq",
-    "square", "cubic", "degree", "degrees", "deg", "radian", "radians", "dollar", "dollars",
-    "cent", "cents", "second", "seconds", "sec", "minute", "minutes", "min", "mins", "hour",
-    "hours", "hr", "hrs", "day", "days", "week", "weeks", "month", "months", "year", "years",
-    "g", "gram", "grams", "kg", "kilogram", "kilograms", "lb", "lbs", "pound", "pounds",
-    "ounce", "ounces", "oz", "l", "liter", "liters", "litre", "litres", "ml", "gallon",
-    "gallons", "cup", "cups", "percent", "per", "cubed", "squared",
+    "mm",
+    "cm",
+    "m",
+    "km",
+    "meter",
+    "meters",
+    "metre",
+    "metres",
+    "centimeter",
+    "centimeters",
+    "millimeter",
+    "millimeters",
+    "kilometer",
+    "kilometers",
+    "inch",
+    "inches",
+    "ft",
+    "foot",
+    "feet",
+    "yd",
+    "yard",
+    "yards",
+    "mile",
+    "miles",
+    "mph",
+    "kmh",
+    "unit",
+    "units",
+    "sq",
+    "square",
+    "cubic",
+    "degree",
+    "degrees",
+    "deg",
+    "radian",
+    "radians",
+    "dollar",
+    "dollars",
+    "cent",
+    "cents",
+    "second",
+    "seconds",
+    "sec",
+    "minute",
+    "minutes",
+    "min",
+    "mins",
+    "hour",
+    "hours",
+    "hr",
+    "hrs",
+    "day",
+    "days",
+    "week",
+    "weeks",
+    "month",
+    "months",
+    "year",
+    "years",
+    "g",
+    "gram",
+    "grams",
+    "kg",
+    "kilogram",
+    "kilograms",
+    "lb",
+    "lbs",
+    "pound",
+    "pounds",
+    "ounce",
+    "ounces",
+    "oz",
+    "l",
+    "liter",
+    "liters",
+    "litre",
+    "litres",
+    "ml",
+    "gallon",
+    "gallons",
+    "cup",
+    "cups",
+    "percent",
+    "per",
+    "cubed",
+    "squared",
 ];
 
 const ROW_BREAK: &str = "\u{1}";
@@ -35,6 +127,11 @@ static THOUSANDS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$").expect("static regex"));
 static TRAILING_UNITS: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^(?P<head>.*?[0-9}\)])\s+(?P<units>[A-Za-z][A-Za-z.]*(?:\^\{?\d\}?)?(?:\s+[A-Za-z][A-Za-z.]*(?:\^\{?\d\}?)?)*)\s*$")
+        .expect("static regex")
+});
+/// A plain number with a unit glued on: "5.4cents", "15cm^2".
+static GLUED_UNIT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^(?P<num>-?[0-9]+(?:\.[0-9]+)?)(?P<unit>[A-Za-z]+)(?:\^\{?[23]\}?)?$")
         .expect("static regex")
 });
 /// `x = ...`, `f(x) = ...`, `x_1 = ...`, `\theta = ...`: a bare name on the left.
@@ -90,6 +187,12 @@ pub fn normalize(answer: &str) -> String {
         ("{,}", ""),
         ("\\cdot", "*"),
         ("\\times", "*"),
+        ("\\pm*", "\\pm "),
+        // Brace-stripped environments seen in model output.
+        ("\\beginpmatrix", "\\begin{pmatrix}"),
+        ("\\endpmatrix", "\\end{pmatrix}"),
+        ("\\beginbmatrix", "\\begin{bmatrix}"),
+        ("\\endbmatrix", "\\end{bmatrix}"),
     ] {
         s = s.replace(from, to);
     }
@@ -210,6 +313,31 @@ fn unwrap_text(s: &str) -> String {
     let mut i = 0;
     'scan: while i < s.len() {
         for cmd in TEXT_COMMANDS {
+            if s[i..].starts_with(cmd) {
+                let after = i + cmd.len();
+                // "\mboxcm": a brace-stripped unit.
+                let word: String = s[after..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphabetic())
+                    .collect();
+                if !word.is_empty()
+                    && UNITS.contains(&word.to_ascii_lowercase().as_str())
+                    && out
+                        .trim_end()
+                        .ends_with(|p: char| p.is_ascii_digit() || p == '}')
+                {
+                    let mut next = after + word.len();
+                    for sq in ["^{2}", "^{3}", "^2", "^3"] {
+                        if s[next..].starts_with(sq) {
+                            next += sq.len();
+                        }
+                    }
+                    if only_units_follow(&s[next..]) {
+                        i = next;
+                        continue 'scan;
+                    }
+                }
+            }
             if s[i..].starts_with(cmd)
                 && !s[i + cmd.len()..].starts_with(|c: char| c.is_ascii_alphabetic())
             {
@@ -221,11 +349,12 @@ fn unwrap_text(s: &str) -> String {
                         let content = &s[open + 1..close];
                         let mut next = close + 1;
                         let prev = out.trim_end().chars().last();
-                        let is_unit = content.trim().chars().all(|c| {
-                            c.is_ascii_alphabetic() || c == ' ' || c == '.' || c == '/'
-                        }) && !content.trim().is_empty()
-                            && prev.is_some_and(|p| p.is_ascii_digit() || p == '}' || p == ')')
-                            && only_units_follow(&s[next..]);
+                        let is_unit =
+                            content.trim().chars().all(|c| {
+                                c.is_ascii_alphabetic() || c == ' ' || c == '.' || c == '/'
+                            }) && !content.trim().is_empty()
+                                && prev.is_some_and(|p| p.is_ascii_digit() || p == '}' || p == ')')
+                                && only_units_follow(&s[next..]);
                         if is_unit {
                             // A unit's exponent goes with it: cm^2.
                             for sq in ["^{2}", "^{3}", "^2", "^3"] {
@@ -250,13 +379,17 @@ fn unwrap_text(s: &str) -> String {
 }
 
 fn only_units_follow(rest: &str) -> bool {
-    let r = rest
-        .trim_start_matches(['^', '{', '}', '2', '3'])
-        .trim();
+    let r = rest.trim_start_matches(['^', '{', '}', '2', '3']).trim();
     r.is_empty() || TEXT_COMMANDS.iter().any(|c| r.starts_with(c))
 }
 
 fn drop_trailing_units(s: &str) -> String {
+    if let Some(c) = GLUED_UNIT.captures(s) {
+        let unit = c["unit"].to_ascii_lowercase();
+        if unit.len() >= 2 && UNITS.contains(&unit.as_str()) {
+            return c["num"].to_string();
+        }
+    }
     if let Some(c) = TRAILING_UNITS.captures(s) {
         let all_units = c["units"].split_whitespace().all(|w| {
             let w = w.split('^').next().unwrap_or(w).trim_end_matches('.');
@@ -276,7 +409,8 @@ fn replace_word(s: &str, word: &str, to: &str) -> String {
     let bytes = s.as_bytes();
     while i < s.len() {
         if s[i..].starts_with(word) {
-            let before_ok = i == 0 || !(bytes[i - 1].is_ascii_alphabetic() || bytes[i - 1] == b'\\');
+            let before_ok =
+                i == 0 || !(bytes[i - 1].is_ascii_alphabetic() || bytes[i - 1] == b'\\');
             let end = i + word.len();
             let after_ok = end >= s.len() || !bytes[end].is_ascii_alphabetic();
             if before_ok && after_ok {
@@ -349,9 +483,13 @@ fn canonical_macro_args(s: &str) -> String {
     let mut i = 0;
     while i < chars.len() {
         let rest: String = chars[i..chars.len().min(i + 6)].iter().collect();
-        let (cmd, nargs) = if rest.starts_with("\\frac") && !chars.get(i + 5).is_some_and(|c| c.is_ascii_alphabetic()) {
+        let (cmd, nargs) = if rest.starts_with("\\frac")
+            && !chars.get(i + 5).is_some_and(|c| c.is_ascii_alphabetic())
+        {
             ("\\frac", 2)
-        } else if rest.starts_with("\\sqrt") && !chars.get(i + 5).is_some_and(|c| c.is_ascii_alphabetic()) {
+        } else if rest.starts_with("\\sqrt")
+            && !chars.get(i + 5).is_some_and(|c| c.is_ascii_alphabetic())
+        {
             ("\\sqrt", 1)
         } else {
             ("", 0)
@@ -359,6 +497,16 @@ fn canonical_macro_args(s: &str) -> String {
         if nargs > 0 {
             out.push_str(cmd);
             i += cmd.len();
+            // "\frac919" or "\sqrt34": TeX would read \frac{9}{1}9 and \sqrt{3}4,
+            // but the writer rarely meant that; leave such runs for the parser
+            // to reject instead of picking a reading.
+            let run = chars[i..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .count();
+            if run > nargs {
+                continue;
+            }
             for _ in 0..nargs {
                 match chars.get(i) {
                     Some(c) if c.is_ascii_alphanumeric() => {
@@ -396,7 +544,10 @@ mod tests {
     fn fractions_and_sizing() {
         assert_eq!(normalize("\\dfrac{14}{3}"), "\\frac{14}{3}");
         assert_eq!(normalize("\\tfrac12"), "\\frac{1}{2}");
-        assert_eq!(normalize("\\left( 3, \\frac{\\pi}{2} \\right)"), "(3,\\frac{\\pi}{2})");
+        assert_eq!(
+            normalize("\\left( 3, \\frac{\\pi}{2} \\right)"),
+            "(3,\\frac{\\pi}{2})"
+        );
         assert_eq!(normalize("\\left\\{1,2\\right\\}"), "\\{1,2\\}");
         assert_eq!(normalize("\\left. x \\right|"), "x|");
     }

@@ -15,9 +15,14 @@ pub(crate) enum Value {
         close: char,
         items: Vec<Value>,
     },
-    /// Unordered: `\{1,2\}`, bare lists `1,-2` (MATH's "enter all solutions"),
-    /// unions, `a \pm b`.
+    /// Unordered: `\{1,2\}`, unions, `a \pm b`.
     Set(Vec<Value>),
+    /// A bare comma list `1,-2`: MATH's "enter all solutions" (unordered), but
+    /// also how some models write a pair, so it is compared in order against
+    /// a bracketed tuple.
+    List(Vec<Value>),
+    /// A numeral with a base subscript, `52_8`: digits and base.
+    Based(String, String),
     Matrix(Vec<Vec<Value>>),
     /// Letters only ("Evelyn", "odd"); compared case-insensitively.
     Word(String),
@@ -86,10 +91,14 @@ pub(crate) fn parse_value(s: &str) -> Value {
     if let Some(m) = parse_matrix(s) {
         return m;
     }
-    for sep in ["\\cup", ",", ";"] {
+    let union = split_top(s, "\\cup");
+    if union.len() > 1 {
+        return Value::Set(union.iter().map(|p| parse_value(p)).collect());
+    }
+    for sep in [",", ";"] {
         let parts = split_top(s, sep);
         if parts.len() > 1 {
-            return Value::Set(
+            return Value::List(
                 parts
                     .iter()
                     .map(|p| parse_value(&strip_assignment(p)))
@@ -97,15 +106,32 @@ pub(crate) fn parse_value(s: &str) -> Value {
             );
         }
     }
+    if let Some((digits, base)) = s.split_once('_') {
+        let base = base.trim_start_matches('{').trim_end_matches('}');
+        let radix = base.parse::<u32>().ok().filter(|b| (2..=36).contains(b));
+        if let Some(radix) =
+            radix.filter(|r| !digits.is_empty() && digits.chars().all(|c| c.to_digit(*r).is_some()))
+        {
+            let _ = radix;
+            return Value::Based(digits.to_ascii_uppercase(), base.to_string());
+        }
+    }
     if matches!(s, "\\emptyset" | "\\varnothing" | "\\{\\}" | "∅") {
         return Value::Set(Vec::new());
     }
     if let Some(inner) = s.strip_prefix("\\{").and_then(|r| r.strip_suffix("\\}")) {
-        return Value::Set(split_top(inner, ",").iter().map(|p| parse_value(p)).collect());
+        return Value::Set(
+            split_top(inner, ",")
+                .iter()
+                .map(|p| parse_value(p))
+                .collect(),
+        );
     }
     let first = s.chars().next().unwrap_or(' ');
     let last = s.chars().last().unwrap_or(' ');
-    if matches!(first, '(' | '[') && matches!(last, ')' | ']') && outer_close(s) == Some(s.len() - 1)
+    if matches!(first, '(' | '[')
+        && matches!(last, ')' | ']')
+        && outer_close(s) == Some(s.len() - 1)
     {
         let inner = &s[1..s.len() - 1];
         let items = split_top(inner, ",");
@@ -132,7 +158,10 @@ pub(crate) fn parse_value(s: &str) -> Value {
     if let Some(p) = parse_expr(s) {
         return Value::Expr(p);
     }
-    if !s.is_empty() && s.chars().all(|c| c.is_alphabetic() || c == '\'' || c == '-') {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_alphabetic() || c == '\'' || c == '-')
+    {
         return Value::Word(s.to_lowercase());
     }
     Value::Opaque(s.to_string())
@@ -172,7 +201,9 @@ fn kind(v: &Value) -> &'static str {
         Value::Expr(p) if p.is_numeric() => "number",
         Value::Expr(_) => "expression",
         Value::Seq { .. } => "tuple/interval",
-        Value::Set(_) => "list/set",
+        Value::Set(_) => "set/union",
+        Value::List(_) => "list",
+        Value::Based(..) => "base-b numeral",
         Value::Matrix(_) => "matrix",
         Value::Word(_) => "word",
         Value::Choice(_) => "choice letter",
@@ -231,9 +262,48 @@ pub(crate) fn compare_values(a: &Value, b: &Value) -> Judged {
             }
             elementwise(x.iter().flatten().zip(y.iter().flatten()))
         }
-        (Set(x), Set(y)) => unordered(x, y),
-        (Set(x), other) if x.len() == 1 => compare_values(&x[0], other),
-        (other, Set(y)) if y.len() == 1 => compare_values(other, &y[0]),
+        (Set(x) | List(x), Set(y) | List(y)) => unordered(x, y),
+        (Set(x) | List(x), other) if x.len() == 1 => compare_values(&x[0], other),
+        (other, Set(y) | List(y)) if y.len() == 1 => compare_values(other, &y[0]),
+        (List(x), Seq { items: y, .. }) | (Seq { items: x, .. }, List(y)) => {
+            if x.len() != y.len() {
+                return judged(
+                    Verdict::Incorrect,
+                    format!("{} vs {} components", x.len(), y.len()),
+                );
+            }
+            let ordered = elementwise(x.iter().zip(y.iter()));
+            if ordered.verdict == Verdict::Incorrect
+                && unordered(x, y).verdict != Verdict::Incorrect
+            {
+                return judged(
+                    Verdict::Unknown,
+                    "bare list matches the tuple only in another order",
+                );
+            }
+            ordered
+        }
+        (Based(d1, b1), Based(d2, b2)) => {
+            if (d1, b1) == (d2, b2) {
+                judged(Verdict::Correct, "same numeral")
+            } else {
+                judged(
+                    Verdict::Incorrect,
+                    format!("{d2}_{b2} instead of {d1}_{b1}"),
+                )
+            }
+        }
+        (Based(digits, base), Expr(p)) | (Expr(p), Based(digits, base)) => match p.as_rational() {
+            Some(r) if r.is_integer() && r.to_integer().to_string() == *digits => judged(
+                Verdict::Correct,
+                format!("same digits; base-{base} subscript omitted"),
+            ),
+            Some(_) => judged(
+                Verdict::Incorrect,
+                format!("digits differ from {digits}_{base}"),
+            ),
+            None => judged(Verdict::Incorrect, format!("not a base-{base} numeral")),
+        },
         (Choice(x), Choice(y)) => {
             if x == y {
                 judged(Verdict::Correct, "same choice")
@@ -255,12 +325,9 @@ pub(crate) fn compare_values(a: &Value, b: &Value) -> Judged {
         ),
         (Set(_), Seq { .. }) | (Seq { .. }, Set(_)) => judged(
             Verdict::Unknown,
-            "bare list vs bracketed tuple: order/meaning ambiguous",
+            "union vs single interval: pieces may overlap",
         ),
-        _ => judged(
-            Verdict::Incorrect,
-            format!("{} vs {}", kind(a), kind(b)),
-        ),
+        _ => judged(Verdict::Incorrect, format!("{} vs {}", kind(a), kind(b))),
     }
 }
 
