@@ -256,10 +256,10 @@ fn truncate(mut s: String) -> String {
 
 /// The server's explanation from an error body, JSON or not.
 fn server_message(body: &[u8]) -> String {
-    if let Ok(v) = serde_json::from_slice::<Value>(body) {
-        if let (_, Some(m)) = error_details(&v) {
-            return truncate(m);
-        }
+    if let Ok(v) = serde_json::from_slice::<Value>(body)
+        && let (_, Some(m)) = error_details(&v)
+    {
+        return truncate(m);
     }
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
@@ -588,14 +588,14 @@ impl Inner {
                         // A failed attempt generated little; keep only the prompt's share.
                         l.settle(reserve, prompt_tokens);
                     }
-                    if err.blames_endpoint() {
-                        if let Some(rest) = self.pool.record_failure(idx) {
-                            tracing::warn!(
-                                endpoint = %ep.label,
-                                rest_s = rest.as_secs_f64(),
-                                "teacher endpoint keeps failing; resting it"
-                            );
-                        }
+                    if err.blames_endpoint()
+                        && let Some(rest) = self.pool.record_failure(idx)
+                    {
+                        tracing::warn!(
+                            endpoint = %ep.label,
+                            rest_s = rest.as_secs_f64(),
+                            "teacher endpoint keeps failing; resting it"
+                        );
                     }
                     if !err.is_retryable() {
                         return Err(err);

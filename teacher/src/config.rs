@@ -205,13 +205,13 @@ impl TeacherConfig {
         if self.model.trim().is_empty() {
             return bad("model is empty".into());
         }
-        if let Some(var) = &self.api_key_env {
-            if !is_env_var_name(var) {
-                // Never echo it: a pasted key is the likely mistake.
-                return bad("api_key_env must be the name of an environment variable \
+        if let Some(var) = &self.api_key_env
+            && !is_env_var_name(var)
+        {
+            // Never echo it: a pasted key is the likely mistake.
+            return bad("api_key_env must be the name of an environment variable \
                      (letters, digits, '_'), not the key itself"
-                    .into());
-            }
+                .into());
         }
         if self.max_concurrency == 0 {
             return bad("max_concurrency must be at least 1".into());
@@ -235,10 +235,10 @@ impl TeacherConfig {
                 return bad(format!("{name} must be a non-negative number of seconds"));
             }
         }
-        if let Some(v) = self.read_timeout_s {
-            if !(v.is_finite() && v > 0.0) {
-                return bad("read_timeout_s must be a positive number of seconds".into());
-            }
+        if let Some(v) = self.read_timeout_s
+            && !(v.is_finite() && v > 0.0)
+        {
+            return bad("read_timeout_s must be a positive number of seconds".into());
         }
         if self.requests_per_minute == Some(0) || self.tokens_per_minute == Some(0) {
             return bad("a requests/tokens per minute budget must be positive".into());

@@ -23,9 +23,7 @@ fn expected_reasoning() -> String {
 #[tokio::test]
 async fn transient_faults_are_retried_until_success() {
     let faults = [
-        Fault::RateLimited {
-            retry_after_s: None,
-        },
+        Fault::RateLimited { retry_after: None },
         Fault::ServerError { status: 500 },
         Fault::ServerError { status: 503 },
         Fault::DropMidStream,
@@ -62,12 +60,7 @@ async fn transient_faults_are_retried_until_success() {
 #[tokio::test]
 async fn each_transient_fault_has_its_kind_when_retries_run_out() {
     let cases = [
-        (
-            Fault::RateLimited {
-                retry_after_s: None,
-            },
-            "rate_limited",
-        ),
+        (Fault::RateLimited { retry_after: None }, "rate_limited"),
         (Fault::ServerError { status: 503 }, "server_error"),
         (Fault::DropMidStream, "truncated_stream"),
         (Fault::EndWithoutDone, "truncated_stream"),
@@ -164,7 +157,7 @@ async fn retry_after_is_honoured() {
     let server = fake(FakeConfig::default().fault(
         When::Request(1),
         Fault::RateLimited {
-            retry_after_s: Some(1.0),
+            retry_after: Some(Duration::from_secs(1)),
         },
     ))
     .await;

@@ -126,7 +126,7 @@ impl When {
         match *self {
             When::Request(n) => k == n,
             When::FirstN(n) => k <= n,
-            When::EveryNth(n) => n > 0 && k % n == 0,
+            When::EveryNth(n) => n > 0 && k.is_multiple_of(n),
             When::Always => true,
         }
     }
@@ -135,10 +135,11 @@ impl When {
 /// A misbehaviour of real servers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
-    /// HTTP 429 with `Retry-After` in (possibly fractional) seconds, if given.
+    /// HTTP 429 with a `Retry-After` header, if given, in seconds (fractional
+    /// below one second, so tests stay fast).
     RateLimited {
-        /// Value of the `Retry-After` header.
-        retry_after_s: Option<f64>,
+        /// Delay to announce in `Retry-After`.
+        retry_after: Option<Duration>,
     },
     /// HTTP 5xx (500, 503, ...) with an OpenAI-style error body.
     ServerError {
@@ -713,13 +714,12 @@ async fn chat(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
         *shared.faults.lock().unwrap().entry(f.label()).or_insert(0) += 1;
     }
     match &fault {
-        Some(Fault::RateLimited { retry_after_s }) => {
+        Some(Fault::RateLimited { retry_after }) => {
             let mut r = error_response(429, "Rate limit reached, please slow down");
-            if let Some(s) = retry_after_s {
-                r.headers_mut().insert(
-                    "retry-after",
-                    HeaderValue::from_str(&s.to_string()).unwrap(),
-                );
+            if let Some(d) = retry_after {
+                let secs = d.as_secs_f64().to_string();
+                r.headers_mut()
+                    .insert("retry-after", HeaderValue::from_str(&secs).unwrap());
             }
             return r;
         }
@@ -1042,12 +1042,29 @@ enum End {
     Done,
 }
 
+/// A pause before frame number `at`.
+struct Stall {
+    at: usize,
+    duration: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stall {
+    fn before(at: usize, duration: Duration) -> Option<Self> {
+        Some(Stall {
+            at,
+            duration,
+            sleep: None,
+        })
+    }
+}
+
 /// Body stream over prepared frames that counts a response only once its last
 /// frame has been handed to the connection.
 struct Frames {
     frames: std::vec::IntoIter<Bytes>,
     sent: usize,
-    stall: Option<(usize, Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
+    stall: Option<Stall>,
     end: End,
     shared: Arc<Shared>,
 }
@@ -1057,14 +1074,17 @@ impl Stream for Frames {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        if let Some((at, d, sleep)) = &mut this.stall {
-            if this.sent == *at {
-                let s = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*d)));
-                if s.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                this.stall = None;
+        if let Some(stall) = &mut this.stall
+            && this.sent == stall.at
+        {
+            let d = stall.duration;
+            let s = stall
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(d)));
+            if s.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
+            this.stall = None;
         }
         if let Some(b) = this.frames.next() {
             this.sent += 1;
@@ -1098,10 +1118,12 @@ fn respond_frames(
         // server dies mid-generation, rather than lost with the connection.
         Some(Fault::DropMidStream) => (
             End::Abort,
-            Some((frames.len(), Duration::from_millis(20), None)),
+            Stall::before(frames.len(), Duration::from_millis(20)),
         ),
         Some(Fault::EndWithoutDone | Fault::MalformedJson) => (End::Quiet, None),
-        Some(Fault::StallMidStream(d)) => (End::Complete(u64::from(n)), Some((stall_at, *d, None))),
+        Some(Fault::StallMidStream(d)) => {
+            (End::Complete(u64::from(n)), Stall::before(stall_at, *d))
+        }
         _ => (End::Complete(u64::from(n)), None),
     };
     let stream = Frames {
