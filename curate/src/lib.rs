@@ -5,4 +5,8 @@
 //! and persists what they return, so each algorithm can be tested and
 //! benchmarked on its own.
 
+pub mod error;
+pub mod filter;
 pub mod verify;
+
+pub use error::CurateError;
