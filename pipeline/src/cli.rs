@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use distill_db::{Db, runs};
+use distill_db::{Db, generations, runs};
 use distill_stages::Registry;
 use indicatif::{MultiProgress, ProgressDrawTarget};
 use tokio_util::sync::CancellationToken;
@@ -64,6 +64,26 @@ enum Command {
         /// The run's name or id [default: the most recent run].
         run: Option<String>,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show generated traces: prompt, reasoning, answer, finish reason, tokens.
+    Traces {
+        /// The run's name or id.
+        run: String,
+        /// Only this generate stage.
+        #[arg(long)]
+        stage: Option<String>,
+        /// At most this many traces.
+        #[arg(long, default_value_t = 10)]
+        limit: i64,
+        /// Only samples that failed (with their error).
+        #[arg(long)]
+        failed: bool,
+        /// Print whole texts instead of their beginnings.
+        #[arg(long)]
+        full: bool,
+        /// Print JSON (whole texts) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -156,6 +176,25 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
                 out(&format!("{}\n", serde_json::to_string_pretty(&status)?));
             } else {
                 out(&status.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Traces {
+            run,
+            stage,
+            limit,
+            failed,
+            full,
+            json,
+        } => {
+            let db = open_existing(cli.db).await?;
+            let run = runs::find(&db, &run).await?;
+            let traces =
+                generations::traces(db.pool(), run.id, stage.as_deref(), failed, limit).await?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string_pretty(&traces)?));
+            } else {
+                out(&report::render_traces(&traces, full));
             }
             Ok(ExitCode::SUCCESS)
         }

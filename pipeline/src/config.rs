@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use distill_stages::{BuildEnv, Registry, Stage};
+use distill_stages::{BuildEnv, Registry, Stage, parse_params};
+use distill_teacher::TeacherConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::dag;
@@ -66,8 +67,8 @@ pub struct PlannedStage {
 pub struct Pipeline {
     /// The `[run]` table.
     pub run: RunSection,
-    /// `[teacher.*]` endpoint tables by name.
-    pub teachers: BTreeMap<String, toml::Table>,
+    /// `[teacher.*]` endpoints by name.
+    pub teachers: BTreeMap<String, TeacherConfig>,
     /// Stages, each after everything it needs.
     pub stages: Vec<PlannedStage>,
     /// The config text.
@@ -133,6 +134,18 @@ pub fn parse(
     };
 
     let mut problems = Vec::new();
+    let mut teachers = BTreeMap::new();
+    for (name, table) in raw.teacher {
+        match parse_params::<TeacherConfig>(table) {
+            Ok(t) => match t.validate() {
+                Ok(()) => {
+                    teachers.insert(name, t);
+                }
+                Err(e) => problems.push(format!("[teacher.{name}]: {e}")),
+            },
+            Err(e) => problems.push(format!("[teacher.{name}]: {}: {}", e.field, e.message)),
+        }
+    }
     if raw.run.name.trim().is_empty() {
         problems.push("[run] name: must not be empty".to_string());
     }
@@ -198,7 +211,6 @@ pub fn parse(
         .iter()
         .map(|d| (d.name.clone(), d.kind.clone()))
         .collect();
-    let teachers: BTreeSet<String> = raw.teacher.keys().cloned().collect();
     let mut stages = Vec::with_capacity(decls.len());
     for idx in order {
         let d = &decls[idx];
@@ -234,7 +246,7 @@ pub fn parse(
     }
     Ok(Pipeline {
         run: raw.run,
-        teachers: raw.teacher,
+        teachers,
         stages,
         text: text.to_string(),
         path: path.to_path_buf(),

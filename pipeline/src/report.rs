@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use distill_db::runs::Run;
 use distill_db::stages::{self, StageRow, StageStatus};
-use distill_db::{Db, now_ms, runs};
+use distill_db::{Db, generations, now_ms, runs};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -84,6 +84,9 @@ pub struct StageInfo {
     pub summary: Option<Value>,
     /// Fingerprint of parameters, inputs, code and upstream.
     pub fingerprint: String,
+    /// Kind-specific figures (for `generate`: samples, failures, cache hits, tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
 }
 
 impl StageInfo {
@@ -118,6 +121,7 @@ impl StageInfo {
             rate_per_s: rate,
             eta_s: eta,
             fingerprint: r.fingerprint,
+            detail: None,
         }
     }
 }
@@ -126,11 +130,16 @@ impl RunStatusReport {
     /// Reads a run's stages.
     pub async fn load(db: &Db, run: Run) -> distill_db::Result<Self> {
         let now = now_ms();
-        let stages = stages::list(db.pool(), run.id)
-            .await?
-            .into_iter()
-            .map(|r| StageInfo::from_row(r, now))
-            .collect();
+        let mut stages = Vec::new();
+        for row in stages::list(db.pool(), run.id).await? {
+            let id = row.id;
+            let mut info = StageInfo::from_row(row, now);
+            if info.kind == "generate" {
+                let t = generations::totals(db.pool(), id).await?;
+                info.detail = Some(serde_json::to_value(t).unwrap_or(Value::Null));
+            }
+            stages.push(info);
+        }
         Ok(Self {
             run: run.into(),
             stages,
@@ -164,6 +173,13 @@ impl RunStatusReport {
                     items
                 };
                 let mut note = s.error.clone().unwrap_or_default();
+                if let Some(d) = &s.detail
+                    && s.kind == "generate"
+                {
+                    let toks = d["completion_tokens"].as_i64().unwrap_or(0);
+                    let cached = d["cached"].as_i64().unwrap_or(0);
+                    note = format!("{toks} tokens, {cached} cached {note}");
+                }
                 if let Some(eta) = s.eta_s {
                     note = format!(
                         "{:.1}/s, eta {}",
@@ -193,6 +209,67 @@ impl RunStatusReport {
         ));
         out
     }
+}
+
+/// `distill traces`: each sample with its prompt, for reading.
+pub fn render_traces(traces: &[generations::Trace], full: bool) -> String {
+    if traces.is_empty() {
+        return "no traces\n".into();
+    }
+    let cut = |text: &str, n: usize| -> String {
+        if full || text.chars().count() <= n {
+            text.to_string()
+        } else {
+            let head: String = text.chars().take(n).collect();
+            format!(
+                "{head}… [{} more chars; --full shows all]",
+                text.chars().count() - n
+            )
+        }
+    };
+    let mut out = String::new();
+    for t in traces {
+        let g = &t.generation;
+        let mut facts = vec![g.status.clone()];
+        facts.extend(g.finish_reason.clone());
+        if let Some(n) = g.completion_tokens {
+            facts.push(format!("{n} tokens"));
+        }
+        if let Some(ms) = g.latency_ms {
+            facts.push(duration(ms as f64));
+        }
+        if g.cached {
+            facts.push("cached".into());
+        }
+        facts.extend(g.endpoint.clone());
+        let _ = writeln!(
+            out,
+            "── {} · prompt {} · sample {} · {}",
+            t.stage,
+            t.source_id,
+            g.sample_index,
+            facts.join(" · ")
+        );
+        let _ = writeln!(out, "PROMPT     {}", cut(&t.prompt, 300));
+        if let Some(e) = &g.error {
+            let _ = writeln!(
+                out,
+                "ERROR      {}: {e}",
+                g.error_kind.as_deref().unwrap_or("?")
+            );
+        }
+        if let Some(r) = &g.reasoning {
+            let _ = writeln!(out, "REASONING  {}", cut(r, 600));
+        }
+        if let Some(a) = &g.answer {
+            let _ = writeln!(out, "ANSWER     {}", cut(a, 300));
+        }
+        if let Some(r) = &t.reference {
+            let _ = writeln!(out, "REFERENCE  {}", cut(r, 200));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// `distill runs`.

@@ -9,6 +9,7 @@
 
 mod context;
 mod error;
+pub mod generate;
 pub mod hash;
 pub mod load;
 mod params;

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +12,8 @@ use crate::{ParamError, StageContext, StageError};
 pub struct BuildEnv {
     /// Directory that relative paths resolve against.
     pub workdir: PathBuf,
-    /// Names of the `[teacher.*]` endpoints in the config.
-    pub teachers: BTreeSet<String>,
+    /// The `[teacher.*]` endpoints of the config, validated.
+    pub teachers: BTreeMap<String, distill_teacher::TeacherConfig>,
     /// Every stage of the config: name → kind.
     pub stages: BTreeMap<String, String>,
     /// The stages this one needs, with their kinds, in config order.
@@ -97,6 +97,7 @@ impl Registry {
             kinds: BTreeMap::new(),
         };
         r.register(Box::new(crate::load::LoadKind));
+        r.register(Box::new(crate::generate::GenerateKind));
         #[cfg(feature = "test-stages")]
         crate::testing::register(&mut r);
         r
