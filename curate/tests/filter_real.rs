@@ -52,12 +52,15 @@ fn default_filter_on_real_rollouts() {
         }
         for rej in got {
             *counts.entry(rej.reason.as_str()).or_default() += 1;
-            if rej.reason.as_str() == "language_mixing" && mixing_examples.len() < 3 {
+            if rej.reason.as_str() == "language_mixing" {
                 mixing_examples.push(rej.detail);
             }
         }
     }
-    println!("kept {kept} of 576; rejections {counts:?}; e.g. {mixing_examples:?}");
+    println!(
+        "kept {kept} of 576; rejections {counts:?}; e.g. {:?}",
+        &mixing_examples[..3]
+    );
     // All 576 completions close </think> and carry an answer; 20 mix Chinese
     // into English reasoning (e.g. "insufficient信息") and one has a Cyrillic
     // "а" homoglyph, which R1's recipe drops; two have a paragraph over 8000
