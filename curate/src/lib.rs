@@ -5,6 +5,8 @@
 //! and persists what they return, so each algorithm can be tested and
 //! benchmarked on its own.
 
+pub mod decontaminate;
+pub mod dedupe;
 pub mod error;
 pub mod filter;
 pub mod verify;
