@@ -9,7 +9,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use rand::Rng;
-use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -24,7 +23,8 @@ use crate::types::{ChatRequest, Completion};
 use crate::wire::{RawResponse, StreamAcc, WireError, error_details, parse_full};
 
 /// Longest wait for the end of a body after `[DONE]`; reading it lets the
-/// connection return to the pool, but a server that never closes must not stall us.
+/// connection return to the pool, but a server that never ends it must not pin
+/// a task forever.
 const DRAIN_AFTER_DONE: Duration = Duration::from_secs(1);
 /// Longest server error message kept, in bytes.
 const MAX_MESSAGE: usize = 600;
@@ -477,7 +477,7 @@ impl Inner {
             .await
             .map_err(|e| self.transport_error(ep, e, false))?;
         let status = resp.status();
-        if status != StatusCode::OK && !status.is_success() {
+        if !status.is_success() {
             let retry_after = parse_retry_after(resp.headers());
             let body = resp.bytes().await.unwrap_or_default();
             return Err(self.status_error(ep, status.as_u16(), retry_after, server_message(&body)));
@@ -515,8 +515,13 @@ impl Inner {
                     Some(Some(Ok(_))) => continue,
                     Some(_) => break,
                     None => {
-                        let rest = async { while let Some(Ok(_)) = stream.next().await {} };
-                        let _ = tokio::time::timeout(DRAIN_AFTER_DONE, rest).await;
+                        // The body's end is still in flight: wait for it off the
+                        // request path, so the connection can be pooled without
+                        // this request holding its concurrency slot.
+                        tokio::spawn(async move {
+                            let rest = async { while let Some(Ok(_)) = stream.next().await {} };
+                            let _ = tokio::time::timeout(DRAIN_AFTER_DONE, rest).await;
+                        });
                         break;
                     }
                 }

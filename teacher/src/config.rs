@@ -106,7 +106,9 @@ pub struct TeacherConfig {
     #[serde(default = "default_request_timeout_s")]
     pub request_timeout_s: f64,
     /// Longest silence between received bytes before the attempt is abandoned, in
-    /// seconds; catches stalled streams long before `request_timeout_s`. Off by default.
+    /// seconds; catches stalled streams long before `request_timeout_s`. Off by
+    /// default. Waiting for the response head counts too, so with `stream = false`
+    /// it must exceed the whole generation unless the server sends keep-alives.
     #[serde(default)]
     pub read_timeout_s: Option<f64>,
     /// Request budget across all endpoints (a provider's per-key limit).
