@@ -22,7 +22,7 @@ CREATE TABLE stages (
     kind         TEXT    NOT NULL,
     position     INTEGER NOT NULL,          -- topological position, for display
     needs        TEXT    NOT NULL,          -- JSON array of stage names
-    params       TEXT    NOT NULL,          -- canonical JSON of the stage's parameters
+    params       TEXT    NOT NULL,          -- the stage's identity: resolved parameters and input hashes
     fingerprint  TEXT    NOT NULL,
     status       TEXT    NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
     attempts     INTEGER NOT NULL DEFAULT 0,

@@ -14,6 +14,7 @@ pub mod generations;
 pub mod prompts;
 pub mod runs;
 pub mod stages;
+pub mod verdicts;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

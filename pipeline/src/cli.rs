@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use distill_db::{Db, generations, runs};
+use distill_db::{Db, generations, runs, verdicts};
 use distill_stages::Registry;
 use indicatif::{MultiProgress, ProgressDrawTarget};
 use tokio_util::sync::CancellationToken;
@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, ConfigError, Pipeline};
 use crate::executor::{self, Outcome};
 use crate::fingerprint::fingerprints;
-use crate::{logging, report};
+use crate::{dataset, logging, report};
 
 /// Exit status of a config that does not validate (also clap's for bad usage).
 pub const EXIT_INVALID: u8 = 2;
@@ -42,6 +42,23 @@ struct Cli {
 
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum DatasetCommand {
+    /// Write the traces a stage kept (after it and every stage before it) as JSONL.
+    Export {
+        /// The run's name or id.
+        run: String,
+        /// A generate or curation stage of the run.
+        stage: String,
+        /// The output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// `messages` (chat SFT format) or `sft` (the trainer's input form).
+        #[arg(long, value_enum, default_value = "messages")]
+        format: dataset::Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,14 +95,33 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         limit: i64,
         /// Only samples that failed (with their error).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "rejected")]
         failed: bool,
+        /// Only traces a curation stage dropped, with the reason.
+        #[arg(long)]
+        rejected: bool,
+        /// With --rejected: only this reason (see `distill funnel`).
+        #[arg(long, requires = "rejected")]
+        reason: Option<String>,
         /// Print whole texts instead of their beginnings.
         #[arg(long)]
         full: bool,
         /// Print JSON (whole texts) instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Show how many traces each curation stage kept, and why it dropped the rest.
+    Funnel {
+        /// The run's name or id [default: the most recent run].
+        run: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Curated datasets.
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
     },
     /// List the runs in the job database.
     Runs {
@@ -165,12 +201,7 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
         }
         Command::Status { run, json } => {
             let db = open_existing(cli.db).await?;
-            let run = match run {
-                Some(key) => runs::find(&db, &key).await?,
-                None => runs::latest(&db)
-                    .await?
-                    .context("the job database has no runs yet")?,
-            };
+            let run = find_or_latest(&db, run).await?;
             let status = report::RunStatusReport::load(&db, run).await?;
             if json {
                 out(&format!("{}\n", serde_json::to_string_pretty(&status)?));
@@ -184,11 +215,29 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             stage,
             limit,
             failed,
+            rejected,
+            reason,
             full,
             json,
         } => {
             let db = open_existing(cli.db).await?;
             let run = runs::find(&db, &run).await?;
+            if rejected {
+                let items = verdicts::rejected(
+                    db.pool(),
+                    run.id,
+                    stage.as_deref(),
+                    reason.as_deref(),
+                    limit,
+                )
+                .await?;
+                if json {
+                    out(&format!("{}\n", serde_json::to_string_pretty(&items)?));
+                } else {
+                    out(&report::render_rejected(&items, full));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let traces =
                 generations::traces(db.pool(), run.id, stage.as_deref(), failed, limit).await?;
             if json {
@@ -196,6 +245,31 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             } else {
                 out(&report::render_traces(&traces, full));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Funnel { run, json } => {
+            let db = open_existing(cli.db).await?;
+            let run = find_or_latest(&db, run).await?;
+            let funnel = report::Funnel::load(&db, &run).await?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string_pretty(&funnel)?));
+            } else {
+                out(&funnel.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dataset {
+            command:
+                DatasetCommand::Export {
+                    run,
+                    stage,
+                    out: path,
+                    format,
+                },
+        } => {
+            let db = open_existing(cli.db).await?;
+            let n = dataset::export(&db, &run, &stage, &path, format).await?;
+            eprintln!("wrote {n} examples to {}", path.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Runs { json } => {
@@ -222,6 +296,15 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
     }
 }
 
+async fn find_or_latest(db: &Db, run: Option<String>) -> Result<runs::Run> {
+    Ok(match run {
+        Some(key) => runs::find(db, &key).await?,
+        None => runs::latest(db)
+            .await?
+            .context("the job database has no runs yet")?,
+    })
+}
+
 fn default_db() -> PathBuf {
     PathBuf::from("distill.db")
 }
@@ -242,7 +325,7 @@ async fn open_existing(db: Option<PathBuf>) -> Result<Db> {
 async fn execute(
     db: &Db,
     pipeline: &Pipeline,
-    fps: &[String],
+    fps: &[(String, serde_json::Value)],
     bars: MultiProgress,
 ) -> Result<ExitCode> {
     let cancel = CancellationToken::new();

@@ -56,8 +56,6 @@ pub struct PlannedStage {
     pub kind_version: u32,
     /// Names of the stages it needs.
     pub needs: Vec<String>,
-    /// Its parameters as written, for display.
-    pub params: serde_json::Value,
     /// The runnable stage.
     pub stage: Arc<dyn Stage>,
 }
@@ -225,14 +223,12 @@ pub fn parse(
                 .map(|n| (n.clone(), kinds[n].clone()))
                 .collect(),
         };
-        let params = serde_json::to_value(&d.params).unwrap_or(serde_json::Value::Null);
         match kind.build(d.params.clone(), &env) {
             Ok(stage) => stages.push(PlannedStage {
                 name: d.name.clone(),
                 kind: d.kind.clone(),
                 kind_version: kind.version(),
                 needs: d.needs.clone(),
-                params,
                 stage,
             }),
             Err(e) => problems.push(format!(

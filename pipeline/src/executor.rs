@@ -60,7 +60,7 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 pub async fn execute(
     db: &Db,
     pipeline: &Pipeline,
-    fps: &[String],
+    fps: &[(String, serde_json::Value)],
     cancel: CancellationToken,
     bars: MultiProgress,
 ) -> Result<(Run, Outcome), ExecError> {
@@ -69,12 +69,12 @@ pub async fn execute(
         .iter()
         .zip(fps)
         .enumerate()
-        .map(|(i, (s, fp))| StageSpec {
+        .map(|(i, (s, (fp, identity)))| StageSpec {
             name: s.name.clone(),
             kind: s.kind.clone(),
             position: i as i64,
             needs: serde_json::to_string(&s.needs).expect("strings serialise"),
-            params: s.params.to_string(),
+            params: identity.to_string(),
             fingerprint: fp.clone(),
         })
         .collect();

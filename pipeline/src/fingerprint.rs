@@ -24,7 +24,11 @@ pub struct FingerprintError {
 /// A change anywhere upstream therefore changes every fingerprint below it.
 ///
 /// Stages read and check their inputs here, before anything is written.
-pub fn fingerprints(pipeline: &Pipeline) -> Result<Vec<String>, FingerprintError> {
+/// Returns each stage's fingerprint with the identity it hashed (recorded as the
+/// stage's resolved parameters).
+pub fn fingerprints(
+    pipeline: &Pipeline,
+) -> Result<Vec<(String, serde_json::Value)>, FingerprintError> {
     let mut by_name: HashMap<&str, String> = HashMap::new();
     let mut out = Vec::with_capacity(pipeline.stages.len());
     for s in &pipeline.stages {
@@ -40,13 +44,13 @@ pub fn fingerprints(pipeline: &Pipeline) -> Result<Vec<String>, FingerprintError
         let doc = json!({
             "kind": s.kind,
             "version": s.kind_version,
-            "identity": identity,
+            "identity": &identity,
             "needs": needs,
         });
         // serde_json maps are ordered by key, so the text is canonical.
         let fp = distill_stages::hash::hex128(doc.to_string().as_bytes());
         by_name.insert(&s.name, fp.clone());
-        out.push(fp);
+        out.push((fp, identity));
     }
     Ok(out)
 }

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod config;
 pub mod dag;
+pub mod dataset;
 pub mod executor;
 pub mod fingerprint;
 mod liveness;

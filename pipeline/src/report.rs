@@ -272,6 +272,159 @@ pub fn render_traces(traces: &[generations::Trace], full: bool) -> String {
     out
 }
 
+/// `distill funnel`: items in, kept and dropped (by reason) at each stage that
+/// produces or curates traces.
+#[derive(Debug, Serialize)]
+pub struct Funnel {
+    /// The run's name.
+    pub run: String,
+    /// Generate and curation stages, in topological order.
+    pub stages: Vec<FunnelStage>,
+}
+
+/// One row of the funnel.
+#[derive(Debug, Serialize)]
+pub struct FunnelStage {
+    /// Stage name.
+    pub name: String,
+    /// Stage kind.
+    pub kind: String,
+    /// Stage status.
+    pub status: StageStatus,
+    /// Items that came in (generate: samples asked for).
+    #[serde(rename = "in")]
+    pub input: i64,
+    /// Items kept (generate: samples produced).
+    pub kept: i64,
+    /// Items dropped, by reason (generate: failed samples).
+    pub dropped: std::collections::BTreeMap<String, i64>,
+}
+
+impl Funnel {
+    /// Reads the funnel of a run.
+    pub async fn load(db: &Db, run: &Run) -> distill_db::Result<Self> {
+        let mut out = Vec::new();
+        for s in stages::list(db.pool(), run.id).await? {
+            let row = if s.kind == "generate" {
+                let t = generations::totals(db.pool(), s.id).await?;
+                let mut dropped = std::collections::BTreeMap::new();
+                if t.failed > 0 {
+                    dropped.insert("failed".to_string(), t.failed);
+                }
+                FunnelStage {
+                    input: s.items_total.unwrap_or(t.ok + t.failed),
+                    kept: t.ok,
+                    dropped,
+                    name: s.name,
+                    kind: s.kind,
+                    status: s.status,
+                }
+            } else if distill_stages::curation::CURATION_KINDS.contains(&s.kind.as_str()) {
+                let c = distill_db::verdicts::counts(db.pool(), s.id).await?;
+                let dropped: std::collections::BTreeMap<String, i64> =
+                    c.dropped.into_iter().collect();
+                FunnelStage {
+                    input: c.kept + dropped.values().sum::<i64>(),
+                    kept: c.kept,
+                    dropped,
+                    name: s.name,
+                    kind: s.kind,
+                    status: s.status,
+                }
+            } else {
+                continue;
+            };
+            out.push(row);
+        }
+        Ok(Funnel {
+            run: run.name.clone(),
+            stages: out,
+        })
+    }
+
+    /// A table for people.
+    pub fn render(&self) -> String {
+        if self.stages.is_empty() {
+            return format!("run {} has no generate or curation stages\n", self.run);
+        }
+        let rows: Vec<[String; 6]> = self
+            .stages
+            .iter()
+            .map(|s| {
+                let mut dropped: Vec<_> = s.dropped.iter().collect();
+                dropped.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                let pct = if s.input > 0 {
+                    format!("{:.1}%", 100.0 * s.kept as f64 / s.input as f64)
+                } else {
+                    "-".into()
+                };
+                [
+                    s.name.clone(),
+                    s.kind.clone(),
+                    s.input.to_string(),
+                    s.kept.to_string(),
+                    pct,
+                    dropped
+                        .iter()
+                        .map(|(r, n)| format!("{r} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ]
+            })
+            .collect();
+        format!(
+            "run {}\n{}",
+            self.run,
+            table(["STAGE", "KIND", "IN", "KEPT", "KEPT%", "DROPPED"], &rows)
+        )
+    }
+}
+
+/// `distill traces --rejected`: dropped items with the verdict that dropped them.
+pub fn render_rejected(items: &[distill_db::verdicts::Judged], full: bool) -> String {
+    if items.is_empty() {
+        return "no rejected traces\n".into();
+    }
+    let cut = |text: &str, n: usize| -> String {
+        if full || text.chars().count() <= n {
+            text.to_string()
+        } else {
+            let head: String = text.chars().take(n).collect();
+            format!(
+                "{head}… [{} more chars; --full shows all]",
+                text.chars().count() - n
+            )
+        }
+    };
+    let mut out = String::new();
+    for j in items {
+        let i = &j.item;
+        let _ = writeln!(
+            out,
+            "── {} · {} · prompt {} · sample {} · generation {}",
+            j.stage,
+            j.reason.as_deref().unwrap_or("?"),
+            i.source_id,
+            i.sample_index,
+            i.generation_id
+        );
+        if let Some(d) = &j.detail {
+            let _ = writeln!(out, "WHY        {}", cut(d, 300));
+        }
+        if let Some(r) = j.related_id {
+            let _ = writeln!(out, "KEPT       generation {r} in its place");
+        }
+        let _ = writeln!(out, "PROMPT     {}", cut(&i.prompt, 300));
+        let _ = writeln!(out, "REASONING  {}", cut(&i.reasoning, 600));
+        let _ = writeln!(out, "ANSWER     {}", cut(&i.answer, 300));
+        if let Some(r) = &i.reference {
+            let _ = writeln!(out, "REFERENCE  {}", cut(r, 200));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// `distill runs`.
 #[derive(Debug, Serialize)]
 pub struct RunList {

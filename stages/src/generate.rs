@@ -393,6 +393,19 @@ impl Generate {
     }
 }
 
+/// The messages a generate stage sent for `prompt`, rebuilt from the stage's recorded
+/// identity: what an SFT example's prompt side must be, so the student learns the
+/// same instruction the teacher answered.
+pub fn rendered_messages(identity: &Value, prompt: &str) -> Vec<Message> {
+    let template = identity["prompt_template"].as_str().unwrap_or("{prompt}");
+    let mut messages = Vec::with_capacity(2);
+    if let Some(system) = identity["system_prompt"].as_str() {
+        messages.push(Message::system(system));
+    }
+    messages.push(Message::user(template.replace("{prompt}", prompt)));
+    messages
+}
+
 fn hash_body(body: &Value) -> String {
     crate::hash::hex128(body.to_string().as_bytes())
 }

@@ -8,6 +8,7 @@
 //! so an interrupted stage resumes by doing only the missing items.
 
 mod context;
+pub mod curation;
 mod error;
 pub mod generate;
 pub mod hash;

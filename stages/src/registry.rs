@@ -98,6 +98,8 @@ impl Registry {
         };
         r.register(Box::new(crate::load::LoadKind));
         r.register(Box::new(crate::generate::GenerateKind));
+        r.register(Box::new(crate::curation::verify::VerifyKind));
+        r.register(Box::new(crate::curation::filter::FilterKind));
         #[cfg(feature = "test-stages")]
         crate::testing::register(&mut r);
         r
