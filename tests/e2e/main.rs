@@ -2,5 +2,6 @@
 //! directory and inspect what it printed and what it recorded.
 
 mod common;
+mod curate;
 mod foundation;
 mod generate;
