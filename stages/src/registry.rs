@@ -100,6 +100,8 @@ impl Registry {
         r.register(Box::new(crate::generate::GenerateKind));
         r.register(Box::new(crate::curation::verify::VerifyKind));
         r.register(Box::new(crate::curation::filter::FilterKind));
+        r.register(Box::new(crate::curation::dedupe::DedupeKind));
+        r.register(Box::new(crate::curation::decontaminate::DecontaminateKind));
         #[cfg(feature = "test-stages")]
         crate::testing::register(&mut r);
         r

@@ -6,21 +6,40 @@ use serde_json::Value;
 
 use crate::common::*;
 
+/// A benchmark problem that prompt 3 overlaps with by more than 8 words.
+const BENCHMARK_PROBLEM: &str =
+    "Tom has three red apples and buys three more red apples at the store today. How many?";
+
 /// Prompt `i` asks for `i + i`; the reply plan below decides what the teacher says.
+/// q12 repeats q1 under another id, so its trace is an exact duplicate.
 fn prompts() -> String {
     let mut out = String::new();
-    for i in 0..12 {
+    for i in 0..13 {
+        let n = if i == 12 { 1 } else { i };
         // Prompt 9 has no reference answer: the verifier cannot decide it.
         let answer = if i == 9 {
             String::new()
         } else {
-            (2 * i).to_string()
+            (2 * n).to_string()
+        };
+        let story = if i == 3 {
+            " Tom has three red apples and buys three more red apples at the store today."
+        } else {
+            ""
         };
         out.push_str(&format!(
-            "{{\"problem\": \"What is {i} + {i}?\", \"answer\": \"{answer}\", \"id\": \"q{i}\"}}\n"
+            "{{\"problem\": \"What is {n} + {n}?{story}\", \"answer\": \"{answer}\", \"id\": \"q{i}\"}}\n"
         ));
     }
     out
+}
+
+/// A long derivation shared by the traces of prompts 4 and 5: near duplicates.
+fn shared_derivation() -> String {
+    (0..40)
+        .map(|k| format!("Step {k} restates that addition of equal numbers doubles them."))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What the fake teacher answers for prompt `i`.
@@ -42,6 +61,14 @@ fn reply(input: &ReplyInput<'_>) -> Reply {
             "I don't know.".to_string(),
         ),
         8 => (format!("I add {i} and {i}, 这个 is easy."), right),
+        4 | 5 => (
+            format!(
+                "{} I add {i} and {i} to get {}.",
+                shared_derivation(),
+                2 * i
+            ),
+            right,
+        ),
         10 => (
             format!("Let me check with code:\n```python\nprint({i}+{i})\n```"),
             right,
@@ -83,6 +110,17 @@ needs = ["traces"]
 name = "filtered"
 kind = "filter"
 needs = ["verified"]
+
+[[stage]]
+name = "unique"
+kind = "dedupe"
+needs = ["filtered"]
+
+[[stage]]
+name = "clean"
+kind = "decontaminate"
+needs = ["unique"]
+benchmarks = [{{ path = "bench.jsonl", name = "tinybench", id_field = "id" }}]
 {extra_stages}
 "#
     )
@@ -111,6 +149,10 @@ async fn the_funnel_counts_every_item_and_reason_exactly() {
         .unwrap();
     let w = Workdir::new();
     w.write("prompts.jsonl", &prompts());
+    w.write(
+        "bench.jsonl",
+        &format!("{{\"problem\": \"{BENCHMARK_PROBLEM}\", \"answer\": \"6\", \"id\": \"b7\"}}\n"),
+    );
     w.write("pipeline.toml", &config(&server.url(), ""));
     run(&w, &["run", "pipeline.toml"]).await.ok();
 
@@ -120,21 +162,97 @@ async fn the_funnel_counts_every_item_and_reason_exactly() {
     let traces = funnel_row(&funnel, "traces");
     assert_eq!(
         (traces["in"].as_i64(), traces["kept"].as_i64()),
-        (Some(12), Some(12))
+        (Some(13), Some(13))
     );
     let verified = funnel_row(&funnel, "verified");
-    assert_eq!(verified["in"], 12);
-    assert_eq!(verified["kept"], 9);
+    assert_eq!(verified["in"], 13);
+    assert_eq!(verified["kept"], 10);
     assert_eq!(
         verified["dropped"],
         serde_json::json!({"incorrect": 2, "unverified": 1})
     );
     let filtered = funnel_row(&funnel, "filtered");
-    assert_eq!(filtered["in"], 9);
-    assert_eq!(filtered["kept"], 7);
+    assert_eq!(filtered["in"], 10);
+    assert_eq!(filtered["kept"], 8);
     assert_eq!(
         filtered["dropped"],
         serde_json::json!({"language_mixing": 1, "code_block": 1})
+    );
+    let unique = funnel_row(&funnel, "unique");
+    assert_eq!(unique["in"], 8);
+    assert_eq!(unique["kept"], 6);
+    assert_eq!(
+        unique["dropped"],
+        serde_json::json!({"exact_duplicate": 1, "near_duplicate": 1})
+    );
+    let clean = funnel_row(&funnel, "clean");
+    assert_eq!(clean["in"], 6);
+    assert_eq!(clean["kept"], 5);
+    assert_eq!(clean["dropped"], serde_json::json!({"contaminated": 1}));
+
+    // Dropped duplicates name the item kept in their place; contamination names the
+    // benchmark item.
+    let dups: Value = serde_json::from_str(
+        &run(
+            &w,
+            &[
+                "traces",
+                "curate",
+                "--rejected",
+                "--stage",
+                "unique",
+                "--json",
+            ],
+        )
+        .await
+        .ok()
+        .stdout(),
+    )
+    .unwrap();
+    let pairs: Vec<(String, String)> = dups
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["source_id"].as_str().unwrap().to_string(),
+                d["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("q5".to_string(), "near_duplicate".to_string()),
+            ("q12".to_string(), "exact_duplicate".to_string())
+        ]
+    );
+    let kept_ids: Vec<i64> = dups
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["related_id"].as_i64().unwrap())
+        .collect();
+    let q4_q1: Vec<i64> = sqlx::query_scalar(
+        "SELECT g.id FROM generations g JOIN prompts p ON p.id = g.prompt_id
+         WHERE p.source_id IN ('q4', 'q1') ORDER BY p.source_id DESC",
+    )
+    .fetch_all(&w.db().await)
+    .await
+    .unwrap();
+    assert_eq!(kept_ids, q4_q1);
+    let contaminated = run(
+        &w,
+        &["traces", "curate", "--rejected", "--reason", "contaminated"],
+    )
+    .await;
+    assert!(
+        contaminated
+            .ok()
+            .stdout()
+            .contains("matches tinybench item b7"),
+        "{}",
+        contaminated.stdout()
     );
 
     // The table for people says the same.
@@ -177,7 +295,7 @@ async fn the_funnel_counts_every_item_and_reason_exactly() {
             "dataset",
             "export",
             "curate",
-            "filtered",
+            "clean",
             "--out",
             out.to_str().unwrap(),
         ],
@@ -190,10 +308,7 @@ async fn the_funnel_counts_every_item_and_reason_exactly() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let ids: Vec<&str> = lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
-    assert_eq!(
-        ids,
-        ["q0#0", "q1#0", "q2#0", "q3#0", "q4#0", "q5#0", "q11#0"]
-    );
+    assert_eq!(ids, ["q0#0", "q1#0", "q2#0", "q4#0", "q11#0"]);
     let m = &lines[1]["messages"];
     assert_eq!(m[0]["role"], "user");
     assert_eq!(m[0]["content"], "What is 1 + 1?");
@@ -231,8 +346,8 @@ async fn the_funnel_counts_every_item_and_reason_exactly() {
     assert_eq!(first["answer"], "The answer is \\boxed{0}.");
     assert_eq!(
         std::fs::read_to_string(&out).unwrap().lines().count(),
-        9,
-        "verify kept 9"
+        10,
+        "verify kept 10"
     );
     server.shutdown().await;
 }
@@ -241,6 +356,7 @@ async fn the_funnel_counts_every_item_and_reason_exactly() {
 fn curation_stages_reject_bad_parameters_and_inputs() {
     let w = Workdir::new();
     w.write("prompts.jsonl", &prompts());
+    w.write("bench.jsonl", "{\"problem\": \"x\", \"id\": \"1\"}\n");
     let good = config("http://127.0.0.1:9", "");
     let cases = [
         (

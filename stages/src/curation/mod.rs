@@ -7,6 +7,8 @@
 //! `distill funnel` can say at each step how many went in, stayed, and why the rest
 //! left.
 
+pub mod decontaminate;
+pub mod dedupe;
 pub mod filter;
 pub mod verify;
 
