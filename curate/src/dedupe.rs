@@ -19,9 +19,6 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
 use crate::error::CurateError;
 
-/// Mersenne prime 2^61 - 1, the modulus of the universal hash family.
-const MERSENNE_61: u64 = (1 << 61) - 1;
-
 /// Lowercases, replaces punctuation with spaces and collapses whitespace,
 /// writing into `out` (cleared first) so callers can reuse one buffer.
 pub fn normalize_into(text: &str, out: &mut String) {
@@ -86,13 +83,12 @@ impl Signature {
     }
 }
 
-/// MinHash over word n-grams with `num_perm` hash functions
-/// `h_i(x) = (a_i * x + b_i) mod (2^61 - 1)`.
+/// MinHash over word n-grams with `num_perm` universal hash functions
+/// `h_i(x) = (a_i * x + b_i mod 2^64) >> 32` applied to one 32-bit xxh3 hash
+/// per shingle (see `min_hash_kernel` for why not datasketch's Mersenne form).
 ///
-/// Shingles are hashed once to 32 bits (xxh3 of the n word hashes) and `a_i`,
-/// `b_i` are below 2^32, so `a_i * x + b_i` fits in a u64 and the inner loop
-/// over the permutations is plain 64-bit arithmetic that the compiler
-/// vectorises; datasketch draws its hashes the same way but in numpy.
+/// The loop over the permutations is plain 64-bit arithmetic that vectorises
+/// (with AVX2 when the CPU has it, chosen at run time).
 #[derive(Clone, Debug)]
 pub struct MinHasher {
     ngram: usize,
@@ -109,12 +105,9 @@ impl MinHasher {
             ));
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let a = (0..num_perm)
-            .map(|_| rng.random_range(1..u32::MAX as u64))
-            .collect();
-        let b = (0..num_perm)
-            .map(|_| rng.random_range(0..u32::MAX as u64))
-            .collect();
+        // Odd multipliers, as multiply-shift hashing requires.
+        let a = (0..num_perm).map(|_| rng.random::<u64>() | 1).collect();
+        let b = (0..num_perm).map(|_| rng.random::<u64>()).collect();
         Ok(MinHasher { ngram, a, b })
     }
 
@@ -145,29 +138,17 @@ impl MinHasher {
         );
         let n = self.ngram;
         let words = &scratch.words;
-        let k = self.a.len();
-        let mut mins = vec![u64::MAX; k];
-        let mut feed = |h: u32| {
-            let x = h as u64;
-            for ((m, a), b) in mins.iter_mut().zip(&self.a).zip(&self.b) {
-                // a, b < 2^32 and x < 2^32: no overflow before the reduction.
-                let v = a * x + b;
-                let r = (v & MERSENNE_61) + (v >> 61);
-                let r = if r >= MERSENNE_61 { r - MERSENNE_61 } else { r };
-                *m = (*m).min(r);
-            }
-        };
+        scratch.shingles.clear();
         if words.len() < n {
             if !words.is_empty() {
-                feed(shingle_hash(words));
+                scratch.shingles.push(shingle_hash(words));
             }
         } else {
-            for w in words.windows(n) {
-                feed(shingle_hash(w));
-            }
+            scratch.shingles.extend(words.windows(n).map(shingle_hash));
         }
-        // Keep the low 32 bits, as datasketch's `& max_hash` does.
-        Signature(mins.into_iter().map(|m| m as u32).collect())
+        let mut mins = vec![u32::MAX; self.a.len()];
+        min_hash(&mut mins, &self.a, &self.b, &scratch.shingles);
+        Signature(mins)
     }
 
     /// Signatures of many documents, in parallel over documents.
@@ -181,11 +162,65 @@ impl MinHasher {
     }
 }
 
+/// Permutations processed together, so their constants and running minima
+/// stay in registers while the shingles stream past.
+const LANES: usize = 8;
+
+/// Folds every shingle into the running minima; the one hot loop.
+///
+/// Each hash is Dietzfelbinger's multiply-add-shift `(a*x + b mod 2^64) >> 32`
+/// with random 64-bit `a`, `b` and 32-bit `x`, a strongly universal family.
+/// It replaces datasketch's `(a*x + b) mod (2^61-1)`: with `a < 2^32` (to stay
+/// in 64-bit arithmetic) the Mersenne form wraps at most 8 times over the key
+/// range, is nearly linear in `x`, and its minima correlate across hash
+/// functions (measured: precision fell to 0.98 on the synthetic benchmark);
+/// full 61-bit `a` would need 128-bit products. Multiply-add-shift needs two
+/// 32x32->64 multiplies per lane and vectorises.
+#[inline(always)]
+fn min_hash_kernel(mins: &mut [u32], a: &[u64], b: &[u64], shingles: &[u32]) {
+    let k = mins.len();
+    let mut i = 0;
+    while i < k {
+        let width = LANES.min(k - i);
+        let mut aa = [0u64; LANES];
+        let mut bb = [0u64; LANES];
+        aa[..width].copy_from_slice(&a[i..i + width]);
+        bb[..width].copy_from_slice(&b[i..i + width]);
+        let mut m = [u32::MAX; LANES];
+        for &h in shingles {
+            let x = h as u64;
+            for l in 0..LANES {
+                let v = aa[l].wrapping_mul(x).wrapping_add(bb[l]);
+                m[l] = m[l].min((v >> 32) as u32);
+            }
+        }
+        mins[i..i + width].copy_from_slice(&m[..width]);
+        i += width;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn min_hash_avx2(mins: &mut [u32], a: &[u64], b: &[u64], shingles: &[u32]) {
+    min_hash_kernel(mins, a, b, shingles)
+}
+
+fn min_hash(mins: &mut [u32], a: &[u64], b: &[u64], shingles: &[u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { min_hash_avx2(mins, a, b, shingles) };
+        return;
+    }
+    min_hash_kernel(mins, a, b, shingles)
+}
+
 /// Reusable buffers so a signature costs no allocation per shingle.
 #[derive(Default)]
 struct Scratch {
     norm: String,
     words: Vec<u64>,
+    shingles: Vec<u32>,
 }
 
 fn shingle_hash(words: &[u64]) -> u32 {
