@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, ConfigError, Pipeline};
 use crate::executor::{self, Outcome};
 use crate::fingerprint::fingerprints;
-use crate::{dataset, logging, report};
+use crate::{dataset, logging, model_cmd, report};
 
 /// Exit status of a config that does not validate (also clap's for bad usage).
 pub const EXIT_INVALID: u8 = 2;
@@ -122,6 +122,11 @@ enum Command {
     Dataset {
         #[command(subcommand)]
         command: DatasetCommand,
+    },
+    /// Inspect, score and sample model folders (Hugging Face layout).
+    Model {
+        #[command(subcommand)]
+        command: model_cmd::ModelCommand,
     },
     /// List the runs in the job database.
     Runs {
@@ -272,6 +277,12 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             eprintln!("wrote {n} examples to {}", path.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Model { command } => {
+            tokio::task::spawn_blocking(move || model_cmd::run(command))
+                .await
+                .context("the model command panicked")??;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Runs { json } => {
             let db = open_existing(cli.db).await?;
             let list = report::RunList::load(&db).await?;
@@ -374,7 +385,7 @@ async fn execute(
 
 /// Writes command output to stdout; a closed pipe (`distill runs | head`) ends the
 /// process quietly instead of panicking.
-fn out(text: &str) {
+pub(crate) fn out(text: &str) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout

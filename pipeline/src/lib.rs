@@ -13,4 +13,5 @@ pub mod executor;
 pub mod fingerprint;
 mod liveness;
 mod logging;
+pub mod model_cmd;
 pub mod report;

@@ -1,0 +1,274 @@
+//! `distill model ...`: inspect, score and sample a model folder in Hugging Face layout.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use distill_student::{DType, GenerateRequest, Student, model_info, model_nll};
+
+/// Where model code runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The CPU (Burn's flex backend).
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// Parameter precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 (slower than f32 on the CPU backend; meant for GPUs).
+    Bf16,
+}
+
+impl From<Precision> for DType {
+    fn from(p: Precision) -> Self {
+        match p {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Options shared by the commands that load weights.
+#[derive(Debug, Clone, Args)]
+pub struct Runtime {
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+    /// Parameter precision (the checkpoint's dtype is converted on load).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Precision,
+}
+
+/// `distill model` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Architecture, parameter count, dtype, context length and memory of a model folder.
+    Info {
+        /// A folder with config.json and safetensors weights.
+        dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mean per-token negative log-likelihood of each line of a JSONL file.
+    ///
+    /// Lines hold a `text` field, or `messages` rendered with the model's chat template.
+    Nll {
+        /// A model folder.
+        dir: PathBuf,
+        /// The JSONL file.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        runtime: Runtime,
+    },
+    /// Sample a continuation of a prompt, streaming it to stdout.
+    Generate {
+        /// A model folder (with tokenizer.json).
+        dir: PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template as a user turn.
+        #[arg(long)]
+        chat: bool,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 is greedy [default: generation_config.json's, else greedy].
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Nucleus mass [default: generation_config.json's, else 1].
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Sample among the k most likely tokens.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Seed of the sampler.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print a JSON result at the end instead of streaming text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        runtime: Runtime,
+    },
+}
+
+/// Runs a `distill model` command.
+pub fn run(cmd: ModelCommand) -> Result<()> {
+    match cmd {
+        ModelCommand::Info { dir, json } => {
+            let info =
+                model_info(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+            if json {
+                crate::cli::out(&format!("{}\n", serde_json::to_string_pretty(&info)?));
+            } else {
+                crate::cli::out(&format!(
+                    "{}\n  architecture   {}\n  parameters     {} ({})\n  dtype          {}\n  context        {} tokens\n  layers         {} × hidden {} ({} heads, {} kv heads, head dim {})\n  vocabulary     {}\n  embeddings     {}\n  rope           theta {} ({})\n  memory         {} in f32, {} in bf16\n  files          {} weight file(s), {}; tokenizer {}, chat template {}\n",
+                    dir.display(),
+                    info.architecture,
+                    info.num_parameters,
+                    count(info.num_parameters),
+                    info.dtype,
+                    info.context_length,
+                    info.num_layers,
+                    info.hidden_size,
+                    info.num_heads,
+                    info.num_kv_heads,
+                    info.head_dim,
+                    info.vocab_size,
+                    if info.tie_word_embeddings {
+                        "tied"
+                    } else {
+                        "untied"
+                    },
+                    info.rope_theta,
+                    info.rope_scaling,
+                    bytes(info.memory_f32_bytes),
+                    bytes(info.memory_bf16_bytes),
+                    info.weight_files,
+                    bytes(info.weights_file_bytes),
+                    if info.has_tokenizer { "yes" } else { "no" },
+                    if info.has_chat_template { "yes" } else { "no" },
+                ));
+            }
+            Ok(())
+        }
+        ModelCommand::Nll {
+            dir,
+            data,
+            json,
+            runtime,
+        } => with_backend!(runtime, |B, device| {
+            let student = Student::<B>::load(&dir, &device, runtime.dtype.into())
+                .with_context(|| format!("cannot load {}", dir.display()))?;
+            let report = model_nll(&student, &data)?;
+            if json {
+                crate::cli::out(&format!("{}\n", serde_json::to_string_pretty(&report)?));
+            } else {
+                let mut text = String::from("LINE  TOKENS  MEAN NLL\n");
+                for r in &report.records {
+                    text.push_str(&format!(
+                        "{:<4}  {:<6}  {:.4}\n",
+                        r.line, r.tokens, r.mean_nll
+                    ));
+                }
+                text.push_str(&format!(
+                    "all   {:<6}  {:.4}  (perplexity {:.2})\n",
+                    report.total_tokens, report.mean_nll, report.perplexity
+                ));
+                crate::cli::out(&text);
+            }
+            Ok(())
+        }),
+        ModelCommand::Generate {
+            dir,
+            prompt,
+            chat,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            json,
+            runtime,
+        } => with_backend!(runtime, |B, device| {
+            let student = Student::<B>::load(&dir, &device, runtime.dtype.into())
+                .with_context(|| format!("cannot load {}", dir.display()))?;
+            let req = GenerateRequest {
+                prompt,
+                chat,
+                max_tokens: Some(max_tokens),
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stop: Vec::new(),
+            };
+            let mut stdout = std::io::stdout();
+            let result = student.generate_text(&req, |piece| {
+                if !json {
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                }
+            })?;
+            if json {
+                crate::cli::out(&format!("{}\n", serde_json::to_string_pretty(&result)?));
+            } else {
+                println!();
+                eprintln!(
+                    "[{} prompt tokens, {} generated, {:?}, {:.1} tokens/s]",
+                    result.prompt_tokens,
+                    result.completion_tokens.len(),
+                    result.finish_reason,
+                    result.tokens_per_second
+                );
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// `1.54 B`, `7.2 M`, `223.5 K`.
+pub fn count(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} K", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
+
+/// `3.55 GiB`, `873.1 MiB`, `12.0 KiB`.
+pub fn bytes(n: u64) -> String {
+    let n = n as f64;
+    let k = 1024.0;
+    if n >= k * k * k {
+        format!("{:.2} GiB", n / (k * k * k))
+    } else if n >= k * k {
+        format!("{:.1} MiB", n / (k * k))
+    } else if n >= k {
+        format!("{:.1} KiB", n / k)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// Runs `$body` with `$device` bound to the chosen backend's device, generic code
+/// instantiated once per backend compiled in.
+macro_rules! with_backend {
+    ($runtime:expr, |$b:ident, $device:ident| $body:block) => {
+        match $runtime.device {
+            Device::Cpu => {
+                type $b = distill_student::CpuBackend;
+                let $device = burn::tensor::Device::<$b>::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                type $b = distill_student::CudaBackend;
+                let $device = burn::tensor::Device::<$b>::default();
+                $body
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => anyhow::bail!(
+                "this distill was built without CUDA: rebuild with `cargo build --release --features cuda`"
+            ),
+        }
+    };
+}
+use with_backend;
