@@ -12,13 +12,18 @@
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::DType;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::ModelConfig;
 
-/// Added to masked attention scores. Finite so fully masked rows (padding queries) stay NaN-free;
-/// `exp(-1e30 - max)` is exactly 0 in f32, so masked keys contribute nothing.
-const MASKED: f32 = -1e30;
+/// Added to masked attention scores. Finite so fully masked rows (padding queries) stay NaN-free
+/// (a NaN there would reach later layers through the padding slots' keys and values);
+/// `exp(-1e30 - max)` is exactly 0, so masked keys contribute nothing. f16 cannot hold -1e30.
+fn masked_value(dtype: DType) -> f32 {
+    if dtype == DType::F16 { -6.0e4 } else { -1e30 }
+}
 
 /// Self-attention with RoPE, optional q/k/v/o biases and grouped-query heads.
 #[derive(Module, Debug)]
@@ -193,26 +198,16 @@ impl<B: Backend> Attention<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let t = k.dims()[2];
+        // Queries of the heads sharing a KV head become one longer "sequence" against that head:
+        // grouped-query attention without materialising repeated K/V.
         let n_rep = h / kv;
-        let dtype = q.dtype();
-
-        // Queries of the heads sharing a KV head become one longer "sequence" against that head.
         let q = q.reshape([b, kv, n_rep * s, hd]);
-        let scores = q
-            .matmul(k.swap_dims(2, 3))
-            .mul_scalar(1.0 / (hd as f64).sqrt())
-            .reshape([b, h, s, t]);
-        // Softmax in f32 (as transformers does) whatever the parameter dtype.
-        let mut scores = scores.cast(DType::F32);
-        if let Some(mask) = mask {
-            scores = scores + mask.clone();
-        }
-        let probs = softmax(scores, 3)
-            .cast(dtype)
-            .reshape([b, kv, n_rep * s, t]);
-        let ctx = probs
-            .matmul(v)
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        let ctx = attention(q, k, v, None, mask.cloned(), options)
             .reshape([b, h, s, hd])
             .swap_dims(1, 2)
             .reshape([b, s, h * hd]);
@@ -328,7 +323,8 @@ impl<B: Backend> CausalLm<B> {
         let device = input_ids.device();
         let positions = vec![(0..s).collect::<Vec<_>>()];
         let rope = Rope::new(&self.inv_freq, &positions, &device, self.dtype());
-        let mask = (s > 1).then(|| causal_mask::<B>(&[vec![true; s]], 0, s, &device));
+        let mask = (s > 1)
+            .then(|| causal_mask::<B>(&[vec![true; s]], 0, s, self.n_rep(), &device, self.dtype()));
         let mut x = self.model.embed_tokens.forward(input_ids);
         for layer in &self.model.layers {
             x = layer.forward(x, &rope, mask.as_ref(), None);
@@ -387,9 +383,23 @@ impl<B: Backend> CausalLm<B> {
             Rope::new(&self.inv_freq, &positions, &device, self.dtype())
         };
         let mask = if padded {
-            Some(causal_mask::<B>(&cache.valid, past, s, &device))
+            Some(causal_mask::<B>(
+                &cache.valid,
+                past,
+                s,
+                self.n_rep(),
+                &device,
+                self.dtype(),
+            ))
         } else if s > 1 {
-            Some(causal_mask::<B>(&cache.valid[..1], past, s, &device))
+            Some(causal_mask::<B>(
+                &cache.valid[..1],
+                past,
+                s,
+                self.n_rep(),
+                &device,
+                self.dtype(),
+            ))
         } else {
             None
         };
@@ -423,30 +433,42 @@ impl<B: Backend> CausalLm<B> {
         self.logits(hidden.narrow(1, s - 1, 1).reshape([b, d]))
     }
 
+    fn n_rep(&self) -> usize {
+        self.config.num_attention_heads / self.config.num_key_value_heads
+    }
+
     /// An empty KV cache sized for this model.
     pub fn new_cache(&self, batch: usize) -> KvCache<B> {
         KvCache::new(self.model.layers.len(), batch)
     }
 }
 
-/// Additive mask `[rows, 1, s, past + s]`: query `i` (slot `past + i`) sees valid slots `<= past + i`.
+/// Additive attention bias `[rows, 1, n_rep * s, past + s]` (rows repeated for each query head
+/// sharing a KV head): query `i` (slot `past + i`) sees valid slots `<= past + i`.
 fn causal_mask<B: Backend>(
     valid: &[Vec<bool>],
     past: usize,
     s: usize,
+    n_rep: usize,
     device: &B::Device,
+    dtype: DType,
 ) -> Tensor<B, 4> {
     let t = past + s;
-    let mut m = Vec::with_capacity(valid.len() * s * t);
+    let masked = masked_value(dtype);
+    let mut m = Vec::with_capacity(valid.len() * n_rep * s * t);
     for row in valid {
+        let start = m.len();
         for i in 0..s {
             for (j, &ok) in row.iter().enumerate().take(t) {
-                m.push(if ok && j <= past + i { 0.0 } else { MASKED });
+                m.push(if ok && j <= past + i { 0.0 } else { masked });
             }
+        }
+        for _ in 1..n_rep {
+            m.extend_from_within(start..start + s * t);
         }
     }
     Tensor::from_data(
-        TensorData::new(m, [valid.len(), 1, s, t]),
-        (device, DType::F32),
+        TensorData::new(m, [valid.len(), 1, n_rep * s, t]),
+        (device, dtype),
     )
 }

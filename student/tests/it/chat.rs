@@ -1,6 +1,5 @@
 //! Tokenizer and chat templates against transformers' renders (`parity/chat.json`).
 
-
 use distill_student::{ChatMessage, Tokenizer};
 use serde_json::{Value, json};
 
@@ -31,8 +30,10 @@ fn deepseek_like() -> tempfile::TempDir {
     .unwrap();
     let added = tok["added_tokens"].as_array_mut().unwrap();
     for (i, t) in DEEPSEEK_SPECIALS.iter().enumerate() {
-        added.push(json!({"id": 6400 + i, "content": t, "single_word": false, "lstrip": false,
-                          "rstrip": false, "normalized": false, "special": true}));
+        added.push(
+            json!({"id": 6400 + i, "content": t, "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}),
+        );
     }
     std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
     dir
@@ -89,7 +90,12 @@ fn minimind_tokenizer_matches_transformers_ids() {
     assert_eq!(tok.eos_token_id, Some(2));
     for e in r["encodings"].as_array().unwrap() {
         let text = e["text"].as_str().unwrap();
-        let want: Vec<u32> = e["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = e["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let ids = tok.encode(text, false).unwrap();
         assert_eq!(ids, want, "{text:?}");
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
@@ -105,7 +111,11 @@ fn sft_example_after_deepseek_generation_prompt() {
     let dir = deepseek_like();
     let tok = Tokenizer::from_dir(dir.path()).unwrap();
     let ex = tok
-        .sft_example(&[ChatMessage::user("What is 2+3?")], "2 plus 3 is 5.", "The answer is 5.")
+        .sft_example(
+            &[ChatMessage::user("What is 2+3?")],
+            "2 plus 3 is 5.",
+            "The answer is 5.",
+        )
         .unwrap();
     assert_eq!(
         decode(&tok, &ex.prompt_ids),
@@ -116,18 +126,33 @@ fn sft_example_after_deepseek_generation_prompt() {
         "2 plus 3 is 5.\n</think>\n\nThe answer is 5.<｜end▁of▁sentence｜>"
     );
     assert_eq!(*ex.target_ids.last().unwrap(), 6401);
-    let all = decode(&tok, &[ex.prompt_ids.clone(), ex.target_ids.clone()].concat());
+    let all = decode(
+        &tok,
+        &[ex.prompt_ids.clone(), ex.target_ids.clone()].concat(),
+    );
     assert_eq!(all.matches("<think>").count(), 1);
     // Prompt tokens equal the template's own tokenisation.
-    assert_eq!(ex.prompt_ids, tok.encode_chat(&[ChatMessage::user("What is 2+3?")], true).unwrap());
+    assert_eq!(
+        ex.prompt_ids,
+        tok.encode_chat(&[ChatMessage::user("What is 2+3?")], true)
+            .unwrap()
+    );
 }
 
 #[test]
 fn sft_example_writes_think_when_prompt_lacks_it() {
     let dir = tempfile::tempdir().unwrap();
     let src = repo_fixture("tokenizers/minimind");
-    std::fs::copy(src.join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
-    std::fs::copy(src.join("tokenizer_config.json"), dir.path().join("tokenizer_config.json")).unwrap();
+    std::fs::copy(
+        src.join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        src.join("tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
+    )
+    .unwrap();
     // A plain ChatML template whose generation prompt has no <think>.
     std::fs::write(
         dir.path().join("chat_template.jinja"),
@@ -136,18 +161,31 @@ fn sft_example_writes_think_when_prompt_lacks_it() {
     .unwrap();
     let tok = Tokenizer::from_dir(dir.path()).unwrap();
     let ex = tok
-        .sft_example(&[ChatMessage::system("Be brief."), ChatMessage::user("Hi")], "greet", "Hello!")
+        .sft_example(
+            &[ChatMessage::system("Be brief."), ChatMessage::user("Hi")],
+            "greet",
+            "Hello!",
+        )
         .unwrap();
     assert_eq!(
         decode(&tok, &ex.prompt_ids),
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    assert_eq!(decode(&tok, &ex.target_ids), "<think>\ngreet\n</think>\n\nHello!<|im_end|>");
+    assert_eq!(
+        decode(&tok, &ex.target_ids),
+        "<think>\ngreet\n</think>\n\nHello!<|im_end|>"
+    );
 
     // minimind's own template opens thinking when asked: then the target must not repeat <think>.
     let mut tok = Tokenizer::from_dir(&src).unwrap();
-    tok.chat_template.as_mut().unwrap().extra_context.insert("open_thinking".into(), json!(true));
-    let ex = tok.sft_example(&[ChatMessage::user("Hi")], "r", "a").unwrap();
+    tok.chat_template
+        .as_mut()
+        .unwrap()
+        .extra_context
+        .insert("open_thinking".into(), json!(true));
+    let ex = tok
+        .sft_example(&[ChatMessage::user("Hi")], "r", "a")
+        .unwrap();
     assert!(decode(&tok, &ex.prompt_ids).ends_with("<|im_start|>assistant\n<think>\n"));
     assert_eq!(decode(&tok, &ex.target_ids), "r\n</think>\n\na<|im_end|>");
 }
@@ -163,7 +201,10 @@ fn missing_template_and_tokenizer_errors() {
     )
     .unwrap();
     let tok = Tokenizer::from_dir(dir.path()).unwrap();
-    let e = tok.apply_chat_template(&[ChatMessage::user("x")], true).unwrap_err().to_string();
+    let e = tok
+        .apply_chat_template(&[ChatMessage::user("x")], true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no chat template"), "{e}");
     std::fs::write(dir.path().join("chat_template.jinja"), "{% if %}").unwrap();
     let e = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();

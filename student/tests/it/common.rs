@@ -10,14 +10,23 @@ use safetensors::tensor::Dtype;
 
 pub type B = CpuBackend;
 
-pub const MODELS: [&str; 4] = ["qwen2-tied", "qwen2-untied", "llama3-scaled", "llama-bias-tied"];
+pub const MODELS: [&str; 4] = [
+    "qwen2-tied",
+    "qwen2-untied",
+    "llama3-scaled",
+    "llama-bias-tied",
+];
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(name)
 }
 
 pub fn repo_fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(rel)
 }
 
 pub fn device() -> burn::tensor::Device<B> {
@@ -57,14 +66,24 @@ pub fn reference(name: &str) -> Reference {
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let ids_of = |k: &str| -> Vec<u32> {
-        json[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+        json[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
     };
     Reference {
         input_ids: flat.chunks(len).map(<[u32]>::to_vec).collect(),
         logits: (0..n)
-            .map(|i| (0..len).map(|t| lf[(i * len + t) * vocab..(i * len + t + 1) * vocab].to_vec()).collect())
+            .map(|i| {
+                (0..len)
+                    .map(|t| lf[(i * len + t) * vocab..(i * len + t + 1) * vocab].to_vec())
+                    .collect()
+            })
             .collect(),
         prompt: ids_of("prompt"),
         greedy: ids_of("greedy_continuation"),
@@ -83,7 +102,10 @@ pub fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Every parameter's values, in visiting order.

@@ -48,31 +48,46 @@ fn missing_tensor_is_named() {
     let (_d, e) = broken(|t| t.retain(|x| x.0 != "model.layers.1.mlp.up_proj.weight"));
     let msg = e.to_string();
     assert!(matches!(e, StudentError::MissingTensor { .. }), "{msg}");
-    assert!(msg.contains("model.layers.1.mlp.up_proj.weight") && msg.contains("[128, 64]"), "{msg}");
+    assert!(
+        msg.contains("model.layers.1.mlp.up_proj.weight") && msg.contains("[128, 64]"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn extra_tensor_is_named() {
     let (_d, e) = broken(|t| {
-        let mut extra = t.iter().find(|x| x.0 == "model.norm.weight").unwrap().clone();
+        let mut extra = t
+            .iter()
+            .find(|x| x.0 == "model.norm.weight")
+            .unwrap()
+            .clone();
         extra.0 = "model.layers.7.input_layernorm.weight".into();
         t.push(extra);
     });
     let msg = e.to_string();
     assert!(matches!(e, StudentError::UnexpectedTensor { .. }), "{msg}");
-    assert!(msg.contains("model.layers.7.input_layernorm.weight") && msg.contains("model.safetensors"), "{msg}");
+    assert!(
+        msg.contains("model.layers.7.input_layernorm.weight") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn misshaped_tensor_names_both_shapes() {
     let (_d, e) = broken(|t| {
-        let q = t.iter_mut().find(|x| x.0 == "model.layers.0.self_attn.k_proj.weight").unwrap();
+        let q = t
+            .iter_mut()
+            .find(|x| x.0 == "model.layers.0.self_attn.k_proj.weight")
+            .unwrap();
         q.2 = vec![8, 128]; // same element count, wrong shape
     });
     let msg = e.to_string();
     assert!(matches!(e, StudentError::ShapeMismatch { .. }), "{msg}");
     assert!(
-        msg.contains("model.layers.0.self_attn.k_proj.weight") && msg.contains("[8, 128]") && msg.contains("[16, 64]"),
+        msg.contains("model.layers.0.self_attn.k_proj.weight")
+            && msg.contains("[8, 128]")
+            && msg.contains("[16, 64]"),
         "{msg}"
     );
 }
@@ -93,7 +108,10 @@ fn missing_and_corrupt_files_are_named() {
 
     std::fs::remove_file(&file).unwrap();
     let e = load_model::<B>(dir.path(), &device(), DType::F32).unwrap_err();
-    assert!(matches!(e, StudentError::Io { .. }) && e.to_string().contains("model.safetensors"), "{e}");
+    assert!(
+        matches!(e, StudentError::Io { .. }) && e.to_string().contains("model.safetensors"),
+        "{e}"
+    );
 
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     let e = load_model::<B>(dir.path(), &device(), DType::F32).unwrap_err();
@@ -104,9 +122,14 @@ fn missing_and_corrupt_files_are_named() {
 fn missing_shard_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let model = load(&fixture("qwen2-untied"));
-    let opts = distill_student::SaveOptions { max_shard_bytes: 200_000, ..Default::default() };
+    let opts = distill_student::SaveOptions {
+        max_shard_bytes: 200_000,
+        ..Default::default()
+    };
     let saved = distill_student::save_pretrained(&model, dir.path(), &opts).unwrap();
-    let second = dir.path().join(format!("model-00002-of-{:05}.safetensors", saved.shards));
+    let second = dir
+        .path()
+        .join(format!("model-00002-of-{:05}.safetensors", saved.shards));
     std::fs::remove_file(&second).unwrap();
     let e = load_model::<B>(dir.path(), &device(), DType::F32).unwrap_err();
     assert!(e.to_string().contains("model-00002-of-"), "{e}");
@@ -116,9 +139,15 @@ fn missing_shard_is_named() {
 fn config_errors_name_file_and_field() {
     let dir = copy_dir(&fixture("qwen2-untied"));
     let path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     cfg["num_hidden_layers"] = serde_json::json!(-3);
     std::fs::write(&path, cfg.to_string()).unwrap();
-    let e = load_model::<B>(dir.path(), &device(), DType::F32).unwrap_err().to_string();
-    assert!(e.contains("config.json") && e.contains("`num_hidden_layers`"), "{e}");
+    let e = load_model::<B>(dir.path(), &device(), DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("`num_hidden_layers`"),
+        "{e}"
+    );
 }

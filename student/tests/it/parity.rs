@@ -24,8 +24,14 @@ fn greedy_generation_reproduces_transformers() {
     for name in MODELS {
         let model = load(&fixture(name));
         let r = reference(name);
-        let out = generate(&model, &[r.prompt.clone()], &GenerationConfig::greedy(r.greedy.len()), None, |_| {})
-            .unwrap();
+        let out = generate(
+            &model,
+            std::slice::from_ref(&r.prompt),
+            &GenerationConfig::greedy(r.greedy.len()),
+            None,
+            |_| {},
+        )
+        .unwrap();
         assert_eq!(out[0].token_ids, r.greedy, "{name}");
     }
 }
@@ -37,7 +43,14 @@ fn batched_generation_with_padding_matches_single() {
     let r = reference(name);
     let short = r.input_ids[1][..3].to_vec();
     let cfg = GenerationConfig::greedy(r.greedy.len());
-    let batch = generate(&model, &[short.clone(), r.prompt.clone()], &cfg, None, |_| {}).unwrap();
+    let batch = generate(
+        &model,
+        &[short.clone(), r.prompt.clone()],
+        &cfg,
+        None,
+        |_| {},
+    )
+    .unwrap();
     let alone = generate(&model, &[short], &cfg, None, |_| {}).unwrap();
     assert_eq!(batch[1].token_ids, r.greedy);
     assert_eq!(batch[0].token_ids, alone[0].token_ids);
@@ -54,14 +67,25 @@ fn kv_cache_decoding_matches_full_recomputation() {
 
         // Prefill 4 tokens, then one token at a time.
         let mut cache = model.new_cache(n);
-        let mut steps = vec![to_vec(model.forward_cached(
-            ids_tensor(&r.input_ids.iter().map(|s| s[..4].to_vec()).collect::<Vec<_>>()),
-            None,
-            &mut cache,
-        ))];
+        let mut steps = vec![to_vec(
+            model.forward_cached(
+                ids_tensor(
+                    &r.input_ids
+                        .iter()
+                        .map(|s| s[..4].to_vec())
+                        .collect::<Vec<_>>(),
+                ),
+                None,
+                &mut cache,
+            ),
+        )];
         for t in 4..len {
             let col: Vec<Vec<u32>> = r.input_ids.iter().map(|s| vec![s[t]]).collect();
-            steps.push(to_vec(model.forward_cached(ids_tensor(&col), None, &mut cache)));
+            steps.push(to_vec(model.forward_cached(
+                ids_tensor(&col),
+                None,
+                &mut cache,
+            )));
         }
         // Reassemble [n, len, vocab] from [n, 4, vocab] + (len-4) x [n, 1, vocab].
         let mut cached = vec![0.0; full.len()];
@@ -89,9 +113,13 @@ fn left_padded_rows_match_unpadded_logits() {
     let pad = len - short.len();
     let mut padded = vec![0u32; pad];
     padded.extend(&short);
-    let valid = vec![vec![true; len], (0..len).map(|i| i >= pad).collect::<Vec<_>>()];
+    let valid = vec![
+        vec![true; len],
+        (0..len).map(|i| i >= pad).collect::<Vec<_>>(),
+    ];
     let mut cache = model.new_cache(2);
-    let batched = to_vec(model.forward_cached(ids_tensor(&[long, padded]), Some(&valid), &mut cache));
+    let batched =
+        to_vec(model.forward_cached(ids_tensor(&[long, padded]), Some(&valid), &mut cache));
     let vocab = batched.len() / (2 * len);
     // Row 0 = transformers' logits; row 1's real positions = the short sequence alone.
     let want0: Vec<f32> = r.logits[0].iter().flatten().copied().collect();
@@ -113,7 +141,8 @@ fn left_padded_rows_match_unpadded_logits() {
 fn bf16_load_runs_close_to_f32() {
     let name = "qwen2-untied";
     let dev = device();
-    let model = distill_student::load_model::<B>(fixture(name), &dev, distill_student::DType::BF16).unwrap();
+    let model = distill_student::load_model::<B>(fixture(name), &dev, distill_student::DType::BF16)
+        .unwrap();
     assert_eq!(model.dtype(), distill_student::DType::BF16);
     let r = reference(name);
     let got = to_vec(model.forward(ids_tensor(&r.input_ids)));
@@ -122,4 +151,51 @@ fn bf16_load_runs_close_to_f32() {
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     println!("bf16 max diff {diff} (logit scale {scale})");
     assert!(diff < 0.05 * scale, "{diff} vs scale {scale}");
+}
+
+#[test]
+fn trains_under_autodiff_with_gradients_everywhere() {
+    use burn::backend::Autodiff;
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::prelude::*;
+    use burn::tensor::activation::log_softmax;
+    type A = Autodiff<B>;
+    let name = "qwen2-untied";
+    let model =
+        distill_student::load_model::<A>(fixture(name), &device(), distill_student::DType::F32)
+            .unwrap();
+    let r = reference(name);
+    let flat: Vec<i64> = r.input_ids.iter().flatten().map(|&t| t as i64).collect();
+    let ids =
+        Tensor::<A, 2, Int>::from_data(TensorData::new(flat, [2, r.input_ids[0].len()]), &device());
+    let logits = model.forward(ids.clone().narrow(1, 0, 9));
+    let targets = ids.narrow(1, 1, 9);
+    let loss = log_softmax(logits, 2)
+        .gather(2, targets.unsqueeze_dim::<3>(2))
+        .neg()
+        .mean();
+    let grads = loss.backward();
+    struct Check<'a>(
+        &'a <A as burn::tensor::backend::AutodiffBackend>::Gradients,
+        usize,
+        usize,
+    );
+    impl ModuleVisitor<A> for Check<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<A, D>>) {
+            self.1 += 1;
+            if let Some(g) = p.val().grad(self.0)
+                && g.abs().sum().into_scalar() > 0.0
+            {
+                self.2 += 1;
+            }
+        }
+    }
+    let mut c = Check(&grads, 0, 0);
+    model.visit(&mut c);
+    assert_eq!(
+        c.1, c.2,
+        "{} of {} parameters got a non-zero gradient",
+        c.2, c.1
+    );
+    assert!(c.1 > 20);
 }
