@@ -173,7 +173,7 @@ mod tests {
             idx.find("A completely unrelated question about triangles and circles here."),
             None
         );
-        assert!(idx.len() > 0);
+        assert!(!idx.is_empty());
     }
 
     #[test]

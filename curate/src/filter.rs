@@ -263,15 +263,14 @@ impl Filter {
         let mut out = Vec::new();
         let mut reject = |reason: Reason, detail: String| out.push(Rejection { reason, detail });
 
-        if c.require_closed_think {
-            if let Some(raw) = trace.raw {
-                if !raw.contains("</think>") {
-                    reject(
-                        Reason::UnclosedThink,
-                        "no </think> in the completion".into(),
-                    );
-                }
-            }
+        if c.require_closed_think
+            && let Some(raw) = trace.raw
+            && !raw.contains("</think>")
+        {
+            reject(
+                Reason::UnclosedThink,
+                "no </think> in the completion".into(),
+            );
         }
         if c.drop_truncated && trace.finish_reason == Some("length") {
             reject(Reason::Truncated, "finish_reason = length".into());

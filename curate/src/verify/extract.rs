@@ -56,10 +56,10 @@ const MAX_FREE_ANSWER: usize = 200;
 /// a final-line choice letter. Text after `</think>` is searched first because
 /// boxes inside the reasoning are drafts.
 pub fn extract_answer(text: &str) -> Option<Extracted> {
-    if let Some(idx) = text.rfind("</think>") {
-        if let Some(e) = extract_from(&text[idx + "</think>".len()..]) {
-            return Some(e);
-        }
+    if let Some(idx) = text.rfind("</think>")
+        && let Some(e) = extract_from(&text[idx + "</think>".len()..])
+    {
+        return Some(e);
     }
     extract_from(text)
 }
@@ -89,10 +89,10 @@ fn extract_from(text: &str) -> Option<Extracted> {
         (Some(a), Some(b)) => Some(if a.0 >= b.0 { a } else { b }),
         (a, b) => a.or(b),
     };
-    if let Some((end, method)) = best {
-        if let Some(ans) = clean_free_answer(&text[end..]) {
-            return Some(Extracted { text: ans, method });
-        }
+    if let Some((end, method)) = best
+        && let Some(ans) = clean_free_answer(&text[end..])
+    {
+        return Some(Extracted { text: ans, method });
     }
     let last_line = text.lines().rev().find(|l| !l.trim().is_empty())?;
     let c = CHOICE_LINE.captures(last_line)?;

@@ -67,10 +67,10 @@ fn answer_part(text: &str) -> String {
         let rest = &t[idx + "\\boxed".len()..];
         let skip = rest.len() - rest.trim_start().len();
         let open = idx + "\\boxed".len() + skip;
-        if t[open..].starts_with('{') {
-            if let Some(close) = matching_brace(t, open) {
-                return t[open + 1..close].trim().to_string();
-            }
+        if t[open..].starts_with('{')
+            && let Some(close) = matching_brace(t, open)
+        {
+            return t[open + 1..close].trim().to_string();
         }
     }
     t.to_string()

@@ -240,13 +240,12 @@ pub(crate) fn unwrap_boxed(s: &str) -> String {
         for cmd in ["\\boxed", "\\fbox"] {
             if let Some(rest) = cur.strip_prefix(cmd) {
                 let rest = rest.trim_start();
-                if rest.starts_with('{') {
-                    if let Some(end) = matching_brace(rest, 0) {
-                        if rest[end + 1..].trim().is_empty() {
-                            cur = rest[1..end].trim().to_string();
-                            changed = true;
-                        }
-                    }
+                if rest.starts_with('{')
+                    && let Some(end) = matching_brace(rest, 0)
+                    && rest[end + 1..].trim().is_empty()
+                {
+                    cur = rest[1..end].trim().to_string();
+                    changed = true;
                 }
             }
         }
@@ -292,11 +291,11 @@ fn strip_sizing(s: &str) -> String {
             "\\left", "\\right", "\\bigl", "\\bigr", "\\Bigl", "\\Bigr", "\\biggl", "\\biggr",
             "\\big", "\\Big", "\\bigg", "\\Bigg",
         ] {
-            if let Some(after) = rest.strip_prefix(cmd) {
-                if !after.starts_with(|c: char| c.is_ascii_alphabetic()) {
-                    rest = after.strip_prefix('.').unwrap_or(after);
-                    continue 'outer;
-                }
+            if let Some(after) = rest.strip_prefix(cmd)
+                && !after.starts_with(|c: char| c.is_ascii_alphabetic())
+            {
+                rest = after.strip_prefix('.').unwrap_or(after);
+                continue 'outer;
             }
         }
         let ch = rest.chars().next().unwrap_or_default();
@@ -344,30 +343,31 @@ fn unwrap_text(s: &str) -> String {
                 let after = i + cmd.len();
                 let skip = s[after..].len() - s[after..].trim_start().len();
                 let open = after + skip;
-                if s[open..].starts_with('{') {
-                    if let Some(close) = matching_brace(s, open) {
-                        let content = &s[open + 1..close];
-                        let mut next = close + 1;
-                        let prev = out.trim_end().chars().last();
-                        let is_unit =
-                            content.trim().chars().all(|c| {
-                                c.is_ascii_alphabetic() || c == ' ' || c == '.' || c == '/'
-                            }) && !content.trim().is_empty()
-                                && prev.is_some_and(|p| p.is_ascii_digit() || p == '}' || p == ')')
-                                && only_units_follow(&s[next..]);
-                        if is_unit {
-                            // A unit's exponent goes with it: cm^2.
-                            for sq in ["^{2}", "^{3}", "^2", "^3"] {
-                                if s[next..].starts_with(sq) {
-                                    next += sq.len();
-                                }
+                if s[open..].starts_with('{')
+                    && let Some(close) = matching_brace(s, open)
+                {
+                    let content = &s[open + 1..close];
+                    let mut next = close + 1;
+                    let prev = out.trim_end().chars().last();
+                    let is_unit = content
+                        .trim()
+                        .chars()
+                        .all(|c| c.is_ascii_alphabetic() || c == ' ' || c == '.' || c == '/')
+                        && !content.trim().is_empty()
+                        && prev.is_some_and(|p| p.is_ascii_digit() || p == '}' || p == ')')
+                        && only_units_follow(&s[next..]);
+                    if is_unit {
+                        // A unit's exponent goes with it: cm^2.
+                        for sq in ["^{2}", "^{3}", "^2", "^3"] {
+                            if s[next..].starts_with(sq) {
+                                next += sq.len();
                             }
-                        } else {
-                            out.push_str(content);
                         }
-                        i = next;
-                        continue 'scan;
+                    } else {
+                        out.push_str(content);
                     }
+                    i = next;
+                    continue 'scan;
                 }
             }
         }

@@ -110,7 +110,7 @@ pub(crate) fn parse_value(s: &str) -> Value {
         let base = base.trim_start_matches('{').trim_end_matches('}');
         let radix = base.parse::<u32>().ok().filter(|b| (2..=36).contains(b));
         if let Some(radix) =
-            radix.filter(|r| !digits.is_empty() && digits.chars().all(|c| c.to_digit(*r).is_some()))
+            radix.filter(|r| !digits.is_empty() && digits.chars().all(|c| c.is_digit(*r)))
         {
             let _ = radix;
             return Value::Based(digits.to_ascii_uppercase(), base.to_string());
