@@ -11,7 +11,9 @@ use crate::error::CurateError;
 /// The benchmark item a text overlaps with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Match {
+    /// Name given to [`NgramIndex::add`] (e.g. "aime24").
     pub benchmark: String,
+    /// Item id within that benchmark.
     pub item_id: String,
     /// The shared n-gram in normalised form (the whole normalised text for
     /// short texts).
@@ -74,6 +76,7 @@ impl NgramIndex {
         })
     }
 
+    /// The n-gram size in words.
     pub fn n(&self) -> usize {
         self.n
     }
@@ -83,6 +86,7 @@ impl NgramIndex {
         self.ngrams.len()
     }
 
+    /// True when nothing has been indexed.
     pub fn is_empty(&self) -> bool {
         self.ngrams.is_empty() && self.short.is_empty()
     }

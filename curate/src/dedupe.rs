@@ -111,10 +111,12 @@ impl MinHasher {
         Ok(MinHasher { ngram, a, b })
     }
 
+    /// Number of hash functions (signature length).
     pub fn num_perm(&self) -> usize {
         self.a.len()
     }
 
+    /// Shingle size in words.
     pub fn ngram(&self) -> usize {
         self.ngram
     }
@@ -244,6 +246,7 @@ pub struct UnionFind {
 }
 
 impl UnionFind {
+    /// `n` singleton sets `0..n`.
     pub fn new(n: usize) -> Self {
         UnionFind {
             parent: (0..n).collect(),
@@ -259,14 +262,17 @@ impl UnionFind {
         }
     }
 
+    /// Number of elements.
     pub fn len(&self) -> usize {
         self.parent.len()
     }
 
+    /// True when there are no elements.
     pub fn is_empty(&self) -> bool {
         self.parent.is_empty()
     }
 
+    /// Representative of `x`'s set (halves paths as it goes).
     pub fn find(&mut self, mut x: usize) -> usize {
         while self.parent[x] != x {
             self.parent[x] = self.parent[self.parent[x]];

@@ -36,11 +36,13 @@ pub struct FilterConfig {
     pub drop_truncated: bool,
     /// Unit of the four length bounds below.
     pub length_unit: LengthUnit,
+    /// Shortest acceptable reasoning (after the empty check).
     pub min_reasoning_length: usize,
     /// R1 generated at most 32k tokens; longer traces are pathological.
     pub max_reasoning_length: Option<usize>,
     /// R1 traces end with a summary after `</think>`; an empty one is malformed.
     pub min_answer_length: usize,
+    /// Longest acceptable answer; unbounded by default.
     pub max_answer_length: Option<usize>,
     /// Unicode script name (e.g. "Latin", "Han") the reasoning should be in.
     pub expected_script: String,
@@ -90,16 +92,27 @@ impl Default for FilterConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
+    /// The raw completion has no `</think>`.
     UnclosedThink,
+    /// Nothing inside the think block.
     EmptyReasoning,
+    /// Stopped by the token limit.
     Truncated,
+    /// Below `min_reasoning_length`.
     ReasoningTooShort,
+    /// Above `max_reasoning_length`.
     ReasoningTooLong,
+    /// Below `min_answer_length` (usually: no answer after `</think>`).
     AnswerTooShort,
+    /// Above `max_answer_length`.
     AnswerTooLong,
+    /// Letters outside the expected scripts.
     LanguageMixing,
+    /// Looping text: repeated n-grams or duplicated lines.
     Repetition,
+    /// A paragraph above `max_paragraph_chars`.
     LongParagraph,
+    /// A fenced code block.
     CodeBlock,
 }
 
@@ -125,7 +138,9 @@ impl Reason {
 /// One failed rule with a human-readable measurement.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejection {
+    /// The failed rule.
     pub reason: Reason,
+    /// What was measured, for the audit log.
     pub detail: String,
 }
 
@@ -146,7 +161,9 @@ pub struct Trace<'a> {
 /// A raw completion split at `</think>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ThinkSplit<'a> {
+    /// Text before `</think>` (without `<think>`), trimmed.
     pub reasoning: &'a str,
+    /// Text after `</think>`, trimmed; empty when unclosed.
     pub answer: &'a str,
     /// Whether `</think>` was present.
     pub closed: bool,
@@ -239,6 +256,7 @@ impl Filter {
         })
     }
 
+    /// The configuration this filter was built from.
     pub fn config(&self) -> &FilterConfig {
         &self.config
     }

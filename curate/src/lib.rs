@@ -5,6 +5,8 @@
 //! and persists what they return, so each algorithm can be tested and
 //! benchmarked on its own.
 
+#![warn(missing_docs)]
+
 pub mod decontaminate;
 pub mod dedupe;
 pub mod error;

@@ -31,6 +31,7 @@ pub enum Method {
 pub struct Extracted {
     /// The answer text as written (not yet normalised).
     pub text: String,
+    /// How it was found.
     pub method: Method,
 }
 

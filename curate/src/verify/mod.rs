@@ -25,8 +25,11 @@ use value::{compare_values, parse_value};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
+    /// Equal to the reference.
     Correct,
+    /// Decidably different from the reference (or no answer).
     Incorrect,
+    /// Not decidable, or no reference answer.
     Unknown,
 }
 
@@ -44,15 +47,20 @@ impl Verdict {
 /// A verdict with the reason behind it, for audit trails.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Comparison {
+    /// The decision.
     pub verdict: Verdict,
+    /// Why, with both normalised forms.
     pub detail: String,
 }
 
 /// The result of [`verify`]: the comparison plus what was extracted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
+    /// The decision.
     pub verdict: Verdict,
+    /// Why ("no answer found", "no reference answer", or the comparison's reason).
     pub detail: String,
+    /// The answer found in the response, if any.
     pub extracted: Option<Extracted>,
 }
 
