@@ -10,6 +10,7 @@
 //! upgrade from a read transaction.
 
 mod error;
+pub mod evals;
 pub mod generations;
 pub mod prompts;
 pub mod runs;

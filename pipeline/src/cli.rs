@@ -118,6 +118,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark scores of a run: models × benchmarks, each with its protocol.
+    Scores {
+        /// The run's name or id [default: the most recent run].
+        run: Option<String>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Curated datasets.
     Dataset {
         #[command(subcommand)]
@@ -260,6 +268,17 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
                 out(&format!("{}\n", serde_json::to_string_pretty(&funnel)?));
             } else {
                 out(&funnel.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Scores { run, json } => {
+            let db = open_existing(cli.db).await?;
+            let run = find_or_latest(&db, run).await?;
+            let scores = report::Scores::load(&db, &run).await?;
+            if json {
+                out(&format!("{}\n", serde_json::to_string_pretty(&scores)?));
+            } else {
+                out(&scores.render());
             }
             Ok(ExitCode::SUCCESS)
         }

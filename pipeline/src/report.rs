@@ -425,6 +425,169 @@ pub fn render_rejected(items: &[distill_db::verdicts::Judged], full: bool) -> St
     out
 }
 
+/// `distill scores`: every score of a run, grouped by benchmark and protocol so that
+/// numbers measured differently are never in one table.
+#[derive(Debug, Serialize)]
+pub struct Scores {
+    /// The run's name.
+    pub run: String,
+    /// One group per (benchmark, protocol).
+    pub groups: Vec<ScoreGroup>,
+}
+
+/// Scores measured under one protocol on one benchmark.
+#[derive(Debug, Serialize)]
+pub struct ScoreGroup {
+    /// Benchmark name.
+    pub benchmark: String,
+    /// The protocol (samples, temperature, top_p, max_tokens, template hash, ...).
+    pub protocol: Value,
+    /// Its hash.
+    pub protocol_hash: String,
+    /// One row per evaluated model (checkpoint, base, teacher, endpoint).
+    pub rows: Vec<ScoreLine>,
+}
+
+/// A model's scores in a group.
+#[derive(Debug, Serialize)]
+pub struct ScoreLine {
+    /// How the model is named.
+    pub label: String,
+    /// The evaluate stage.
+    pub stage: String,
+    /// Training step, for checkpoints.
+    pub step: Option<i64>,
+    /// metric → (value, standard error), values in [0, 1].
+    pub metrics: std::collections::BTreeMap<String, (f64, f64)>,
+}
+
+impl Scores {
+    /// Reads and groups a run's scores.
+    pub async fn load(db: &Db, run: &Run) -> distill_db::Result<Self> {
+        let rows = distill_db::evals::scores_of_run(db.pool(), run.id).await?;
+        let mut groups: Vec<ScoreGroup> = Vec::new();
+        for r in rows {
+            let gi = match groups
+                .iter()
+                .position(|g| g.benchmark == r.benchmark && g.protocol_hash == r.protocol_hash)
+            {
+                Some(i) => i,
+                None => {
+                    groups.push(ScoreGroup {
+                        benchmark: r.benchmark.clone(),
+                        protocol: serde_json::from_str(&r.protocol).unwrap_or(Value::Null),
+                        protocol_hash: r.protocol_hash.clone(),
+                        rows: Vec::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            let g = &mut groups[gi];
+            let li = match g
+                .rows
+                .iter()
+                .position(|l| l.label == r.label && l.stage == r.stage && l.step == r.step)
+            {
+                Some(i) => i,
+                None => {
+                    g.rows.push(ScoreLine {
+                        label: r.label.clone(),
+                        stage: r.stage.clone(),
+                        step: r.step,
+                        metrics: Default::default(),
+                    });
+                    g.rows.len() - 1
+                }
+            };
+            g.rows[li].metrics.insert(r.metric, (r.value, r.stderr));
+        }
+        Ok(Scores {
+            run: run.name.clone(),
+            groups,
+        })
+    }
+
+    /// Tables for people, one per benchmark and protocol.
+    pub fn render(&self) -> String {
+        if self.groups.is_empty() {
+            return format!(
+                "run {} has no scores yet (add an evaluate stage)\n",
+                self.run
+            );
+        }
+        let mut out = format!("run {}\n", self.run);
+        for g in &self.groups {
+            let p = &g.protocol;
+            let _ = writeln!(
+                out,
+                "\n{} · {} questions · k={} · temperature {} · top_p {} · max_tokens {} · template {}",
+                g.benchmark,
+                p["questions"],
+                p["samples"],
+                p["temperature"],
+                p["top_p"],
+                p["max_tokens"],
+                p["template_hash"].as_str().unwrap_or("?"),
+            );
+            let mut metric_names: Vec<&String> =
+                g.rows.iter().flat_map(|r| r.metrics.keys()).collect();
+            metric_names.sort_by_key(|m| {
+                (
+                    !m.starts_with("pass@1"),
+                    m.starts_with("cons"),
+                    m.to_string(),
+                )
+            });
+            metric_names.dedup();
+            let header: Vec<String> = ["MODEL", "STAGE", "STEP"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(metric_names.iter().map(|m| m.to_uppercase()))
+                .collect();
+            let rows: Vec<Vec<String>> = g
+                .rows
+                .iter()
+                .map(|r| {
+                    let mut row = vec![
+                        r.label.clone(),
+                        r.stage.clone(),
+                        r.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                    ];
+                    for m in &metric_names {
+                        row.push(match r.metrics.get(*m) {
+                            Some((v, se)) => format!("{:.1} ± {:.1}", 100.0 * v, 100.0 * se),
+                            None => "-".into(),
+                        });
+                    }
+                    row
+                })
+                .collect();
+            out.push_str(&dyn_table(&header, &rows));
+        }
+        out
+    }
+}
+
+/// [`table`] for a column count known only at run time.
+fn dyn_table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for cells in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
+        let mut l = String::new();
+        for (cell, w) in cells.iter().zip(&widths) {
+            let _ = write!(l, "{cell:<w$}  ");
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// `distill runs`.
 #[derive(Debug, Serialize)]
 pub struct RunList {

@@ -10,6 +10,7 @@
 mod context;
 pub mod curation;
 mod error;
+pub mod evaluate;
 pub mod generate;
 pub mod hash;
 pub mod load;

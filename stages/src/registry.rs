@@ -102,6 +102,7 @@ impl Registry {
         r.register(Box::new(crate::curation::filter::FilterKind));
         r.register(Box::new(crate::curation::dedupe::DedupeKind));
         r.register(Box::new(crate::curation::decontaminate::DecontaminateKind));
+        r.register(Box::new(crate::evaluate::EvaluateKind));
         #[cfg(feature = "test-stages")]
         crate::testing::register(&mut r);
         r

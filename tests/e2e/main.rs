@@ -3,5 +3,6 @@
 
 mod common;
 mod curate;
+mod evaluate;
 mod foundation;
 mod generate;

@@ -1,0 +1,193 @@
+//! Evaluation samples and benchmark scores.
+
+use serde::Serialize;
+use sqlx::{FromRow, SqliteExecutor};
+
+use crate::{Result, WriteTx, now_ms};
+
+/// A scored sample to record.
+#[derive(Debug, Clone, Default)]
+pub struct NewEvalSample {
+    /// The question's id.
+    pub item_id: String,
+    /// Sample number.
+    pub sample_index: i64,
+    /// The whole response.
+    pub output: String,
+    /// The answer found in it.
+    pub extracted: Option<String>,
+    /// correct, incorrect or unknown.
+    pub verdict: String,
+    /// Normalised answer for majority votes.
+    pub vote_key: Option<String>,
+    /// Tokens generated.
+    pub tokens: Option<i64>,
+    /// Why generation stopped.
+    pub finish_reason: Option<String>,
+}
+
+/// Records a sample (an existing one is left as it is).
+pub async fn insert_sample(
+    tx: &mut WriteTx,
+    stage_id: i64,
+    target: &str,
+    s: &NewEvalSample,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT OR IGNORE INTO eval_samples (stage_id, target, item_id, sample_index, output,
+             extracted, verdict, vote_key, tokens, finish_reason, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(stage_id)
+    .bind(target)
+    .bind(&s.item_id)
+    .bind(s.sample_index)
+    .bind(&s.output)
+    .bind(&s.extracted)
+    .bind(&s.verdict)
+    .bind(&s.vote_key)
+    .bind(s.tokens)
+    .bind(&s.finish_reason)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// `(item_id, sample_index)` already recorded for a target.
+pub async fn done_samples<'e>(
+    ex: impl SqliteExecutor<'e>,
+    stage_id: i64,
+    target: &str,
+) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT item_id, sample_index FROM eval_samples WHERE stage_id = ? AND target = ?",
+    )
+    .bind(stage_id)
+    .bind(target)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// A recorded sample's outcome.
+#[derive(Debug, Clone, FromRow)]
+pub struct SampleOutcome {
+    /// Question id.
+    pub item_id: String,
+    /// Sample number.
+    pub sample_index: i64,
+    /// correct, incorrect or unknown.
+    pub verdict: String,
+    /// Normalised answer.
+    pub vote_key: Option<String>,
+}
+
+/// Every sample of a target, by question then sample.
+pub async fn outcomes<'e>(
+    ex: impl SqliteExecutor<'e>,
+    stage_id: i64,
+    target: &str,
+) -> Result<Vec<SampleOutcome>> {
+    Ok(sqlx::query_as(
+        "SELECT item_id, sample_index, verdict, vote_key FROM eval_samples
+         WHERE stage_id = ? AND target = ? ORDER BY item_id, sample_index",
+    )
+    .bind(stage_id)
+    .bind(target)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// A score to record.
+#[derive(Debug, Clone)]
+pub struct NewScore {
+    /// What was evaluated.
+    pub target: String,
+    /// How tables name it.
+    pub label: String,
+    /// Training step, for checkpoints.
+    pub step: Option<i64>,
+    /// Benchmark name.
+    pub benchmark: String,
+    /// pass@1, pass@K, cons@K.
+    pub metric: String,
+    /// The value in [0, 1].
+    pub value: f64,
+    /// Standard error across questions.
+    pub stderr: f64,
+    /// Questions scored.
+    pub questions: i64,
+    /// Protocol JSON.
+    pub protocol: String,
+    /// Hash of the protocol.
+    pub protocol_hash: String,
+}
+
+/// Records (or replaces) a score.
+pub async fn upsert_score(tx: &mut WriteTx, stage_id: i64, s: &NewScore) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO scores (stage_id, target, label, step, benchmark, metric, value, stderr,
+             questions, protocol, protocol_hash, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (stage_id, target, metric) DO UPDATE SET label = excluded.label,
+             step = excluded.step, benchmark = excluded.benchmark, value = excluded.value,
+             stderr = excluded.stderr, questions = excluded.questions,
+             protocol = excluded.protocol, protocol_hash = excluded.protocol_hash,
+             created_at = excluded.created_at",
+    )
+    .bind(stage_id)
+    .bind(&s.target)
+    .bind(&s.label)
+    .bind(s.step)
+    .bind(&s.benchmark)
+    .bind(&s.metric)
+    .bind(s.value)
+    .bind(s.stderr)
+    .bind(s.questions)
+    .bind(&s.protocol)
+    .bind(&s.protocol_hash)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A row of `scores` with its stage's name.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct ScoreRow {
+    /// The evaluate stage.
+    pub stage: String,
+    /// What was evaluated.
+    pub target: String,
+    /// How tables name it.
+    pub label: String,
+    /// Training step.
+    pub step: Option<i64>,
+    /// Benchmark.
+    pub benchmark: String,
+    /// Metric.
+    pub metric: String,
+    /// Value in [0, 1].
+    pub value: f64,
+    /// Standard error.
+    pub stderr: f64,
+    /// Questions.
+    pub questions: i64,
+    /// Protocol JSON.
+    pub protocol: String,
+    /// Protocol hash.
+    pub protocol_hash: String,
+}
+
+/// Every score of a run.
+pub async fn scores_of_run<'e>(ex: impl SqliteExecutor<'e>, run_id: i64) -> Result<Vec<ScoreRow>> {
+    Ok(sqlx::query_as(
+        "SELECT s.name AS stage, c.target, c.label, c.step, c.benchmark, c.metric, c.value,
+             c.stderr, c.questions, c.protocol, c.protocol_hash
+         FROM scores c JOIN stages s ON s.id = c.stage_id
+         WHERE s.run_id = ? ORDER BY c.benchmark, c.protocol_hash, s.position, c.step, c.label, c.metric",
+    )
+    .bind(run_id)
+    .fetch_all(ex)
+    .await?)
+}

@@ -1,0 +1,667 @@
+//! The `evaluate` stage: benchmark a model with the DeepSeek-R1 protocol (k samples
+//! per question at temperature 0.6, top-p 0.95, a long token budget, no system
+//! prompt, the "reason step by step" instruction) and record pass@1, pass@K and
+//! cons@K with their protocol.
+//!
+//! The model under test is a model folder (`model = "DIR"`, generated locally with
+//! Burn) or an OpenAI-compatible endpoint (`teacher = "NAME"`). Every sample is its
+//! own row, so a killed evaluation resumes where it stopped, and each sample's
+//! randomness depends only on (seed, question, sample), so the resumed scores equal
+//! an uninterrupted run's.
+
+mod local;
+pub mod metrics;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use distill_curate::verify::{Verdict, normalize, verify};
+pub use distill_db::evals::NewEvalSample;
+use distill_db::evals::{self, NewScore};
+use distill_teacher::{ChatModel, ChatRequest, Message, OpenAiClient, TeacherConfig};
+use futures::StreamExt;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::generate::DEFAULT_TEMPLATE;
+use crate::load::{Format, LoadParams, read_prompts};
+use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, parse_params};
+
+/// The `evaluate` stage kind.
+pub struct EvaluateKind;
+
+/// Where the evaluated model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// Burn's CPU backend.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (a build with `--features cuda`).
+    Cuda,
+}
+
+/// Parameters of an `evaluate` stage.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateParams {
+    /// The benchmark: JSONL (or a JSON array) of questions with reference answers.
+    pub benchmark: PathBuf,
+    /// Name in score tables; default: the file stem.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Field holding the question.
+    #[serde(default = "default_prompt_field")]
+    pub prompt_field: String,
+    /// Field holding the reference answer (for multiple choice: the correct choice's text).
+    #[serde(default = "default_answer_field")]
+    pub answer_field: String,
+    /// Field holding a unique id; default: the record number.
+    #[serde(default)]
+    pub id_field: Option<String>,
+    /// Multiple choice: field holding the list of choices, shown as lettered options in
+    /// an order shuffled per question with `seed`; the reference becomes the letter.
+    #[serde(default)]
+    pub choices_field: Option<String>,
+    /// Evaluate only the first N questions (quick runs).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Samples per question (k).
+    #[serde(default = "one")]
+    pub samples: u32,
+    /// Sampling temperature.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Nucleus mass.
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// Token budget per sample.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// The user message; `{prompt}` is replaced by the question.
+    #[serde(default = "default_template")]
+    pub prompt_template: String,
+    /// Seed of the samples (and of multiple-choice shuffles).
+    #[serde(default)]
+    pub seed: u64,
+    /// A model folder in Hugging Face layout, generated locally.
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// An OpenAI-compatible `[teacher.NAME]` endpoint.
+    #[serde(default)]
+    pub teacher: Option<String>,
+    /// How tables name the model; default: the folder name or the endpoint's model.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Where a local model runs.
+    #[serde(default)]
+    pub device: Device,
+}
+
+fn default_prompt_field() -> String {
+    "problem".into()
+}
+fn default_answer_field() -> String {
+    "answer".into()
+}
+fn one() -> u32 {
+    1
+}
+fn default_temperature() -> f64 {
+    0.6
+}
+fn default_top_p() -> f64 {
+    0.95
+}
+fn default_max_tokens() -> u32 {
+    32768
+}
+fn default_template() -> String {
+    DEFAULT_TEMPLATE.into()
+}
+
+/// What a stage evaluates.
+#[derive(Debug, Clone)]
+enum Target {
+    Model(PathBuf),
+    Teacher(String, TeacherConfig),
+}
+
+impl StageKind for EvaluateKind {
+    fn name(&self) -> &'static str {
+        "evaluate"
+    }
+    fn about(&self) -> &'static str {
+        "benchmark a model folder or an endpoint: pass@1, pass@k, cons@k with their protocol"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn build(&self, params: toml::Table, env: &BuildEnv) -> Result<Arc<dyn Stage>, ParamError> {
+        let p: EvaluateParams = parse_params(params)?;
+        let target = match (&p.model, &p.teacher) {
+            (Some(dir), None) => {
+                let dir = env.resolve(dir);
+                if !dir.join("config.json").is_file() {
+                    return Err(ParamError::new(
+                        "model",
+                        format!("{} is not a model folder (no config.json)", dir.display()),
+                    ));
+                }
+                Target::Model(dir)
+            }
+            (None, Some(name)) => Target::Teacher(
+                name.clone(),
+                env.teachers.get(name).cloned().ok_or_else(|| {
+                    ParamError::new("teacher", format!("no [teacher.{name}] in the config"))
+                })?,
+            ),
+            _ => {
+                return Err(ParamError::new(
+                    "model",
+                    "name exactly one model under test: `model = \"DIR\"` or `teacher = \"NAME\"`",
+                ));
+            }
+        };
+        let file = env.resolve(&p.benchmark);
+        if !file.is_file() {
+            return Err(ParamError::new(
+                "benchmark",
+                format!("no such file: {}", file.display()),
+            ));
+        }
+        if p.samples == 0 {
+            return Err(ParamError::new("samples", "must be at least 1"));
+        }
+        if !(p.temperature.is_finite() && p.temperature >= 0.0) {
+            return Err(ParamError::new("temperature", "must be a number ≥ 0"));
+        }
+        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+            return Err(ParamError::new("top_p", "must be in (0, 1]"));
+        }
+        if p.max_tokens == 0 {
+            return Err(ParamError::new("max_tokens", "must be at least 1"));
+        }
+        if !p.prompt_template.contains("{prompt}") {
+            return Err(ParamError::new(
+                "prompt_template",
+                "must contain `{prompt}`",
+            ));
+        }
+        if p.device == Device::Cuda && !cfg!(feature = "cuda") {
+            return Err(ParamError::new(
+                "device",
+                "this distill was built without CUDA (cargo build --release --features cuda)",
+            ));
+        }
+        let name = p.name.clone().unwrap_or_else(|| {
+            file.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "benchmark".into())
+        });
+        Ok(Arc::new(Evaluate {
+            params: p,
+            file,
+            name,
+            target,
+            questions: OnceLock::new(),
+        }))
+    }
+}
+
+/// A benchmark question as asked.
+#[derive(Debug, Clone)]
+pub struct Question {
+    /// Its id.
+    pub id: String,
+    /// The user message sent.
+    pub message: String,
+    /// The reference answer (a letter for multiple choice).
+    pub gold: String,
+}
+
+/// A configured `evaluate` stage.
+#[derive(Debug)]
+pub struct Evaluate {
+    params: EvaluateParams,
+    file: PathBuf,
+    name: String,
+    target: Target,
+    /// Parsed while fingerprinting, so a malformed benchmark fails before any write.
+    questions: OnceLock<(String, Vec<Question>)>,
+}
+
+impl Evaluate {
+    fn questions(&self) -> Result<&(String, Vec<Question>), StageError> {
+        if let Some(q) = self.questions.get() {
+            return Ok(q);
+        }
+        let p = &self.params;
+        let bytes = std::fs::read(&self.file)
+            .map_err(|e| StageError::Input(format!("cannot read {}: {e}", self.file.display())))?;
+        let loaded = read_prompts(
+            &self.file,
+            &LoadParams {
+                path: self.file.clone(),
+                format: Format::Auto,
+                prompt_field: p.prompt_field.clone(),
+                answer_field: p.answer_field.clone(),
+                id_field: p.id_field.clone(),
+                limit: p.limit,
+                shuffle_seed: None,
+            },
+        )?;
+        let mut questions = Vec::with_capacity(loaded.prompts.len());
+        for r in loaded.prompts {
+            let Some(answer) = r.answer.filter(|a| !a.trim().is_empty()) else {
+                return Err(StageError::Input(format!(
+                    "{}: question `{}` has no reference answer in `{}`",
+                    self.file.display(),
+                    r.source_id,
+                    p.answer_field
+                )));
+            };
+            let (text, gold) = match &p.choices_field {
+                None => (r.prompt, answer),
+                Some(field) => {
+                    let extra: Value = r
+                        .extra
+                        .as_deref()
+                        .and_then(|e| serde_json::from_str(e).ok())
+                        .unwrap_or(Value::Null);
+                    let choices: Vec<String> = extra
+                        .get(field)
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|c| c.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    multiple_choice(&r.source_id, &r.prompt, &answer, choices, p.seed).map_err(
+                        |m| {
+                            StageError::Input(format!(
+                                "{}: question `{}`: {m}",
+                                self.file.display(),
+                                r.source_id
+                            ))
+                        },
+                    )?
+                }
+            };
+            questions.push(Question {
+                message: p.prompt_template.replace("{prompt}", &text),
+                id: r.source_id,
+                gold,
+            });
+        }
+        Ok(self
+            .questions
+            .get_or_init(|| (crate::hash::hex128(&bytes), questions)))
+    }
+
+    /// The protocol a score follows: two scores are comparable iff these are equal.
+    fn protocol(&self) -> Result<Value, StageError> {
+        let p = &self.params;
+        let (hash, questions) = self.questions()?;
+        Ok(json!({
+            "benchmark": self.name,
+            "benchmark_hash": hash,
+            "questions": questions.len(),
+            "samples": p.samples,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "max_tokens": p.max_tokens,
+            "template_hash": &crate::hash::hex128(p.prompt_template.as_bytes())[..8],
+            "choices_seed": p.choices_field.as_ref().map(|_| p.seed),
+        }))
+    }
+
+    fn target_key_and_label(&self) -> (String, String) {
+        match &self.target {
+            Target::Model(dir) => (
+                format!("model:{}", dir.display()),
+                self.params.label.clone().unwrap_or_else(|| {
+                    dir.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| dir.display().to_string())
+                }),
+            ),
+            Target::Teacher(name, config) => (
+                format!("teacher:{name}"),
+                self.params
+                    .label
+                    .clone()
+                    .unwrap_or_else(|| format!("{name} ({})", config.model)),
+            ),
+        }
+    }
+}
+
+/// Lettered options in a per-question shuffled order, and the correct letter.
+fn multiple_choice(
+    id: &str,
+    question: &str,
+    answer: &str,
+    mut choices: Vec<String>,
+    seed: u64,
+) -> Result<(String, String), String> {
+    if choices.len() < 2 || choices.len() > 26 {
+        return Err(format!("needs 2 to 26 choices, has {}", choices.len()));
+    }
+    if !choices.iter().any(|c| c.trim() == answer.trim()) {
+        return Err("the answer is not one of the choices".into());
+    }
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ xxhash_rust::xxh3::xxh3_64(id.as_bytes()));
+    choices.shuffle(&mut rng);
+    let mut text = format!("{question}\n");
+    let mut gold = String::new();
+    for (i, c) in choices.iter().enumerate() {
+        let letter = (b'A' + i as u8) as char;
+        text.push_str(&format!("\n{letter}) {c}"));
+        if c.trim() == answer.trim() {
+            gold = letter.to_string();
+        }
+    }
+    Ok((text, gold))
+}
+
+/// A generated sample before scoring.
+#[derive(Debug, Clone)]
+pub struct Sampled {
+    /// Which sample of the question.
+    pub sample_index: i64,
+    /// The whole response (reasoning, `</think>`, answer).
+    pub output: String,
+    /// Tokens generated.
+    pub tokens: Option<i64>,
+    /// Why it stopped.
+    pub finish_reason: Option<String>,
+}
+
+/// Scores a sample against its question's reference.
+pub fn score_sample(question: &Question, s: Sampled) -> NewEvalSample {
+    // The answer follows the reasoning; a model that does not think answers directly.
+    let answer = match s.output.rfind("</think>") {
+        Some(i) => &s.output[i + "</think>".len()..],
+        None => s.output.as_str(),
+    };
+    let outcome = verify(&question.gold, answer);
+    let extracted = outcome.extracted.map(|e| e.text);
+    NewEvalSample {
+        item_id: question.id.clone(),
+        sample_index: s.sample_index,
+        vote_key: extracted.as_deref().map(normalize),
+        extracted,
+        verdict: match outcome.verdict {
+            Verdict::Correct => "correct",
+            Verdict::Incorrect => "incorrect",
+            Verdict::Unknown => "unknown",
+        }
+        .into(),
+        output: s.output,
+        tokens: s.tokens,
+        finish_reason: s.finish_reason,
+    }
+}
+
+/// The seed of one sample: a function of (stage seed, question, sample) only.
+pub fn sample_seed(seed: u64, question: &str, sample: i64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(format!("{seed}\u{0}{question}\u{0}{sample}").as_bytes())
+}
+
+#[async_trait]
+impl Stage for Evaluate {
+    fn identity(&self) -> Result<Value, StageError> {
+        let target = match &self.target {
+            Target::Model(dir) => json!({ "model": local::model_identity(dir)? }),
+            Target::Teacher(_, config) => json!({ "teacher_model": config.model }),
+        };
+        Ok(json!({
+            "protocol": self.protocol()?,
+            "seed": self.params.seed,
+            "target": target,
+        }))
+    }
+
+    async fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
+        let (_, questions) = self.questions()?;
+        let (target, label) = self.target_key_and_label();
+        let k = self.params.samples as i64;
+        let done: HashSet<(String, i64)> =
+            evals::done_samples(ctx.db.pool(), ctx.stage_id, &target)
+                .await?
+                .into_iter()
+                .collect();
+        ctx.progress.set_total(questions.len() as u64 * k as u64);
+        ctx.progress.set_done(done.len() as u64);
+        let work: Vec<(Question, Vec<i64>)> = questions
+            .iter()
+            .filter_map(|q| {
+                let missing: Vec<i64> = (0..k)
+                    .filter(|i| !done.contains(&(q.id.clone(), *i)))
+                    .collect();
+                (!missing.is_empty()).then(|| (q.clone(), missing))
+            })
+            .collect();
+
+        match &self.target {
+            Target::Teacher(name, config) => {
+                let client = OpenAiClient::new(config.clone())
+                    .map_err(|e| StageError::Input(format!("teacher `{name}`: {e}")))?;
+                let concurrency = config.max_concurrency * config.base_url.as_slice().len();
+                self.sample_endpoint(ctx, &target, &client, config.supports_n, concurrency, work)
+                    .await?;
+            }
+            Target::Model(dir) => {
+                local::sample(ctx, &target, dir, &self.params, work).await?;
+            }
+        }
+        ctx.check_cancelled()?;
+        self.record_scores(ctx, &target, &label, None, questions)
+            .await
+    }
+}
+
+impl Evaluate {
+    /// Samples from an OpenAI-compatible endpoint, committing each question's samples.
+    async fn sample_endpoint(
+        &self,
+        ctx: &StageContext,
+        target: &str,
+        model: &dyn ChatModel,
+        supports_n: bool,
+        concurrency: usize,
+        work: Vec<(Question, Vec<i64>)>,
+    ) -> Result<(), StageError> {
+        let p = &self.params;
+        let ask = |(q, missing): (Question, Vec<i64>)| async move {
+            let base = ChatRequest {
+                temperature: Some(p.temperature),
+                top_p: Some(p.top_p),
+                max_tokens: Some(p.max_tokens),
+                n: missing.len() as u32,
+                seed: Some(sample_seed(p.seed, &q.id, 0)),
+                ..ChatRequest::new(vec![Message::user(q.message.clone())])
+            };
+            let mut out = Vec::new();
+            if supports_n && missing.len() > 1 {
+                let completions = model.chat(&base).await?;
+                out.extend(completions.into_iter().zip(&missing).map(|(c, &i)| (i, c)));
+            } else {
+                for &i in &missing {
+                    let mut req = base.single(0);
+                    req.seed = Some(sample_seed(p.seed, &q.id, i));
+                    let mut c = model.chat(&req).await?;
+                    out.push((i, c.remove(0)));
+                }
+            }
+            Ok::<_, distill_teacher::TeacherError>((q, out))
+        };
+        let mut results = futures::stream::iter(work)
+            .map(ask)
+            .buffer_unordered(concurrency.max(1));
+        while let Some(result) = results.next().await {
+            let (q, completions) =
+                result.map_err(|e| StageError::Failed(format!("evaluating: {e}")))?;
+            let rows: Vec<NewEvalSample> = completions
+                .into_iter()
+                .map(|(i, c)| {
+                    let output = if c.reasoning.is_empty() {
+                        c.answer.clone()
+                    } else {
+                        format!("{}\n</think>\n\n{}", c.reasoning, c.answer)
+                    };
+                    score_sample(
+                        &q,
+                        Sampled {
+                            sample_index: i,
+                            output,
+                            tokens: c.completion_tokens.map(i64::from),
+                            finish_reason: c.finish_reason,
+                        },
+                    )
+                })
+                .collect();
+            write_samples(ctx, target, &rows).await?;
+            if ctx.cancel.is_cancelled() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Computes and records the metrics of `target` from its samples.
+    async fn record_scores(
+        &self,
+        ctx: &StageContext,
+        target: &str,
+        label: &str,
+        step: Option<i64>,
+        questions: &[Question],
+    ) -> Result<Value, StageError> {
+        let outcomes = evals::outcomes(ctx.db.pool(), ctx.stage_id, target).await?;
+        let mut by_question: BTreeMap<&str, metrics::Question> = BTreeMap::new();
+        for o in &outcomes {
+            let q = by_question.entry(o.item_id.as_str()).or_default();
+            q.correct.push(o.verdict == "correct");
+            q.votes.push(o.vote_key.clone());
+        }
+        let asked: HashSet<&str> = questions.iter().map(|q| q.id.as_str()).collect();
+        let scored: Vec<metrics::Question> = by_question
+            .into_iter()
+            .filter(|(id, _)| asked.contains(id))
+            .map(|(_, q)| q)
+            .collect();
+        if scored.len() != questions.len()
+            || scored
+                .iter()
+                .any(|q| q.correct.len() != self.params.samples as usize)
+        {
+            return Err(StageError::Failed(format!(
+                "{} of {} questions have all {} samples; `distill resume` finishes the rest",
+                scored
+                    .iter()
+                    .filter(|q| q.correct.len() == self.params.samples as usize)
+                    .count(),
+                questions.len(),
+                self.params.samples
+            )));
+        }
+        let protocol = self.protocol()?;
+        let protocol_text = protocol.to_string();
+        let protocol_hash = crate::hash::hex128(protocol_text.as_bytes());
+        let scores = metrics::score(&scored);
+        let mut tx = ctx.db.write().await?;
+        for s in &scores {
+            evals::upsert_score(
+                &mut tx,
+                ctx.stage_id,
+                &NewScore {
+                    target: target.to_string(),
+                    label: label.to_string(),
+                    step,
+                    benchmark: self.name.clone(),
+                    metric: s.metric.clone(),
+                    value: s.value,
+                    stderr: s.stderr,
+                    questions: s.questions as i64,
+                    protocol: protocol_text.clone(),
+                    protocol_hash: protocol_hash.clone(),
+                },
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        let summary: serde_json::Map<String, Value> = scores
+            .iter()
+            .map(|s| (s.metric.clone(), json!((s.value * 1000.0).round() / 10.0)))
+            .collect();
+        Ok(json!({ "target": label, "benchmark": self.name, "scores_percent": summary }))
+    }
+}
+
+/// Records one question's samples in a transaction.
+pub(crate) async fn write_samples(
+    ctx: &StageContext,
+    target: &str,
+    rows: &[NewEvalSample],
+) -> Result<(), StageError> {
+    let mut tx = ctx.db.write().await?;
+    for r in rows {
+        evals::insert_sample(&mut tx, ctx.stage_id, target, r).await?;
+    }
+    tx.commit().await?;
+    ctx.progress.inc(rows.len() as u64);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiple_choice_shuffles_by_seed_and_tracks_the_letter() {
+        let choices = || {
+            vec![
+                "red".to_string(),
+                "green".into(),
+                "blue".into(),
+                "black".into(),
+            ]
+        };
+        let (text, gold) = multiple_choice("q1", "Which colour?", "blue", choices(), 7).unwrap();
+        let line = text.lines().find(|l| l.ends_with(") blue")).unwrap();
+        assert_eq!(&line[..1], gold);
+        let again = multiple_choice("q1", "Which colour?", "blue", choices(), 7).unwrap();
+        assert_eq!((text.clone(), gold.clone()), again);
+        assert!(multiple_choice("q1", "?", "pink", choices(), 7).is_err());
+    }
+
+    #[test]
+    fn samples_are_scored_on_the_answer_after_the_reasoning() {
+        let q = Question {
+            id: "1".into(),
+            message: "m".into(),
+            gold: "4".into(),
+        };
+        let s = |out: &str| Sampled {
+            sample_index: 0,
+            output: out.into(),
+            tokens: None,
+            finish_reason: None,
+        };
+        // A boxed 3 in the reasoning does not count; the answer's 4 does.
+        let r = score_sample(&q, s("maybe \\boxed{3}?</think>\n\nSo \\boxed{4}."));
+        assert_eq!(r.verdict, "correct");
+        assert_eq!(r.vote_key.as_deref(), Some("4"));
+        let r = score_sample(&q, s("\\boxed{5}"));
+        assert_eq!(r.verdict, "incorrect");
+        assert_ne!(sample_seed(0, "1", 0), sample_seed(0, "1", 1));
+    }
+}

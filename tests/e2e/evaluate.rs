@@ -1,0 +1,234 @@
+//! The `evaluate` stage: exact metrics against an endpoint with known per-question
+//! correctness, and a local Burn model killed mid-evaluation and resumed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use distill_fake_teacher::{FakeConfig, FakeTeacher, Reply, ReplyInput};
+use serde_json::Value;
+
+use crate::common::*;
+
+fn benchmark(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"problem\": \"What is {i} + {i}?\", \"answer\": \"{}\", \"id\": \"b{i}\"}}\n",
+                2 * i
+            )
+        })
+        .collect()
+}
+
+/// The answer sample `choice` gives for question `i`: a plan with known correctness.
+fn planned(i: i64, choice: u32) -> i64 {
+    let right = 2 * i;
+    match (i, choice) {
+        (0, _) => right,     // 4/4 correct
+        (1, 0 | 1) => right, // 2/4, vote tie 2:2 → first answer, correct
+        (1, _) => 99,
+        (2, 0) => right, // 1/4, vote 7 wins → wrong
+        (2, 1 | 2) => 7,
+        (2, _) => 8,
+        _ => 1000 + choice as i64, // 0/4
+    }
+}
+
+fn reply(input: &ReplyInput<'_>) -> Reply {
+    let i: i64 = input
+        .prompt
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    Reply {
+        reasoning: format!("thinking about {i}"),
+        answer: format!("\\boxed{{{}}}", planned(i, input.choice)),
+    }
+}
+
+fn score<'a>(scores: &'a Value, metric: &str) -> &'a Value {
+    &scores["groups"][0]["rows"][0]["metrics"][metric]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_scores_are_exact() {
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let w = Workdir::new();
+    w.write("bench.jsonl", &benchmark(4));
+    w.write(
+        "eval.toml",
+        &format!(
+            r#"
+[run]
+name = "eval"
+
+[teacher.endpoint]
+base_url = "{}"
+model = "fake-distill"
+
+[[stage]]
+name = "score"
+kind = "evaluate"
+benchmark = "bench.jsonl"
+id_field = "id"
+teacher = "endpoint"
+samples = 4
+max_tokens = 64
+"#,
+            server.url()
+        ),
+    );
+    let mut cmd = w.cmd(&["run", "eval.toml"]);
+    tokio::task::spawn_blocking(move || Out(cmd.output().unwrap()))
+        .await
+        .unwrap()
+        .ok();
+
+    let out = w.run(&["scores", "--json"]);
+    let scores: Value = serde_json::from_str(&out.ok().stdout()).unwrap();
+    let close = |v: &Value, want: f64| (v.as_f64().unwrap() - want).abs() < 1e-9;
+    assert!(close(&score(&scores, "pass@1")[0], 0.4375), "{scores:#}");
+    assert!((score(&scores, "pass@1")[1].as_f64().unwrap() - 0.21347).abs() < 1e-4);
+    assert!(close(&score(&scores, "pass@4")[0], 0.75), "{scores:#}");
+    assert!(close(&score(&scores, "cons@4")[0], 0.5), "{scores:#}");
+    let group = &scores["groups"][0];
+    assert_eq!(group["benchmark"], "bench");
+    assert_eq!(group["protocol"]["samples"], 4);
+    assert_eq!(group["protocol"]["temperature"], 0.6);
+    assert_eq!(group["rows"][0]["label"], "endpoint (fake-distill)");
+
+    let table = w.run(&["scores"]).ok().stdout();
+    assert!(table.contains("43.8 ± 21.3"), "{table}");
+    assert!(table.contains("k=4 · temperature 0.6"), "{table}");
+    // One request per question with n = 4.
+    assert_eq!(server.stats().requests, 4);
+    server.shutdown().await;
+}
+
+/// A tiny random Qwen2 with the minimind tokenizer and its chat template.
+fn tiny_model(dir: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(
+            root.join("student/tests/fixtures/parity/qwen2-tied")
+                .join(f),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(
+            root.join("tests/fixtures/tokenizers/minimind").join(f),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+}
+
+fn local_config() -> &'static str {
+    r#"
+[run]
+name = "local"
+
+[[stage]]
+name = "base"
+kind = "evaluate"
+benchmark = "bench.jsonl"
+id_field = "id"
+model = "model"
+samples = 2
+max_tokens = 24
+seed = 11
+"#
+}
+
+async fn outputs(w: &Workdir) -> Vec<(String, i64, String)> {
+    sqlx::query_as(
+        "SELECT item_id, sample_index, output FROM eval_samples ORDER BY item_id, sample_index",
+    )
+    .fetch_all(&w.db().await)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_local_evaluation_resumes_to_the_same_samples_and_scores() {
+    let n = 8;
+    let straight = Workdir::new();
+    tiny_model(&straight.path().join("model"));
+    straight.write("bench.jsonl", &benchmark(n));
+    straight.write("eval.toml", local_config());
+    straight.run(&["run", "eval.toml"]).ok();
+    let expected = outputs(&straight).await;
+    assert_eq!(expected.len(), 2 * n);
+    assert!(
+        expected.iter().any(|(_, _, o)| !o.is_empty()),
+        "the model generated nothing"
+    );
+    // Different samples of a question differ (each has its own seed).
+    assert_ne!(expected[0].2, expected[1].2);
+
+    let w = Workdir::new();
+    tiny_model(&w.path().join("model"));
+    w.write("bench.jsonl", &benchmark(n));
+    w.write("eval.toml", local_config());
+    let mut child = w.spawn(&["run", "eval.toml"]);
+    wait_until(Duration::from_secs(60), || async { w.db_path().exists() }).await;
+    let db = w.db().await;
+    wait_until(Duration::from_secs(120), || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM eval_samples")
+            .fetch_one(&db)
+            .await
+            .unwrap_or(0)
+            >= 2
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = outputs(&w).await.len();
+    w.run(&["resume", "local"]).ok();
+    assert_eq!(
+        outputs(&w).await,
+        expected,
+        "resumed samples differ (partial: {partial})"
+    );
+    let a: Value =
+        serde_json::from_str(&straight.run(&["scores", "--json"]).ok().stdout()).unwrap();
+    let b: Value = serde_json::from_str(&w.run(&["scores", "--json"]).ok().stdout()).unwrap();
+    assert_eq!(a["groups"], b["groups"]);
+}
+
+#[test]
+fn evaluate_config_errors_name_the_field() {
+    let w = Workdir::new();
+    w.write("bench.jsonl", &benchmark(2));
+    let base = "[run]\nname = \"e\"\n\n[[stage]]\nname = \"s\"\nkind = \"evaluate\"\nbenchmark = \"bench.jsonl\"\n";
+    let cases = [
+        (format!("{base}"), "name exactly one model under test"),
+        (format!("{base}model = \"nope\"\n"), "model: "),
+        (format!("{base}teacher = \"t\"\n"), "no [teacher.t]"),
+        (
+            format!("{base}teacher = \"t\"\nmodel = \"m\"\n"),
+            "exactly one",
+        ),
+        (
+            format!("{base}model = \"m\"\nsamples = 0\n").replace("model = \"m\"", "model = \".\""),
+            "model: ",
+        ),
+    ];
+    for (text, expected) in cases {
+        w.write("bad.toml", &text);
+        let out = w.run(&["validate", "bad.toml"]);
+        assert_eq!(out.code(), 2, "{expected}");
+        assert!(
+            out.stderr().contains(expected),
+            "{expected}: {}",
+            out.stderr()
+        );
+    }
+}
