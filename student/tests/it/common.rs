@@ -17,16 +17,19 @@ pub const MODELS: [&str; 4] = [
     "llama-bias-tied",
 ];
 
+/// The crate folder; `DISTILL_STUDENT_DIR` overrides it when the test binary runs elsewhere.
+fn crate_dir() -> PathBuf {
+    std::env::var_os("DISTILL_STUDENT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/parity")
-        .join(name)
+    crate_dir().join("tests/fixtures/parity").join(name)
 }
 
 pub fn repo_fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(rel)
+    crate_dir().join("../tests/fixtures").join(rel)
 }
 
 pub fn device() -> burn::tensor::Device<B> {
@@ -44,6 +47,8 @@ pub struct Reference {
     pub logits: Vec<Vec<Vec<f32>>>,
     pub prompt: Vec<u32>,
     pub greedy: Vec<u32>,
+    /// Smallest top-1/top-2 logit gap along the greedy continuation.
+    pub min_margin: f32,
 }
 
 pub fn reference(name: &str) -> Reference {
@@ -87,6 +92,7 @@ pub fn reference(name: &str) -> Reference {
             .collect(),
         prompt: ids_of("prompt"),
         greedy: ids_of("greedy_continuation"),
+        min_margin: json["min_top2_margin"].as_f64().unwrap() as f32,
     }
 }
 

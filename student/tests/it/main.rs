@@ -3,6 +3,8 @@
 mod api;
 mod chat;
 mod common;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod errors;
 mod parity;
 mod weights;
