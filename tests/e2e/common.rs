@@ -153,6 +153,12 @@ where
     panic!("condition not met within {timeout:?}");
 }
 
+/// A count for polling while `distill` runs: 0 until the database is ready (the
+/// file exists before its migrations have run).
+pub async fn poll_count(pool: &SqlitePool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(0)
+}
+
 /// Rows of `prompts` written by the stage `name` of the latest run.
 pub async fn prompt_rows(pool: &SqlitePool, stage: &str) -> Vec<(i64, i64, String)> {
     sqlx::query_as(

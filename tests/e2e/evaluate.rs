@@ -181,11 +181,7 @@ async fn a_killed_local_evaluation_resumes_to_the_same_samples_and_scores() {
     wait_until(Duration::from_secs(60), || async { w.db_path().exists() }).await;
     let db = w.db().await;
     wait_until(Duration::from_secs(120), || async {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM eval_samples")
-            .fetch_one(&db)
-            .await
-            .unwrap_or(0)
-            >= 2
+        poll_count(&db, "SELECT COUNT(*) FROM eval_samples").await >= 2
     })
     .await;
     child.kill().unwrap();

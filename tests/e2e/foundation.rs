@@ -187,7 +187,7 @@ async fn sigkill_mid_stage_then_resume_completes_without_duplicates() {
     wait_until(Duration::from_secs(30), || async { w.db_path().exists() }).await;
     let db = w.db().await;
     wait_until(Duration::from_secs(30), || async {
-        prompt_rows(&db, "left").await.len() >= 8
+        poll_count(&db, "SELECT COUNT(*) FROM prompts p JOIN stages s ON s.id = p.stage_id WHERE s.name = \'left\'").await >= 8
     })
     .await;
     child.kill().unwrap(); // SIGKILL
@@ -229,7 +229,7 @@ async fn ctrl_c_stops_cleanly_and_resume_finishes() {
     wait_until(Duration::from_secs(30), || async { w.db_path().exists() }).await;
     let db = w.db().await;
     wait_until(Duration::from_secs(30), || async {
-        prompt_rows(&db, "left").await.len() >= 3
+        poll_count(&db, "SELECT COUNT(*) FROM prompts p JOIN stages s ON s.id = p.stage_id WHERE s.name = \'left\'").await >= 3
     })
     .await;
     interrupt(&child);

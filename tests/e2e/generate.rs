@@ -311,11 +311,7 @@ async fn sigkill_mid_generation_then_resume_loses_and_duplicates_nothing() {
     wait_until(Duration::from_secs(30), || async { w.db_path().exists() }).await;
     let db = w.db().await;
     wait_until(Duration::from_secs(60), || async {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM generations")
-            .fetch_one(&db)
-            .await
-            .unwrap_or(0)
-            >= 30
+        poll_count(&db, "SELECT COUNT(*) FROM generations").await >= 30
     })
     .await;
     child.kill().unwrap();
