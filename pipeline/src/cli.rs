@@ -142,6 +142,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark a model folder outside any pipeline (recorded as a run of its own).
+    ///
+    /// Builds a one-stage pipeline with an `evaluate` stage, so everything `evaluate`
+    /// does holds here too: samples are recorded one by one, Ctrl-C or a crash is
+    /// continued by `distill resume RUN`, and `distill scores RUN` shows the result.
+    Eval {
+        /// A model folder in Hugging Face layout.
+        model: PathBuf,
+        /// The benchmark (JSONL or a JSON array of questions with answers).
+        #[arg(long)]
+        benchmark: PathBuf,
+        /// Run name [default: eval-<model folder>-<benchmark>].
+        #[arg(long)]
+        run: Option<String>,
+        /// Samples per question (k) [default: 1].
+        #[arg(long)]
+        samples: Option<u32>,
+        /// Sampling temperature [default: 0.6].
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Nucleus mass [default: 0.95].
+        #[arg(long)]
+        top_p: Option<f64>,
+        /// Token budget per sample [default: 32768].
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Only the first N questions.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Seed of the samples [default: 0].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Field holding the question [default: problem].
+        #[arg(long)]
+        prompt_field: Option<String>,
+        /// Field holding the reference answer [default: answer].
+        #[arg(long)]
+        answer_field: Option<String>,
+        /// Field holding the question id [default: the record number].
+        #[arg(long)]
+        id_field: Option<String>,
+        /// Run on the CPU or the first CUDA GPU.
+        #[arg(long, value_enum, default_value = "cpu")]
+        device: model_cmd::Device,
+    },
     /// Check a config without running it: keys, types, stage kinds, needs, cycles.
     Validate {
         /// The pipeline config (TOML).
@@ -311,6 +356,75 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
                 out(&list.render());
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            model,
+            benchmark,
+            run,
+            samples,
+            temperature,
+            top_p,
+            max_tokens,
+            limit,
+            seed,
+            prompt_field,
+            answer_field,
+            id_field,
+            device,
+        } => {
+            let workdir = std::env::current_dir().context("cannot read the working directory")?;
+            let stem = |p: &Path| {
+                p.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            };
+            let name = run.unwrap_or_else(|| format!("eval-{}-{}", stem(&model), stem(&benchmark)));
+            let mut stage = toml::Table::new();
+            stage.insert("name".into(), "evaluate".into());
+            stage.insert("kind".into(), "evaluate".into());
+            let abs = |p: &Path| workdir.join(p).display().to_string();
+            stage.insert("model".into(), abs(&model).into());
+            stage.insert("benchmark".into(), abs(&benchmark).into());
+            stage.insert(
+                "device".into(),
+                match device {
+                    model_cmd::Device::Cpu => "cpu",
+                    model_cmd::Device::Cuda => "cuda",
+                }
+                .into(),
+            );
+            let mut set = |k: &str, v: Option<toml::Value>| {
+                if let Some(v) = v {
+                    stage.insert(k.into(), v);
+                }
+            };
+            set("samples", samples.map(|v| i64::from(v).into()));
+            set("temperature", temperature.map(Into::into));
+            set("top_p", top_p.map(Into::into));
+            set("max_tokens", max_tokens.map(|v| i64::from(v).into()));
+            set("limit", limit.map(|v| (v as i64).into()));
+            set("seed", seed.map(|v| (v as i64).into()));
+            set("prompt_field", prompt_field.map(Into::into));
+            set("answer_field", answer_field.map(Into::into));
+            set("id_field", id_field.map(Into::into));
+            let mut run_table = toml::Table::new();
+            run_table.insert("name".into(), name.clone().into());
+            let mut doc = toml::Table::new();
+            doc.insert("run".into(), run_table.into());
+            doc.insert("stage".into(), toml::Value::Array(vec![stage.into()]));
+            let text = format!(
+                "# written by `distill eval`\n{}",
+                toml::to_string(&doc).context("cannot write the evaluation config")?
+            );
+            let pipeline = config::parse(&text, Path::new("(distill eval)"), &workdir, &registry)?;
+            let fps = fingerprints(&pipeline)?;
+            let db = open_for_run(&cli.db.unwrap_or_else(default_db)).await?;
+            let code = execute(&db, &pipeline, &fps, bars).await?;
+            if code == ExitCode::SUCCESS {
+                let run = runs::find(&db, &name).await?;
+                out(&report::Scores::load(&db, &run).await?.render());
+            }
+            Ok(code)
         }
         Command::Validate { config, json } => {
             let workdir = std::env::current_dir().context("cannot read the working directory")?;
