@@ -15,6 +15,7 @@ pub mod generations;
 pub mod prompts;
 pub mod runs;
 pub mod stages;
+pub mod training;
 pub mod verdicts;
 
 use std::path::{Path, PathBuf};

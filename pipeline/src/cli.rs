@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, ConfigError, Pipeline};
 use crate::executor::{self, Outcome};
 use crate::fingerprint::fingerprints;
-use crate::{dataset, logging, model_cmd, report};
+use crate::{dataset, logging, model_cmd, plot, report};
 
 /// Exit status of a config that does not validate (also clap's for bad usage).
 pub const EXIT_INVALID: u8 = 2;
@@ -125,6 +125,20 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+    },
+    /// Draw a run's training curves (loss, learning rate) or its scores by step, as SVG.
+    Plot {
+        /// The run's name or id.
+        run: String,
+        /// The SVG file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Draw benchmark scores against training step instead of training curves.
+        #[arg(long)]
+        scores: bool,
+        /// Only this train stage.
+        #[arg(long, conflicts_with = "scores")]
+        stage: Option<String>,
     },
     /// Curated datasets.
     Dataset {
@@ -325,6 +339,21 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             } else {
                 out(&scores.render());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot {
+            run,
+            out: path,
+            scores,
+            stage,
+        } => {
+            let db = open_existing(cli.db).await?;
+            let n = if scores {
+                plot::scores(&db, &run, &path).await?
+            } else {
+                plot::training_curves(&db, &run, stage.as_deref(), &path).await?
+            };
+            eprintln!("drew {n} points into {}", path.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Dataset {

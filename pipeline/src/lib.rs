@@ -14,4 +14,5 @@ pub mod fingerprint;
 mod liveness;
 mod logging;
 pub mod model_cmd;
+pub mod plot;
 pub mod report;
