@@ -66,7 +66,9 @@ pub struct GenerateParams {
     /// Stop strings.
     #[serde(default)]
     pub stop: Vec<String>,
-    /// Reuse cached responses to identical requests.
+    /// Keep every response in the response cache and reuse cached responses to
+    /// identical requests: a rerun after the stage is redone (say, the prompt set grew)
+    /// pays only for new requests, at the price of storing each response twice.
     #[serde(default = "yes")]
     pub cache: bool,
     /// Requests in flight at once; default: the teacher's `max_concurrency` times
@@ -245,7 +247,9 @@ impl Generate {
         ctx.progress.set_total(total);
         ctx.progress.set_done(done.len() as u64);
 
-        let jobs = self.jobs(&prompts, &done, model.as_ref(), supports_n);
+        let jobs = prompts
+            .iter()
+            .flat_map(|p| self.jobs_for(p, &done, model.as_ref(), supports_n));
         let (tx, rx) = mpsc::channel::<Finished>(in_flight.max(1) * 2);
         let writer = tokio::spawn(write_loop(ctx.clone(), rx));
 
@@ -321,49 +325,48 @@ impl Generate {
         Ok(summary)
     }
 
-    /// The requests still to send, in prompt order.
-    fn jobs(
+    /// The requests a prompt still needs: one with `n` choices where the server takes
+    /// `n`, else one per missing sample. Built lazily, prompt by prompt, so that a
+    /// million-sample stage does not hold a million request bodies at once.
+    fn jobs_for(
         &self,
-        prompts: &[Prompt],
+        prompt: &Prompt,
         done: &HashSet<(i64, i64)>,
         model: &dyn ChatModel,
         supports_n: bool,
     ) -> Vec<Job> {
-        let p = &self.params;
-        let mut jobs = Vec::new();
-        for prompt in prompts {
-            let missing: Vec<i64> = (0..p.samples_per_prompt as i64)
-                .filter(|i| !done.contains(&(prompt.id, *i)))
-                .collect();
-            if missing.is_empty() {
-                continue;
-            }
-            let prompt = Arc::new(prompt.clone());
-            let base = self.request(&prompt, missing.len() as u32);
-            if supports_n && missing.len() > 1 {
-                let request_hash = hash_body(&model.request_body(&base));
-                jobs.push(Job {
-                    prompt,
-                    samples: missing,
-                    request: base,
-                    request_hash,
-                    choice_base: 0,
-                });
-            } else {
-                for i in missing {
-                    let request = base.single(i as u32);
-                    let request_hash = hash_body(&model.request_body(&request));
-                    jobs.push(Job {
-                        prompt: prompt.clone(),
-                        samples: vec![i],
-                        request,
-                        request_hash,
-                        choice_base: i,
-                    });
-                }
-            }
+        let missing: Vec<i64> = (0..self.params.samples_per_prompt as i64)
+            .filter(|i| !done.contains(&(prompt.id, *i)))
+            .collect();
+        if missing.is_empty() {
+            return Vec::new();
         }
-        jobs
+        let prompt = Arc::new(prompt.clone());
+        let base = self.request(&prompt, missing.len() as u32);
+        if supports_n && missing.len() > 1 {
+            let request_hash = hash_body(&model.request_body(&base));
+            return vec![Job {
+                prompt,
+                samples: missing,
+                request: base,
+                request_hash,
+                choice_base: 0,
+            }];
+        }
+        missing
+            .into_iter()
+            .map(|i| {
+                let request = base.single(i as u32);
+                let request_hash = hash_body(&model.request_body(&request));
+                Job {
+                    prompt: prompt.clone(),
+                    samples: vec![i],
+                    request,
+                    request_hash,
+                    choice_base: i,
+                }
+            })
+            .collect()
     }
 
     fn request(&self, prompt: &Prompt, n: u32) -> ChatRequest {
@@ -431,7 +434,7 @@ async fn run_job(
                         .map(|s| serde_json::from_str::<Completion>(s.unwrap()))
                         .collect();
                     if let Ok(completions) = completions {
-                        return finished_ok(&job, completions, true);
+                        return finished_ok(&job, completions, true, true);
                     }
                 }
             }
@@ -440,7 +443,7 @@ async fn run_job(
     }
     match model.chat(&job.request).await {
         Ok(completions) if completions.len() as i64 == want => {
-            finished_ok(&job, completions, false)
+            finished_ok(&job, completions, false, use_cache)
         }
         Ok(completions) => failed(
             &job,
@@ -470,11 +473,12 @@ async fn run_job(
     }
 }
 
-fn finished_ok(job: &Job, completions: Vec<Completion>, cached: bool) -> Finished {
+fn finished_ok(job: &Job, completions: Vec<Completion>, cached: bool, use_cache: bool) -> Finished {
     let mut rows = Vec::with_capacity(completions.len());
     let mut cache = Vec::new();
     for (j, (c, &sample)) in completions.iter().zip(&job.samples).enumerate() {
-        if !cached {
+        // With the cache off, nothing is written to it either: it doubles the storage.
+        if use_cache && !cached {
             if let Ok(text) = serde_json::to_string(c) {
                 cache.push((job.request_hash.clone(), job.choice_base + j as i64, text));
             }

@@ -402,3 +402,17 @@ async fn generate_config_errors_name_the_field() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cache_off_responses_are_stored_once() {
+    let server = FakeTeacher::start(FakeConfig::default()).await.unwrap();
+    let w = setup(&config(&server.url(), 2, "", "cache = false"));
+    run(&w, &["run", "pipeline.toml"]).await.ok();
+    assert_complete(&w, N_PROMPTS, 2, true).await;
+    let cached: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM teacher_cache")
+        .fetch_one(&w.db().await)
+        .await
+        .unwrap();
+    assert_eq!(cached, 0);
+    server.shutdown().await;
+}
