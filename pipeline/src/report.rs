@@ -211,22 +211,23 @@ impl RunStatusReport {
     }
 }
 
+/// The first `n` characters of `text` and how many more there are, unless `full`.
+fn excerpt(text: &str, n: usize, full: bool) -> String {
+    let len = text.chars().count();
+    if full || len <= n {
+        text.to_string()
+    } else {
+        let head: String = text.chars().take(n).collect();
+        format!("{head}… [{} more chars; --full shows all]", len - n)
+    }
+}
+
 /// `distill traces`: each sample with its prompt, for reading.
 pub fn render_traces(traces: &[generations::Trace], full: bool) -> String {
     if traces.is_empty() {
         return "no traces\n".into();
     }
-    let cut = |text: &str, n: usize| -> String {
-        if full || text.chars().count() <= n {
-            text.to_string()
-        } else {
-            let head: String = text.chars().take(n).collect();
-            format!(
-                "{head}… [{} more chars; --full shows all]",
-                text.chars().count() - n
-            )
-        }
-    };
+    let cut = |text: &str, n: usize| excerpt(text, n, full);
     let mut out = String::new();
     for t in traces {
         let g = &t.generation;
@@ -385,17 +386,7 @@ pub fn render_rejected(items: &[distill_db::verdicts::Judged], full: bool) -> St
     if items.is_empty() {
         return "no rejected traces\n".into();
     }
-    let cut = |text: &str, n: usize| -> String {
-        if full || text.chars().count() <= n {
-            text.to_string()
-        } else {
-            let head: String = text.chars().take(n).collect();
-            format!(
-                "{head}… [{} more chars; --full shows all]",
-                text.chars().count() - n
-            )
-        }
-    };
+    let cut = |text: &str, n: usize| excerpt(text, n, full);
     let mut out = String::new();
     for j in items {
         let i = &j.item;

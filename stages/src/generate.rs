@@ -142,21 +142,7 @@ impl StageKind for GenerateKind {
         if p.samples_per_prompt == 0 {
             return Err(ParamError::new("samples_per_prompt", "must be at least 1"));
         }
-        if !(p.temperature.is_finite() && p.temperature >= 0.0) {
-            return Err(ParamError::new("temperature", "must be a number ≥ 0"));
-        }
-        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err(ParamError::new("top_p", "must be in (0, 1]"));
-        }
-        if p.max_tokens == 0 {
-            return Err(ParamError::new("max_tokens", "must be at least 1"));
-        }
-        if !p.prompt_template.contains("{prompt}") {
-            return Err(ParamError::new(
-                "prompt_template",
-                "must contain `{prompt}`",
-            ));
-        }
+        check_sampling(p.temperature, p.top_p, p.max_tokens, &p.prompt_template)?;
         if p.max_in_flight == Some(0) {
             return Err(ParamError::new("max_in_flight", "must be at least 1"));
         }
@@ -407,6 +393,31 @@ pub fn rendered_messages(identity: &Value, prompt: &str) -> Vec<Message> {
     }
     messages.push(Message::user(template.replace("{prompt}", prompt)));
     messages
+}
+
+/// Checks the sampling parameters that generate and evaluate share.
+pub(crate) fn check_sampling(
+    temperature: f64,
+    top_p: f64,
+    max_tokens: u32,
+    template: &str,
+) -> Result<(), ParamError> {
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(ParamError::new("temperature", "must be a number ≥ 0"));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ParamError::new("top_p", "must be in (0, 1]"));
+    }
+    if max_tokens == 0 {
+        return Err(ParamError::new("max_tokens", "must be at least 1"));
+    }
+    if !template.contains("{prompt}") {
+        return Err(ParamError::new(
+            "prompt_template",
+            "must contain `{prompt}`",
+        ));
+    }
+    Ok(())
 }
 
 fn hash_body(body: &Value) -> String {

@@ -27,7 +27,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::generate::DEFAULT_TEMPLATE;
+use crate::generate::{DEFAULT_TEMPLATE, check_sampling};
 use crate::load::{Format, LoadParams, read_prompts};
 use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, parse_params};
 
@@ -177,21 +177,7 @@ impl StageKind for EvaluateKind {
         if p.samples == 0 {
             return Err(ParamError::new("samples", "must be at least 1"));
         }
-        if !(p.temperature.is_finite() && p.temperature >= 0.0) {
-            return Err(ParamError::new("temperature", "must be a number ≥ 0"));
-        }
-        if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-            return Err(ParamError::new("top_p", "must be in (0, 1]"));
-        }
-        if p.max_tokens == 0 {
-            return Err(ParamError::new("max_tokens", "must be at least 1"));
-        }
-        if !p.prompt_template.contains("{prompt}") {
-            return Err(ParamError::new(
-                "prompt_template",
-                "must contain `{prompt}`",
-            ));
-        }
+        check_sampling(p.temperature, p.top_p, p.max_tokens, &p.prompt_template)?;
         if p.device == Device::Cuda && !cfg!(feature = "cuda") {
             return Err(ParamError::new(
                 "device",
