@@ -10,6 +10,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use api::{

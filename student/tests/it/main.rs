@@ -7,4 +7,5 @@ mod common;
 mod cuda;
 mod errors;
 mod parity;
+mod train;
 mod weights;

@@ -1,0 +1,909 @@
+//! The SFT trainer the `train` stage drives: construct, `step()` until `None`, `save_checkpoint`
+//! whenever, `resume` after a crash, `export` at the end.
+//!
+//! One optimizer step = up to `grad_accum` micro-batches of the current epoch's plan. The loss is
+//! the sum of target-token negative log-likelihoods over the whole step divided by the step's
+//! target-token count (each micro-batch's backward is scaled by that global count, so no
+//! mean-of-means). Backward is staged:
+//! 1. trunk forward to the final-norm hidden states; only the scored rows are kept;
+//! 2. the LM head and f32 log-softmax run on chunks of `loss_chunk_tokens` rows, each chunk a
+//!    separate graph with its own backward, so at most one chunk of logits exists at a time;
+//! 3. the hidden-state gradient is pushed through the trunk with one backward of
+//!    `sum(hidden · grad)`.
+//!
+//! With `recompute`, step 1 runs without autodiff, keeping only each layer's input; backward then
+//! re-runs one layer at a time under autodiff and pushes the gradient through it the same way
+//! (per-layer activation checkpointing, exact up to float reassociation).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::DType;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{
+    self, OPTIMIZER_STEM, RngState, STATE_FORMAT, TrainerState, read_trainer_state,
+};
+use super::config::{Precision, TrainConfig};
+use super::data::{self, Batch, DataStats, Sequence};
+use super::error::{TrainError, TrainResult};
+use super::lora::LoraAdapters;
+use super::model::{Fwd, SequentialIds, TrainModel, to_dtype};
+use super::schedule;
+use crate::model::CausalLm;
+use crate::tokenizer::SftExample;
+use crate::weights::{
+    SaveOptions, SavedCheckpoint, copy_tokenizer_files, load_model, save_pretrained,
+};
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer steps completed, this one included (1-based).
+    pub step: usize,
+    /// Epochs completed, fractional (2.5 = halfway through the third epoch).
+    pub epoch: f64,
+    /// Mean negative log-likelihood per target token over the whole accumulated batch.
+    pub loss: f64,
+    /// Learning rate this step used.
+    pub lr: f64,
+    /// Global L2 norm of the gradients before clipping.
+    pub grad_norm: f64,
+    /// Target (loss) tokens in the step.
+    pub tokens: usize,
+    /// Real input tokens (prompt + target, no padding) in the step.
+    pub input_tokens: usize,
+    /// Input tokens including right padding (rows × longest row, summed over micro-batches).
+    pub padded_tokens: usize,
+    /// Sequences in the step.
+    pub sequences: usize,
+    /// Micro-batches in the step.
+    pub micro_batches: usize,
+    /// `input_tokens` per second of this step's wall time.
+    pub tokens_per_s: f64,
+    /// Wall time of the step (forward, backward, clipping, optimizer).
+    pub step_time_s: f64,
+    /// Peak resident memory of the process so far (Linux `VmHWM`; host memory, also on CUDA).
+    pub peak_memory_bytes: u64,
+}
+
+/// A tensor by HF name: name, HF shape (`[out, in]` for linear weights), row-major values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// What [`Trainer::save_checkpoint`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointInfo {
+    /// The checkpoint folder.
+    pub dir: PathBuf,
+    /// Optimizer steps completed at save time.
+    pub step: usize,
+    /// Bytes of all files in the folder.
+    pub bytes: u64,
+}
+
+type Adam<B> = OptimizerAdaptor<AdamW, TrainModel<B>, B>;
+/// `hashbrown` map of `ParamId` → AdamW state, as Burn's adaptor keeps it.
+type OptimRecord<B> = <Adam<B> as Optimizer<TrainModel<B>, B>>::Record;
+
+/// Supervised fine-tuning of a [`CausalLm`] (full or LoRA) on tokenised examples.
+pub struct Trainer<B: AutodiffBackend> {
+    model: Option<TrainModel<B>>,
+    /// Matrices (weight decay applies).
+    opt_decay: Adam<B>,
+    /// Biases and norm weights (never decayed).
+    opt_plain: Adam<B>,
+    decay_ids: HashSet<ParamId>,
+    config: TrainConfig,
+    seqs: Vec<Sequence>,
+    input_lens: Vec<usize>,
+    stats: DataStats,
+    fingerprint: u64,
+    total_steps: usize,
+    global_step: usize,
+    epoch: usize,
+    micro_index: usize,
+    plan: Option<(usize, Vec<Vec<usize>>)>,
+    device: B::Device,
+    base_dir: Option<PathBuf>,
+    param_names: Vec<String>,
+    tokens_seen: u64,
+    target_tokens_seen: u64,
+    last: Option<StepMetrics>,
+}
+
+/// dtype parameters are stored in: f32 masters, except a LoRA run's frozen base, which is kept
+/// in the compute dtype (nothing updates it, so it needs no master copy).
+fn storage_dtype(config: &TrainConfig) -> DType {
+    match (config.lora.is_some(), config.precision) {
+        (true, Precision::Bf16) => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+fn compute_dtype(config: &TrainConfig) -> DType {
+    match config.precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+    }
+}
+
+/// Casts every parameter to `dtype`, keeping ids and trainability.
+struct CastParams(DType);
+
+impl<B: Backend> burn::module::ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let req = tensor.is_require_grad();
+        let t = to_dtype(tensor, self.0).detach().set_require_grad(req);
+        Param::from_mapped_value(id, t, mapper)
+    }
+}
+
+/// Parameter paths (`base.model.layers.0.self_attn.q_proj.weight`), ids, ranks, trainability.
+#[derive(Default)]
+struct ParamList {
+    path: Vec<String>,
+    entries: Vec<(String, ParamId, usize, bool)>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for ParamList {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        self.entries
+            .push((self.path.join("."), p.id, D, p.val().is_require_grad()));
+    }
+}
+
+/// Sum of squared gradient entries, per tensor, in f32.
+struct SquaredNorms<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    parts: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorms<'_, B> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
+            self.parts.push(to_dtype(g, DType::F32).square().sum());
+        }
+    }
+}
+
+/// Scales every gradient (clipping) and splits them into the decay / no-decay groups.
+struct ScaleAndSplit<'a, B: AutodiffBackend> {
+    all: GradientsParams,
+    factor: Option<f64>,
+    decay_ids: &'a HashSet<ParamId>,
+    decay: GradientsParams,
+    plain: GradientsParams,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleAndSplit<'_, B> {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        if let Some(mut g) = self.all.remove::<B::InnerBackend, D>(p.id) {
+            if let Some(f) = self.factor {
+                g = g.mul_scalar(f);
+            }
+            let dst = if self.decay_ids.contains(&p.id) {
+                &mut self.decay
+            } else {
+                &mut self.plain
+            };
+            dst.register::<B::InnerBackend, D>(p.id, g);
+        }
+    }
+}
+
+/// Peak resident set size of this process, from `/proc/self/status` (0 where unavailable).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn adam<B: AutodiffBackend>(config: &TrainConfig, weight_decay: f64) -> Adam<B> {
+    AdamWConfig::new()
+        .with_beta_1(config.adam_beta1 as f32)
+        .with_beta_2(config.adam_beta2 as f32)
+        .with_epsilon(config.adam_eps as f32)
+        .with_weight_decay(weight_decay as f32)
+        .with_grad_clipping(None)
+        .init()
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Loads the HF model folder `model_dir` (f32 masters; a LoRA run's base in the compute
+    /// dtype) and prepares `examples` under `config`. Tokenizer files found in `model_dir` are
+    /// copied into every checkpoint and export.
+    pub fn new(
+        model_dir: impl AsRef<Path>,
+        examples: &[SftExample],
+        config: TrainConfig,
+        device: &B::Device,
+    ) -> TrainResult<Self> {
+        config.validate()?;
+        let dir = model_dir.as_ref();
+        let base = load_model::<B>(dir, device, storage_dtype(&config))?;
+        Self::build(
+            base,
+            None,
+            Some(dir.to_path_buf()),
+            examples,
+            config,
+            device,
+        )
+    }
+
+    /// Trains a model already in memory (benchmarks, tests). Checkpoints hold no tokenizer.
+    pub fn from_model(
+        base: CausalLm<B>,
+        examples: &[SftExample],
+        config: TrainConfig,
+        device: &B::Device,
+    ) -> TrainResult<Self> {
+        config.validate()?;
+        let base = base.map(&mut CastParams(storage_dtype(&config)));
+        Self::build(base, None, None, examples, config, device)
+    }
+
+    /// Continues the run saved in `checkpoint` with the same `examples` (checked by
+    /// fingerprint). The configuration is the checkpoint's; a LoRA base is re-read from the
+    /// folder the run started from.
+    pub fn resume(
+        checkpoint: impl AsRef<Path>,
+        examples: &[SftExample],
+        device: &B::Device,
+    ) -> TrainResult<Self> {
+        Self::resume_with_base(checkpoint, None, examples, device)
+    }
+
+    /// [`Self::resume`], reading a LoRA run's frozen base from `base_model` instead of the
+    /// recorded folder (for a base that moved).
+    pub fn resume_with_base(
+        checkpoint: impl AsRef<Path>,
+        base_model: Option<&Path>,
+        examples: &[SftExample],
+        device: &B::Device,
+    ) -> TrainResult<Self> {
+        let ckpt = checkpoint.as_ref();
+        let state = read_trainer_state(ckpt)?;
+        let config = state.config.clone();
+        config.validate()?;
+        let base_dir = base_model
+            .map(Path::to_path_buf)
+            .or_else(|| state.base_model.clone());
+        let (base, adapters) = match &config.lora {
+            Some(lora) => {
+                let dir = base_dir.as_deref().ok_or_else(|| {
+                    TrainError::checkpoint(
+                        ckpt.join(checkpoint::STATE_FILE),
+                        "field `base_model`: a LoRA checkpoint needs its base model folder",
+                    )
+                })?;
+                let base = load_model::<B>(dir, device, storage_dtype(&config))?;
+                let adapters = LoraAdapters::load_peft(ckpt, &base, lora, device)?;
+                (base, Some(adapters))
+            }
+            None => (load_model::<B>(ckpt, device, DType::F32)?, None),
+        };
+        let mut t = Self::build(base, adapters, base_dir, examples, config, device)?;
+        let state_path = ckpt.join(checkpoint::STATE_FILE);
+        let fp = format!("{:016x}", t.fingerprint);
+        if fp != state.data_fingerprint || t.stats != state.data {
+            return Err(TrainError::checkpoint(
+                &state_path,
+                format!(
+                    "field `data_fingerprint`: the examples differ from the run's ({fp} vs {}, {} vs {} kept)",
+                    state.data_fingerprint, t.stats.kept, state.data.kept
+                ),
+            ));
+        }
+        if t.param_names != state.param_names {
+            return Err(TrainError::checkpoint(
+                &state_path,
+                "field `param_names`: the model's parameters differ from the checkpoint's",
+            ));
+        }
+        let record_path = ckpt.join(format!("{OPTIMIZER_STEM}.mpk"));
+        let record: OptimRecord<B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+            .load(ckpt.join(OPTIMIZER_STEM), device)
+            .map_err(|e| TrainError::checkpoint(&record_path, e.to_string()))?;
+        let (decay, plain): (OptimRecord<B>, OptimRecord<B>) = record
+            .into_iter()
+            .partition(|(id, _)| t.decay_ids.contains(id));
+        t.opt_decay = adam::<B>(&t.config, t.config.weight_decay).load_record(decay);
+        t.opt_plain = adam::<B>(&t.config, 0.0).load_record(plain);
+        t.global_step = state.global_step;
+        t.epoch = state.epoch;
+        t.micro_index = state.micro_index;
+        t.tokens_seen = state.tokens_seen;
+        t.target_tokens_seen = state.target_tokens_seen;
+        t.last = state.last_step;
+        if t.total_steps != state.total_steps || t.epoch_plan().len() != state.epoch_micro_batches {
+            return Err(TrainError::checkpoint(
+                &state_path,
+                "field `total_steps`: the batch plan differs from the run's",
+            ));
+        }
+        Ok(t)
+    }
+
+    fn build(
+        base: CausalLm<B>,
+        adapters: Option<LoraAdapters<B>>,
+        base_dir: Option<PathBuf>,
+        examples: &[SftExample],
+        config: TrainConfig,
+        device: &B::Device,
+    ) -> TrainResult<Self> {
+        let (seqs, stats) = data::prepare(examples, &config, base.config.vocab_size)?;
+        let (base, lora) = match &config.lora {
+            Some(lc) => {
+                let base = base.no_grad();
+                let adapters =
+                    adapters.unwrap_or_else(|| LoraAdapters::init(&base, lc, config.seed, device));
+                (base, Some(adapters))
+            }
+            None => (base, None),
+        };
+        let model = TrainModel { base, lora }.map(&mut SequentialIds { next: 0 });
+        let mut list = ParamList::default();
+        model.visit(&mut list);
+        let decay_ids = list
+            .entries
+            .iter()
+            .filter(|(_, _, rank, trainable)| *trainable && *rank >= 2)
+            .map(|(_, id, _, _)| *id)
+            .collect();
+        let input_lens: Vec<usize> = seqs.iter().map(Sequence::input_len).collect();
+        let total_steps = match config.max_steps {
+            Some(m) => m,
+            None => (0..config.epochs)
+                .map(|e| {
+                    data::epoch_plan(&input_lens, config.micro_batch, config.seed, e)
+                        .len()
+                        .div_ceil(config.grad_accum)
+                })
+                .sum(),
+        };
+        Ok(Self {
+            opt_decay: adam::<B>(&config, config.weight_decay),
+            opt_plain: adam::<B>(&config, 0.0),
+            model: Some(model),
+            decay_ids,
+            fingerprint: data::fingerprint(&seqs),
+            seqs,
+            input_lens,
+            stats,
+            total_steps,
+            global_step: 0,
+            epoch: 0,
+            micro_index: 0,
+            plan: None,
+            device: device.clone(),
+            base_dir,
+            param_names: list.entries.into_iter().map(|(p, ..)| p).collect(),
+            tokens_seen: 0,
+            target_tokens_seen: 0,
+            last: None,
+            config,
+        })
+    }
+
+    /// The run's parameters.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// What the length rule kept, truncated and dropped.
+    pub fn data_stats(&self) -> &DataStats {
+        &self.stats
+    }
+
+    /// Optimizer steps the run takes in all.
+    pub fn total_steps(&self) -> usize {
+        self.total_steps
+    }
+
+    /// Optimizer steps completed.
+    pub fn global_step(&self) -> usize {
+        self.global_step
+    }
+
+    /// True once every step has been taken.
+    pub fn is_finished(&self) -> bool {
+        self.global_step >= self.total_steps
+    }
+
+    /// Metrics of the last completed step (restored on resume).
+    pub fn last_metrics(&self) -> Option<&StepMetrics> {
+        self.last.as_ref()
+    }
+
+    /// The model being trained (base plus adapters).
+    pub fn model(&self) -> &TrainModel<B> {
+        self.model.as_ref().expect("model is present between steps")
+    }
+
+    /// The trained model in plain HF form, adapters merged, without autodiff (for generation
+    /// and evaluation).
+    pub fn merged_model(&self) -> CausalLm<B::InnerBackend> {
+        self.model().valid().merged()
+    }
+
+    /// Learning rate of the next step.
+    pub fn next_lr(&self) -> f64 {
+        schedule::learning_rate(&self.config, self.global_step, self.total_steps)
+    }
+
+    fn epoch_plan(&mut self) -> &[Vec<usize>] {
+        let epoch = self.epoch;
+        if self.plan.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let plan = data::epoch_plan(
+                &self.input_lens,
+                self.config.micro_batch,
+                self.config.seed,
+                epoch,
+            );
+            self.plan = Some((epoch, plan));
+        }
+        &self.plan.as_ref().expect("just set").1
+    }
+
+    /// Takes one optimizer step; `None` once the run is complete. On a non-finite loss or
+    /// gradient norm the update is not applied and the position does not advance.
+    pub fn step(&mut self) -> TrainResult<Option<StepMetrics>> {
+        if self.is_finished() {
+            return Ok(None);
+        }
+        let t0 = Instant::now();
+        let accum = self.config.grad_accum;
+        let start = self.micro_index;
+        let (members, plan_len) = {
+            let plan = self.epoch_plan();
+            let end = (start + accum).min(plan.len());
+            (plan[start..end].to_vec(), plan.len())
+        };
+        let denom: usize = members
+            .iter()
+            .flatten()
+            .map(|&i| self.seqs[i].n_targets())
+            .sum();
+        let model = self.model.take().expect("model is present between steps");
+        let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
+        let (mut nll, mut input_tokens, mut padded, mut sequences) = (0.0, 0, 0, 0);
+        let step_seed = data::mix(data::mix(self.config.seed, 0xD80F), self.global_step as u64);
+        for (m, idx) in members.iter().enumerate() {
+            let batch = data::build_batch(&self.seqs, idx);
+            input_tokens += batch.tokens;
+            padded += batch.rows * batch.width;
+            sequences += batch.rows;
+            nll += self.micro_batch(
+                &model,
+                &batch,
+                denom as f64,
+                data::mix(step_seed, m as u64),
+                &mut acc,
+            );
+        }
+        let grads = acc.grads();
+        let mut norms = SquaredNorms::<B> {
+            grads: &grads,
+            parts: vec![],
+        };
+        model.visit(&mut norms);
+        let sq: f64 = if norms.parts.is_empty() {
+            0.0
+        } else {
+            Tensor::cat(norms.parts, 0)
+                .into_data()
+                .to_vec::<f32>()
+                .expect("f32 norms")
+                .iter()
+                .map(|&v| f64::from(v))
+                .sum()
+        };
+        let grad_norm = sq.sqrt();
+        let loss = nll / denom as f64;
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            self.model = Some(model);
+            return Err(TrainError::NonFinite {
+                step: self.global_step + 1,
+                loss,
+                grad_norm,
+            });
+        }
+        // torch.nn.utils.clip_grad_norm_: coefficient max / (norm + 1e-6), applied when below 1.
+        let factor = self
+            .config
+            .max_grad_norm
+            .map(|max| max / (grad_norm + 1e-6))
+            .filter(|&c| c < 1.0);
+        let mut split = ScaleAndSplit::<B> {
+            all: grads,
+            factor,
+            decay_ids: &self.decay_ids,
+            decay: GradientsParams::new(),
+            plain: GradientsParams::new(),
+            _b: std::marker::PhantomData,
+        };
+        model.visit(&mut split);
+        let (decay, plain) = (split.decay, split.plain);
+        let lr = self.next_lr();
+        let mut model = model;
+        if !decay.is_empty() {
+            model = self.opt_decay.step(lr, model, decay);
+        }
+        if !plain.is_empty() {
+            model = self.opt_plain.step(lr, model, plain);
+        }
+        self.model = Some(model);
+
+        self.global_step += 1;
+        self.micro_index = start + members.len();
+        let mut epoch = self.epoch as f64 + self.micro_index as f64 / plan_len as f64;
+        if self.micro_index >= plan_len {
+            self.epoch += 1;
+            self.micro_index = 0;
+            epoch = self.epoch as f64;
+        }
+        self.tokens_seen += input_tokens as u64;
+        self.target_tokens_seen += denom as u64;
+        let secs = t0.elapsed().as_secs_f64();
+        let metrics = StepMetrics {
+            step: self.global_step,
+            epoch,
+            loss,
+            lr,
+            grad_norm,
+            tokens: denom,
+            input_tokens,
+            padded_tokens: padded,
+            sequences,
+            micro_batches: members.len(),
+            tokens_per_s: input_tokens as f64 / secs.max(1e-9),
+            step_time_s: secs,
+            peak_memory_bytes: peak_rss_bytes(),
+        };
+        self.last = Some(metrics.clone());
+        Ok(Some(metrics))
+    }
+
+    /// Forward and staged backward of one micro-batch into `acc`; returns its summed NLL.
+    fn micro_batch(
+        &self,
+        model: &TrainModel<B>,
+        batch: &Batch,
+        denom: f64,
+        dropout_seed: u64,
+        acc: &mut GradientsAccumulator<TrainModel<B>>,
+    ) -> f64 {
+        let cfg = &self.config;
+        let dtype = compute_dtype(cfg);
+        let dropout = cfg.lora.as_ref().map_or(0.0, |l| l.dropout);
+        let device = &self.device;
+        let mc = &model.base.config;
+        let ids_data = TensorData::new(batch.ids.clone(), [batch.rows, batch.width]);
+        let scored = || {
+            Tensor::<B, 1, Int>::from_data(
+                TensorData::new(batch.scored.clone(), [batch.scored.len()]),
+                device,
+            )
+        };
+        let f = Fwd::<B>::new(mc, batch.width, dtype, dropout, dropout_seed, device);
+        let n_layers = model.num_layers();
+        if !cfg.recompute {
+            let mut x = model.embed(Tensor::from_data(ids_data, device), &f);
+            for i in 0..n_layers {
+                x = model.layer(i, x, &f);
+            }
+            let h = select_rows(model.final_norm(x, &f), scored());
+            let (g, nll) = self.head_stage(model, h.clone().inner(), batch, denom, dtype, acc);
+            backprop::<B, 2, 2>(model, h, g, None, acc);
+            return nll;
+        }
+        let inner = model.valid();
+        let fi = Fwd::<B::InnerBackend>::new(mc, batch.width, dtype, dropout, dropout_seed, device);
+        let mut x = inner.embed(Tensor::from_data(ids_data.clone(), device), &fi);
+        let mut inputs = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            inputs.push(x.clone());
+            x = inner.layer(i, x, &fi);
+        }
+        drop(inner);
+        let leaf = Tensor::<B, 3>::from_inner(x).require_grad();
+        let h = select_rows(model.final_norm(leaf.clone(), &f), scored());
+        let (g, nll) = self.head_stage(model, h.clone().inner(), batch, denom, dtype, acc);
+        let mut g = backprop(model, h, g, Some(&leaf), acc);
+        for i in (0..n_layers).rev() {
+            let leaf = Tensor::<B, 3>::from_inner(inputs.pop().expect("one input per layer"))
+                .require_grad();
+            let out = model.layer(i, leaf.clone(), &f);
+            g = backprop(
+                model,
+                out,
+                g.expect("layer output gradient"),
+                Some(&leaf),
+                acc,
+            );
+        }
+        if model.lora.is_none() {
+            let e = model.embed(Tensor::from_data(ids_data, device), &f);
+            backprop::<B, 3, 3>(model, e, g.expect("embedding gradient"), None, acc);
+        }
+        nll
+    }
+
+    /// LM head + f32 log-softmax + NLL on chunks of scored rows, each chunk its own graph.
+    /// Returns the gradient of `loss` w.r.t. the rows and the summed NLL.
+    fn head_stage(
+        &self,
+        model: &TrainModel<B>,
+        rows: Tensor<B::InnerBackend, 2>,
+        batch: &Batch,
+        denom: f64,
+        dtype: DType,
+        acc: &mut GradientsAccumulator<TrainModel<B>>,
+    ) -> (Tensor<B::InnerBackend, 2>, f64) {
+        let n = batch.targets.len();
+        let chunk = self.config.loss_chunk_tokens;
+        let mut grads_in = Vec::with_capacity(n.div_ceil(chunk));
+        let mut nll_parts = Vec::with_capacity(n.div_ceil(chunk));
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let leaf =
+                Tensor::<B, 2>::from_inner(rows.clone().narrow(0, start, len)).require_grad();
+            let targets = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(batch.targets[start..start + len].to_vec(), [len]),
+                &self.device,
+            );
+            let logp = log_softmax(model.head(leaf.clone(), dtype), 1);
+            let nll = logp.gather(1, targets.unsqueeze_dim(1)).sum().neg();
+            nll_parts.push(nll.clone().inner());
+            let grads = nll.div_scalar(denom).backward();
+            grads_in.push(leaf.grad(&grads).expect("head input gradient"));
+            acc.accumulate(model, GradientsParams::from_grads(grads, model));
+            start += len;
+        }
+        let nll: f64 = Tensor::cat(nll_parts, 0)
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32 loss")
+            .iter()
+            .map(|&v| f64::from(v))
+            .sum();
+        (Tensor::cat(grads_in, 0), nll)
+    }
+
+    /// Writes a checkpoint (weights in HF or PEFT layout, optimizer record, trainer state)
+    /// into `dir` atomically: built in `dir.tmp`, fsynced, then renamed.
+    pub fn save_checkpoint(&self, dir: impl AsRef<Path>) -> TrainResult<CheckpointInfo> {
+        let dir = dir.as_ref();
+        let tmp = checkpoint::begin(dir)?;
+        let model = self.model();
+        match &model.lora {
+            Some(l) => {
+                l.save_peft(&tmp, self.base_dir.as_deref())?;
+                if let Some(src) = &self.base_dir {
+                    copy_tokenizer_files(src, &tmp)?;
+                }
+            }
+            None => {
+                let opts = SaveOptions {
+                    tokenizer_dir: self.base_dir.clone(),
+                    ..SaveOptions::default()
+                };
+                save_pretrained(&model.base, &tmp, &opts)?;
+            }
+        }
+        let mut record = self.opt_decay.to_record();
+        record.extend(self.opt_plain.to_record());
+        let record_path = tmp.join(format!("{OPTIMIZER_STEM}.mpk"));
+        NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+            .record(record, tmp.join(OPTIMIZER_STEM))
+            .map_err(|e| TrainError::checkpoint(&record_path, e.to_string()))?;
+        let state = self.state();
+        checkpoint::write_state(&tmp, &state)?;
+        let bytes = dir_bytes(&tmp)?;
+        checkpoint::commit(&tmp, dir)?;
+        Ok(CheckpointInfo {
+            dir: dir.to_path_buf(),
+            step: self.global_step,
+            bytes,
+        })
+    }
+
+    /// The state `save_checkpoint` writes as `trainer_state.json`.
+    pub fn state(&self) -> TrainerState {
+        let plan_len = match &self.plan {
+            Some((e, p)) if *e == self.epoch => p.len(),
+            _ => data::epoch_plan(
+                &self.input_lens,
+                self.config.micro_batch,
+                self.config.seed,
+                self.epoch,
+            )
+            .len(),
+        };
+        TrainerState {
+            format: STATE_FORMAT,
+            global_step: self.global_step,
+            total_steps: self.total_steps,
+            epoch: self.epoch,
+            micro_index: self.micro_index,
+            epoch_micro_batches: plan_len,
+            next_lr: self.next_lr(),
+            rng: RngState {
+                seed: self.config.seed,
+                epoch: self.epoch,
+                step: self.global_step,
+            },
+            config: self.config.clone(),
+            base_model: self.base_dir.clone(),
+            weights: if self.config.lora.is_some() {
+                "adapter".into()
+            } else {
+                "model".into()
+            },
+            data_fingerprint: format!("{:016x}", self.fingerprint),
+            data: self.stats.clone(),
+            param_names: self.param_names.clone(),
+            tokens_seen: self.tokens_seen,
+            target_tokens_seen: self.target_tokens_seen,
+            last_step: self.last.clone(),
+        }
+    }
+
+    /// Writes the trained model (adapters merged) as a plain HF folder, atomically; `opts.dtype`
+    /// picks the dtype on disk (e.g. bf16), tokenizer files come from the base folder unless
+    /// `opts.tokenizer_dir` says otherwise.
+    pub fn export(
+        &self,
+        dir: impl AsRef<Path>,
+        mut opts: SaveOptions,
+    ) -> TrainResult<SavedCheckpoint> {
+        let dir = dir.as_ref();
+        if opts.tokenizer_dir.is_none() {
+            opts.tokenizer_dir = self.base_dir.clone();
+        }
+        let tmp = checkpoint::begin(dir)?;
+        let mut saved = save_pretrained(&self.merged_model(), &tmp, &opts)?;
+        checkpoint::commit(&tmp, dir)?;
+        for f in &mut saved.files {
+            if let Some(name) = f.file_name() {
+                *f = dir.join(name);
+            }
+        }
+        Ok(saved)
+    }
+
+    /// Gradients of the next step's loss (accumulated over its micro-batches, before clipping)
+    /// with HF names and `[out, in]` layout, without updating anything: for checks against
+    /// other implementations.
+    pub fn peek_gradients(&mut self) -> TrainResult<Vec<NamedTensor>> {
+        let start = self.micro_index;
+        let accum = self.config.grad_accum;
+        let members = {
+            let plan = self.epoch_plan();
+            plan[start..(start + accum).min(plan.len())].to_vec()
+        };
+        let denom: usize = members
+            .iter()
+            .flatten()
+            .map(|&i| self.seqs[i].n_targets())
+            .sum();
+        let model = self.model.take().expect("model is present between steps");
+        let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
+        for idx in &members {
+            let batch = data::build_batch(&self.seqs, idx);
+            self.micro_batch(&model, &batch, denom as f64, 0, &mut acc);
+        }
+        let grads = acc.grads();
+        let mut list = ParamList::default();
+        model.visit(&mut list);
+        struct Collect<'a> {
+            grads: &'a GradientsParams,
+            names: std::vec::IntoIter<String>,
+            out: Vec<NamedTensor>,
+        }
+        impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                let name = self.names.next().expect("one name per parameter");
+                let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) else {
+                    return;
+                };
+                let g = to_dtype(g, DType::F32);
+                let dims = g.dims().to_vec();
+                let values = g.into_data().to_vec::<f32>().expect("f32 gradient");
+                let (name, shape, values) = hf_layout(&name, dims, values);
+                self.out.push((name, shape, values));
+            }
+        }
+        let mut c = Collect {
+            grads: &grads,
+            names: list
+                .entries
+                .into_iter()
+                .map(|(n, ..)| n)
+                .collect::<Vec<_>>()
+                .into_iter(),
+            out: vec![],
+        };
+        model.visit(&mut c);
+        self.model = Some(model);
+        Ok(c.out)
+    }
+}
+
+/// Burn path and `[in, out]` values → HF name and `[out, in]` values (linear weights only).
+fn hf_layout(path: &str, dims: Vec<usize>, values: Vec<f32>) -> (String, Vec<usize>, Vec<f32>) {
+    let name = path.strip_prefix("base.").unwrap_or(path);
+    let name = match name.strip_suffix(".gamma") {
+        Some(stem) => format!("{stem}.weight"),
+        None => name.to_string(),
+    };
+    let is_linear = dims.len() == 2 && name.ends_with(".weight") && !name.contains("embed_tokens");
+    if !is_linear {
+        return (name, dims, values);
+    }
+    let (rows, cols) = (dims[0], dims[1]);
+    let mut t = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = values[r * cols + c];
+        }
+    }
+    (name, vec![cols, rows], t)
+}
+
+/// Rows `index` of `[b, s, d]` hidden states flattened to `[b·s, d]`.
+fn select_rows<B: Backend>(h: Tensor<B, 3>, index: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+    let [b, s, d] = h.dims();
+    h.reshape([b * s, d]).select(0, index)
+}
+
+/// Backward of `sum(out · grad)`: pushes an upstream gradient through `out`'s graph into `acc`,
+/// returning the gradient of `leaf` when one is given.
+fn backprop<B: AutodiffBackend, const D: usize, const L: usize>(
+    model: &TrainModel<B>,
+    out: Tensor<B, D>,
+    grad: Tensor<B::InnerBackend, D>,
+    leaf: Option<&Tensor<B, L>>,
+    acc: &mut GradientsAccumulator<TrainModel<B>>,
+) -> Option<Tensor<B::InnerBackend, L>> {
+    let grads = (out * Tensor::from_inner(grad)).sum().backward();
+    let g = leaf.and_then(|l| l.grad(&grads));
+    acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    g
+}
+
+fn dir_bytes(dir: &Path) -> TrainResult<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| TrainError::io(dir, e))? {
+        let entry = entry.map_err(|e| TrainError::io(dir, e))?;
+        total += entry
+            .metadata()
+            .map_err(|e| TrainError::io(entry.path(), e))?
+            .len();
+    }
+    Ok(total)
+}
