@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod plan;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

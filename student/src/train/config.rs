@@ -192,6 +192,11 @@ pub struct TrainConfig {
     /// Target rows sent through the LM head at once; bounds the logits held in memory to
     /// `loss_chunk_tokens × vocab` f32 values.
     pub loss_chunk_tokens: usize,
+    /// With `recompute`, sequences longer than this run attention in query chunks of this many
+    /// rows, each with its own backward, so a layer holds `[b, heads, chunk, n]` attention
+    /// probabilities instead of `[b, heads, n, n]` (Burn 0.21 has no fused attention under
+    /// autodiff). Costs one more attention forward per layer.
+    pub attention_chunk_tokens: usize,
 }
 
 impl Default for TrainConfig {
@@ -218,6 +223,7 @@ impl Default for TrainConfig {
             precision: Precision::F32,
             recompute: false,
             loss_chunk_tokens: 2048,
+            attention_chunk_tokens: 2048,
         }
     }
 }
@@ -287,6 +293,9 @@ impl TrainConfig {
         }
         if self.loss_chunk_tokens == 0 {
             return bad("loss_chunk_tokens", "must be positive".into());
+        }
+        if self.attention_chunk_tokens == 0 {
+            return bad("attention_chunk_tokens", "must be positive".into());
         }
         if let Some(l) = &self.lora {
             if l.rank == 0 {

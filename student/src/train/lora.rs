@@ -130,7 +130,8 @@ fn target_linear_mut<B: Backend>(
     }
 }
 
-fn target_index(target: LoraTarget) -> u64 {
+/// Stable index of a target (its position in [`LoraTarget::ALL`]), for seeds.
+pub(crate) fn target_index(target: LoraTarget) -> u64 {
     LoraTarget::ALL
         .iter()
         .position(|&t| t == target)

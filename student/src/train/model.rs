@@ -17,7 +17,7 @@ use burn::tensor::{DType, Distribution};
 
 use super::config::LoraTarget;
 use super::data::mix;
-use super::lora::{LoraAdapters, LoraLayer, LoraPair};
+use super::lora::{LoraAdapters, LoraLayer, LoraPair, target_index};
 use crate::config::ModelConfig;
 use crate::model::{Attention, CausalLm, DecoderLayer, Mlp};
 
@@ -93,12 +93,16 @@ pub(crate) fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType
     if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
+/// `x·W + b`, plus `scale·(dropout(x)·A)·B` when an adapter is given. Dropout masks come from
+/// the backend RNG reseeded with `seed` (one per layer and module), so any evaluation order —
+/// the no-grad pass, the recomputed layer, its staged halves — draws the same masks.
 fn lin<B: Backend>(
     l: &Linear<B>,
     adapter: Option<&LoraPair<B>>,
     scale: f64,
     x: Tensor<B, 3>,
     f: &Fwd<B>,
+    seed: u64,
 ) -> Tensor<B, 3> {
     let w = to_dtype(l.weight.val(), f.dtype);
     let b = l.bias.as_ref().map(|b| to_dtype(b.val(), f.dtype));
@@ -106,6 +110,7 @@ fn lin<B: Backend>(
         return linear(x, w, b);
     };
     let xa = if f.dropout > 0.0 {
+        B::seed(&x.device(), seed);
         let keep = 1.0 - f.dropout;
         let mask = Tensor::<B, 3>::random(x.shape(), Distribution::Bernoulli(keep), &x.device());
         let mask = to_dtype(mask, f.dtype).div_scalar(keep);
@@ -126,66 +131,62 @@ pub(crate) fn rms_norm<B: Backend>(n: &RmsNorm<B>, x: Tensor<B, 3>, dtype: DType
     to_dtype((x / rms) * gamma, dtype)
 }
 
-fn attn<B: Backend>(
-    a: &Attention<B>,
-    lora: Option<&LoraLayer<B>>,
+/// What one layer's linear layers need besides their weights: adapters, scale, dropout seeds.
+struct LayerCtx<'a, B: Backend> {
+    lora: Option<&'a LoraLayer<B>>,
     scale: f64,
-    x: Tensor<B, 3>,
-    f: &Fwd<B>,
-) -> Tensor<B, 3> {
-    let [b, s, _] = x.dims();
-    let (h, kv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
-    let get = |t: LoraTarget| lora.and_then(|l| l.get(t));
-    let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-    let q = f.rope(heads(
-        lin(&a.q_proj, get(LoraTarget::QProj), scale, x.clone(), f),
-        h,
-    ));
-    let k = f.rope(heads(
-        lin(&a.k_proj, get(LoraTarget::KProj), scale, x.clone(), f),
-        kv,
-    ));
-    let v = heads(lin(&a.v_proj, get(LoraTarget::VProj), scale, x, f), kv);
-    let n_rep = h / kv;
-    // KV head j serves query heads j·n_rep .. (j+1)·n_rep − 1 (torch.repeat_interleave order);
-    // expanding lets the causal flag build the mask instead of a [n_rep·s, s] bias tensor.
-    let repeat = |t: Tensor<B, 4>| {
-        if n_rep == 1 {
-            t
-        } else {
-            t.unsqueeze_dim::<5>(2)
-                .expand([b, kv, n_rep, s, hd])
-                .reshape([b, h, s, hd])
-        }
-    };
+    seed: u64,
+}
+
+impl<B: Backend> LayerCtx<'_, B> {
+    fn lin(&self, l: &Linear<B>, t: LoraTarget, x: Tensor<B, 3>, f: &Fwd<B>) -> Tensor<B, 3> {
+        let adapter = self.lora.and_then(|a| a.get(t));
+        lin(
+            l,
+            adapter,
+            self.scale,
+            x,
+            f,
+            mix(self.seed, target_index(t)),
+        )
+    }
+}
+
+/// Causal attention of `q` over `k`, `v` (all `[b, h, s, hd]`), in query chunks of `chunk` rows
+/// when given: chunk `[a, a + c)` sees keys `[0, a + c)` (Burn aligns the causal mask
+/// bottom-right), so each chunk's scores are `[b, h, c, a + c]` instead of `[b, h, s, s]`.
+pub(crate) fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    chunk: Option<usize>,
+) -> Tensor<B, 4> {
     let options = AttentionModuleOptions {
         scale: None,
         softcap: None,
         is_causal: true,
     };
-    let ctx = attention(q, repeat(k), repeat(v), None, None, options)
-        .swap_dims(1, 2)
-        .reshape([b, s, h * hd]);
-    lin(&a.o_proj, get(LoraTarget::OProj), scale, ctx, f)
-}
-
-fn mlp<B: Backend>(
-    m: &Mlp<B>,
-    lora: Option<&LoraLayer<B>>,
-    scale: f64,
-    x: Tensor<B, 3>,
-    f: &Fwd<B>,
-) -> Tensor<B, 3> {
-    let get = |t: LoraTarget| lora.and_then(|l| l.get(t));
-    let gate = silu(lin(
-        &m.gate_proj,
-        get(LoraTarget::GateProj),
-        scale,
-        x.clone(),
-        f,
-    ));
-    let up = lin(&m.up_proj, get(LoraTarget::UpProj), scale, x, f);
-    lin(&m.down_proj, get(LoraTarget::DownProj), scale, gate * up, f)
+    let s = q.dims()[2];
+    match chunk {
+        Some(c) if c < s => {
+            let parts = (0..s)
+                .step_by(c)
+                .map(|a| {
+                    let n = c.min(s - a);
+                    attention(
+                        q.clone().narrow(2, a, n),
+                        k.clone().narrow(2, 0, a + n),
+                        v.clone().narrow(2, 0, a + n),
+                        None,
+                        None,
+                        options,
+                    )
+                })
+                .collect();
+            Tensor::cat(parts, 2)
+        }
+        _ => attention(q, k, v, None, None, options),
+    }
 }
 
 impl<B: Backend> TrainModel<B> {
@@ -202,30 +203,79 @@ impl<B: Backend> TrainModel<B> {
         )
     }
 
-    /// Decoder layer `i` (attention and MLP blocks with their residuals).
-    pub(crate) fn layer(&self, i: usize, x: Tensor<B, 3>, f: &Fwd<B>) -> Tensor<B, 3> {
-        let layer: &DecoderLayer<B> = &self.base.model.layers[i];
-        let lora = self.lora.as_ref().map(|l| &l.layers[i]);
-        let scale = self.lora.as_ref().map_or(0.0, |l| l.config.scale());
-        if f.dropout > 0.0 && lora.is_some() {
-            B::seed(&x.device(), mix(f.dropout_seed, i as u64));
+    fn layer_ctx(&self, i: usize, f: &Fwd<B>) -> LayerCtx<'_, B> {
+        LayerCtx {
+            lora: self.lora.as_ref().map(|l| &l.layers[i]),
+            scale: self.lora.as_ref().map_or(0.0, |l| l.config.scale()),
+            seed: mix(f.dropout_seed, i as u64),
         }
-        let h = x.clone()
-            + attn(
-                &layer.self_attn,
-                lora,
-                scale,
-                rms_norm(&layer.input_layernorm, x, f.dtype),
-                f,
-            );
-        h.clone()
-            + mlp(
-                &layer.mlp,
-                lora,
-                scale,
-                rms_norm(&layer.post_attention_layernorm, h, f.dtype),
-                f,
-            )
+    }
+
+    /// Layer `i`'s attention inputs `[b, heads, s, hd]`: RoPE applied, KV heads expanded to the
+    /// query heads in `repeat_interleave` order (KV head j serves query heads j·n_rep ..).
+    pub(crate) fn attn_inputs(
+        &self,
+        i: usize,
+        x: Tensor<B, 3>,
+        f: &Fwd<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let layer: &DecoderLayer<B> = &self.base.model.layers[i];
+        let lc = self.layer_ctx(i, f);
+        let a: &Attention<B> = &layer.self_attn;
+        let x = rms_norm(&layer.input_layernorm, x, f.dtype);
+        let [b, s, _] = x.dims();
+        let (h, kv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let q = f.rope(heads(lc.lin(&a.q_proj, LoraTarget::QProj, x.clone(), f), h));
+        let k = f.rope(heads(
+            lc.lin(&a.k_proj, LoraTarget::KProj, x.clone(), f),
+            kv,
+        ));
+        let v = heads(lc.lin(&a.v_proj, LoraTarget::VProj, x, f), kv);
+        let n_rep = h / kv;
+        let repeat = |t: Tensor<B, 4>| {
+            if n_rep == 1 {
+                t
+            } else {
+                t.unsqueeze_dim::<5>(2)
+                    .expand([b, kv, n_rep, s, hd])
+                    .reshape([b, h, s, hd])
+            }
+        };
+        (q, repeat(k), repeat(v))
+    }
+
+    /// Layer `i` after attention: o_proj of the context `[b, heads, s, hd]`, the residual to
+    /// the layer input `x`, and the MLP block.
+    pub(crate) fn layer_post(
+        &self,
+        i: usize,
+        x: Tensor<B, 3>,
+        ctx: Tensor<B, 4>,
+        f: &Fwd<B>,
+    ) -> Tensor<B, 3> {
+        let layer: &DecoderLayer<B> = &self.base.model.layers[i];
+        let lc = self.layer_ctx(i, f);
+        let [b, h, s, hd] = ctx.dims();
+        let ctx = ctx.swap_dims(1, 2).reshape([b, s, h * hd]);
+        let h1 = x + lc.lin(&layer.self_attn.o_proj, LoraTarget::OProj, ctx, f);
+        let m: &Mlp<B> = &layer.mlp;
+        let xn = rms_norm(&layer.post_attention_layernorm, h1.clone(), f.dtype);
+        let gate = silu(lc.lin(&m.gate_proj, LoraTarget::GateProj, xn.clone(), f));
+        let up = lc.lin(&m.up_proj, LoraTarget::UpProj, xn, f);
+        h1 + lc.lin(&m.down_proj, LoraTarget::DownProj, gate * up, f)
+    }
+
+    /// Decoder layer `i`; `chunk` splits attention into query chunks (see [`causal_attention`]).
+    pub(crate) fn layer(
+        &self,
+        i: usize,
+        x: Tensor<B, 3>,
+        f: &Fwd<B>,
+        chunk: Option<usize>,
+    ) -> Tensor<B, 3> {
+        let (q, k, v) = self.attn_inputs(i, x.clone(), f);
+        self.layer_post(i, x, causal_attention(q, k, v, chunk), f)
     }
 
     /// Final norm of the last layer's output.
@@ -249,7 +299,7 @@ impl<B: Backend> TrainModel<B> {
         let f = Fwd::new(&self.base.config, s, dtype, 0.0, 0, &ids.device());
         let mut x = self.embed(ids, &f);
         for i in 0..self.num_layers() {
-            x = self.layer(i, x, &f);
+            x = self.layer(i, x, &f, None);
         }
         let h = self.final_norm(x, &f);
         let d = h.dims()[2];

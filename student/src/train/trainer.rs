@@ -36,7 +36,7 @@ use super::config::{Precision, TrainConfig};
 use super::data::{self, Batch, DataStats, Sequence};
 use super::error::{TrainError, TrainResult};
 use super::lora::LoraAdapters;
-use super::model::{Fwd, SequentialIds, TrainModel, to_dtype};
+use super::model::{Fwd, SequentialIds, TrainModel, causal_attention, to_dtype};
 use super::schedule;
 use crate::model::CausalLm;
 use crate::tokenizer::SftExample;
@@ -613,41 +613,42 @@ impl<B: AutodiffBackend> Trainer<B> {
         if !cfg.recompute {
             let mut x = model.embed(Tensor::from_data(ids_data, device), &f);
             for i in 0..n_layers {
-                x = model.layer(i, x, &f);
+                x = model.layer(i, x, &f, None);
             }
             let h = select_rows(model.final_norm(x, &f), scored());
             let (g, nll) = self.head_stage(model, h.clone().inner(), batch, denom, dtype, acc);
             backprop::<B, 2, 2>(model, h, g, None, acc);
             return nll;
         }
+        let chunk =
+            (batch.width > cfg.attention_chunk_tokens).then_some(cfg.attention_chunk_tokens);
         let inner = model.valid();
         let fi = Fwd::<B::InnerBackend>::new(mc, batch.width, dtype, dropout, dropout_seed, device);
         let mut x = inner.embed(Tensor::from_data(ids_data.clone(), device), &fi);
         let mut inputs = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             inputs.push(x.clone());
-            x = inner.layer(i, x, &fi);
+            x = inner.layer(i, x, &fi, chunk);
         }
-        drop(inner);
         let leaf = Tensor::<B, 3>::from_inner(x).require_grad();
         let h = select_rows(model.final_norm(leaf.clone(), &f), scored());
         let (g, nll) = self.head_stage(model, h.clone().inner(), batch, denom, dtype, acc);
-        let mut g = backprop(model, h, g, Some(&leaf), acc);
+        let mut g = backprop(model, h, g, Some(&leaf), acc).expect("hidden-state gradient");
         for i in (0..n_layers).rev() {
-            let leaf = Tensor::<B, 3>::from_inner(inputs.pop().expect("one input per layer"))
-                .require_grad();
-            let out = model.layer(i, leaf.clone(), &f);
-            g = backprop(
-                model,
-                out,
-                g.expect("layer output gradient"),
-                Some(&leaf),
-                acc,
-            );
+            let x = inputs.pop().expect("one input per layer");
+            g = match chunk {
+                None => {
+                    let leaf = Tensor::<B, 3>::from_inner(x).require_grad();
+                    let out = model.layer(i, leaf.clone(), &f, None);
+                    backprop(model, out, g, Some(&leaf), acc)
+                }
+                Some(c) => layer_backward_chunked(model, &inner, i, x, g, &f, &fi, c, acc),
+            }
+            .expect("layer input gradient");
         }
         if model.lora.is_none() {
             let e = model.embed(Tensor::from_data(ids_data, device), &f);
-            backprop::<B, 3, 3>(model, e, g.expect("embedding gradient"), None, acc);
+            backprop::<B, 3, 3>(model, e, g, None, acc);
         }
         nll
     }
@@ -879,6 +880,68 @@ fn hf_layout(path: &str, dims: Vec<usize>, values: Vec<f32>) -> (String, Vec<usi
 fn select_rows<B: Backend>(h: Tensor<B, 3>, index: Tensor<B, 1, Int>) -> Tensor<B, 2> {
     let [b, s, d] = h.dims();
     h.reshape([b * s, d]).select(0, index)
+}
+
+/// Backward of layer `i` with attention in query chunks, in three graphs: (B) o_proj + MLP from
+/// the attention context, (core) each query chunk against its key prefix, (A) norm + q/k/v
+/// projections. Only one chunk's attention probabilities exist at a time. Returns the gradient
+/// of the layer input.
+#[allow(clippy::too_many_arguments)]
+fn layer_backward_chunked<B: AutodiffBackend>(
+    model: &TrainModel<B>,
+    inner: &TrainModel<B::InnerBackend>,
+    i: usize,
+    x: Tensor<B::InnerBackend, 3>,
+    g_out: Tensor<B::InnerBackend, 3>,
+    f: &Fwd<B>,
+    fi: &Fwd<B::InnerBackend>,
+    chunk: usize,
+    acc: &mut GradientsAccumulator<TrainModel<B>>,
+) -> Option<Tensor<B::InnerBackend, 3>> {
+    let (q, k, v) = inner.attn_inputs(i, x.clone(), fi);
+    let ctx = causal_attention(q.clone(), k.clone(), v.clone(), Some(chunk));
+    let x_b = Tensor::<B, 3>::from_inner(x.clone()).require_grad();
+    let ctx_leaf = Tensor::<B, 4>::from_inner(ctx).require_grad();
+    let out = model.layer_post(i, x_b.clone(), ctx_leaf.clone(), f);
+    let grads = (out * Tensor::from_inner(g_out)).sum().backward();
+    let g_x_b = x_b.grad(&grads)?;
+    let g_ctx = ctx_leaf.grad(&grads)?;
+    acc.accumulate(model, GradientsParams::from_grads(grads, model));
+
+    let s = q.dims()[2];
+    let (mut g_q, mut g_k, mut g_v) = (Vec::new(), k.zeros_like(), v.zeros_like());
+    for a in (0..s).step_by(chunk) {
+        let n = chunk.min(s - a);
+        let qc = Tensor::<B, 4>::from_inner(q.clone().narrow(2, a, n)).require_grad();
+        let kc = Tensor::<B, 4>::from_inner(k.clone().narrow(2, 0, a + n)).require_grad();
+        let vc = Tensor::<B, 4>::from_inner(v.clone().narrow(2, 0, a + n)).require_grad();
+        let out = causal_attention(qc.clone(), kc.clone(), vc.clone(), None);
+        let grads = (out * Tensor::from_inner(g_ctx.clone().narrow(2, a, n)))
+            .sum()
+            .backward();
+        g_q.push(qc.grad(&grads)?);
+        let pad = |g: Tensor<B::InnerBackend, 4>| {
+            if a + n == s {
+                g
+            } else {
+                let [b, h, _, hd] = g.dims();
+                let zeros = Tensor::zeros([b, h, s - a - n, hd], (&g.device(), g.dtype()));
+                Tensor::cat(vec![g, zeros], 2)
+            }
+        };
+        g_k = g_k + pad(kc.grad(&grads)?);
+        g_v = g_v + pad(vc.grad(&grads)?);
+    }
+
+    let x_a = Tensor::<B, 3>::from_inner(x).require_grad();
+    let (q, k, v) = model.attn_inputs(i, x_a.clone(), f);
+    let surrogate = (q * Tensor::from_inner(Tensor::cat(g_q, 2))).sum()
+        + (k * Tensor::from_inner(g_k)).sum()
+        + (v * Tensor::from_inner(g_v)).sum();
+    let grads = surrogate.backward();
+    let g_x_a = x_a.grad(&grads)?;
+    acc.accumulate(model, GradientsParams::from_grads(grads, model));
+    Some(g_x_a + g_x_b)
 }
 
 /// Backward of `sum(out · grad)`: pushes an upstream gradient through `out`'s graph into `acc`,

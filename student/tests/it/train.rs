@@ -398,29 +398,56 @@ fn resumed_run_reaches_the_same_weights() {
 }
 
 #[test]
-fn recompute_and_loss_chunks_do_not_change_gradients() {
+fn recompute_and_chunking_do_not_change_gradients() {
     let dir = fixture("qwen2-untied");
     let examples = random_examples(5, 512, 9);
-    let base = TrainConfig {
-        micro_batch: MicroBatch::Sequences(2),
-        grad_accum: 3,
-        ..TrainConfig::default()
+    // Full fine-tuning, and LoRA with dropout: the masks must be redrawn identically by the
+    // no-grad pass, the recomputed layers and the chunked attention's separate graphs.
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.25,
+        ..LoraConfig::default()
     };
-    let grads = |config: TrainConfig| {
-        Trainer::<T>::new(&dir, &examples, config, &device())
-            .unwrap()
-            .peek_gradients()
-            .unwrap()
-    };
-    let plain = grads(base.clone());
-    let other = grads(TrainConfig {
-        recompute: true,
-        loss_chunk_tokens: 3,
-        ..base
-    });
-    assert_eq!(plain.len(), other.len());
-    for ((n, _, a), (_, _, b)) in plain.iter().zip(&other) {
-        assert_close(n, b, a, 1e-6);
+    for lora in [None, Some(lora)] {
+        let base = TrainConfig {
+            micro_batch: MicroBatch::Sequences(2),
+            grad_accum: 3,
+            lora: lora.clone(),
+            ..TrainConfig::default()
+        };
+        let grads = |config: TrainConfig| {
+            Trainer::<T>::new(&dir, &examples, config, &device())
+                .unwrap()
+                .peek_gradients()
+                .unwrap()
+        };
+        let plain = grads(base.clone());
+        if let Some(l) = &lora {
+            let no_dropout = grads(TrainConfig {
+                lora: Some(LoraConfig {
+                    dropout: 0.0,
+                    ..l.clone()
+                }),
+                ..base.clone()
+            });
+            let d = plain
+                .iter()
+                .zip(&no_dropout)
+                .map(|((_, _, a), (_, _, b))| max_abs_diff(a, b))
+                .fold(0.0, f32::max);
+            assert!(d > 1e-3, "dropout had no effect ({d})");
+        }
+        let other = grads(TrainConfig {
+            recompute: true,
+            loss_chunk_tokens: 3,
+            attention_chunk_tokens: 4,
+            ..base
+        });
+        assert_eq!(plain.len(), other.len());
+        for ((n, _, a), (_, _, b)) in plain.iter().zip(&other) {
+            assert_close(n, b, a, 1e-6);
+        }
     }
 }
 
