@@ -229,7 +229,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli, bars)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             if e.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(EXIT_INVALID)
             } else {
@@ -237,6 +237,20 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The error and its causes, joined by `: `, skipping a cause whose text the message
+/// already holds (library errors often print their source themselves).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+    }
+    msg
 }
 
 async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
@@ -559,5 +573,19 @@ pub(crate) fn out(text: &str) {
         }
         eprintln!("error: cannot write to stdout: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chains_skip_causes_already_in_the_message() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(io).context("config.json: no such file");
+        assert_eq!(error_chain(&e), "config.json: no such file");
+        let e = anyhow::anyhow!("disk full").context("cannot write x");
+        assert_eq!(error_chain(&e), "cannot write x: disk full");
     }
 }
