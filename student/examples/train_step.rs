@@ -1,0 +1,104 @@
+//! Training steps on a real-sized model, on the CPU or (built with `--features cuda`) a CUDA GPU:
+//! step time, tokens/s, loss, and the memory planner's estimate for the same settings.
+//!
+//! `cargo run --release -p distill-student [--features cuda] --example train_step -- \
+//!     DEVICE MODEL SEQ BATCH STEPS PRECISION MODE METHOD`
+//! - DEVICE: `cpu` or `cuda`
+//! - MODEL: a model folder with weights (loaded), or a folder / `config.json` without (random init)
+//! - PRECISION: `f32` or `bf16`; MODE: `plain` or `recompute`; METHOD: `full` or `lora16` (any rank)
+//!
+//! Prints one JSON line per step (the trainer's metrics) and one with the plan.
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use distill_student::plan::{Method, PlanSettings, plan};
+use distill_student::train::{LoraConfig, MicroBatch, Precision, TrainConfig, Trainer};
+use distill_student::{CausalLm, ModelConfig, SftExample};
+
+fn examples(n: usize, seq: usize, vocab: usize) -> Vec<SftExample> {
+    let mut x = 11u64;
+    (0..n)
+        .map(|_| {
+            let ids: Vec<u32> = (0..=seq)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((x >> 33) % vocab as u64) as u32
+                })
+                .collect();
+            let prompt = seq / 8;
+            SftExample {
+                prompt_ids: ids[..prompt].to_vec(),
+                target_ids: ids[prompt..].to_vec(),
+            }
+        })
+        .collect()
+}
+
+fn run<B: AutodiffBackend>(device: &B::Device, args: &[String]) {
+    let [_, model, seq, batch, steps, precision, mode, method] = args else {
+        panic!("usage: DEVICE MODEL SEQ BATCH STEPS f32|bf16 plain|recompute full|loraR");
+    };
+    let num = |s: &str| s.parse::<usize>().expect("a number");
+    let (seq, batch, steps) = (num(seq), num(batch), num(steps));
+    let lora = method.strip_prefix("lora").map(num);
+    let config = TrainConfig {
+        learning_rate: 1e-5,
+        warmup_ratio: 0.0,
+        max_steps: Some(steps),
+        micro_batch: MicroBatch::Sequences(batch),
+        max_seq_len: seq + 1,
+        precision: if precision == "bf16" {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        },
+        recompute: mode == "recompute",
+        lora: lora.map(|rank| LoraConfig {
+            rank,
+            alpha: 2.0 * rank as f64,
+            ..LoraConfig::default()
+        }),
+        ..TrainConfig::default()
+    };
+    let mc = ModelConfig::from_file(model).expect("config.json");
+    let data = examples(batch, seq, mc.vocab_size);
+    let path = std::path::Path::new(model);
+    let mut trainer = if path.join("model.safetensors").is_file()
+        || path.join("model.safetensors.index.json").is_file()
+    {
+        Trainer::<B>::new(path, &data, config.clone(), device).expect("trainer")
+    } else {
+        let base = CausalLm::<B>::init(&mc, device);
+        Trainer::<B>::from_model(base, &data, config.clone(), device).expect("trainer")
+    };
+    while let Some(m) = trainer.step().expect("step") {
+        println!("{}", serde_json::to_string(&m).expect("metrics serialise"));
+    }
+    let p = plan(
+        &mc,
+        &PlanSettings {
+            method: lora.map_or(Method::Full, |rank| Method::Lora { rank }),
+            seq_len: seq,
+            micro_batch: batch,
+            recompute: config.recompute,
+            bf16: config.precision == Precision::Bf16,
+            ..PlanSettings::default()
+        },
+    );
+    println!(
+        "{}",
+        serde_json::json!({"plan_total_gib": p.total_gib(), "plan": p})
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("cpu") => run::<Autodiff<distill_student::CpuBackend>>(&Default::default(), &args),
+        #[cfg(feature = "cuda")]
+        Some("cuda") => run::<Autodiff<distill_student::CudaBackend>>(&Default::default(), &args),
+        other => panic!("device {other:?}: cpu, or cuda with --features cuda"),
+    }
+}
