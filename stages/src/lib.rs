@@ -18,6 +18,7 @@ mod params;
 mod registry;
 #[cfg(feature = "test-stages")]
 pub mod testing;
+pub mod train;
 
 pub use context::{Input, Progress, StageContext};
 pub use error::{ParamError, StageError};

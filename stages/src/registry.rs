@@ -103,6 +103,7 @@ impl Registry {
         r.register(Box::new(crate::curation::dedupe::DedupeKind));
         r.register(Box::new(crate::curation::decontaminate::DecontaminateKind));
         r.register(Box::new(crate::evaluate::EvaluateKind));
+        r.register(Box::new(crate::train::TrainKind));
         #[cfg(feature = "test-stages")]
         crate::testing::register(&mut r);
         r

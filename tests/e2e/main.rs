@@ -6,3 +6,4 @@ mod curate;
 mod evaluate;
 mod foundation;
 mod generate;
+mod train;

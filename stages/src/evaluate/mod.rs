@@ -10,6 +10,8 @@
 //! an uninterrupted run's.
 
 mod local;
+
+pub use local::model_identity;
 pub mod metrics;
 
 use std::collections::{BTreeMap, HashSet};

@@ -1,0 +1,456 @@
+//! The `train` stage: supervised fine-tuning of a student on the traces a curation (or
+//! generate) stage kept, with the `distill-student` trainer.
+//!
+//! Every optimizer step's metrics become a row; checkpoints (model in Hugging Face
+//! layout plus optimizer, scheduler, data-order and RNG state) are written atomically
+//! every `checkpoint_every` steps, on Ctrl-C, and at the end, and recorded in the job
+//! database. After a kill, the stage resumes from the last recorded checkpoint and,
+//! because data order and randomness are functions of the seed and step, reaches the
+//! same weights as an uninterrupted run.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use distill_db::training::{self, StepMetrics as StepRow};
+use distill_student::train::{Precision, SftRecord, TrainConfig, Trainer, examples_from_records};
+use distill_student::{ChatMessage, SaveOptions, Tokenizer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::curation::{CURATION_KINDS, output_items};
+use crate::generate::rendered_messages;
+use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, parse_params};
+
+/// The `train` stage kind.
+pub struct TrainKind;
+
+/// Where training runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// Burn's CPU backend.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (a build with `--features cuda`).
+    Cuda,
+}
+
+/// The stage's own parameters; every other key is a [`TrainConfig`] field
+/// (`learning_rate`, `schedule`, `epochs`, `max_steps`, `micro_batch`, `grad_accum`,
+/// `max_seq_len`, `overlong`, `weight_decay`, `max_grad_norm`, `seed`, `lora`,
+/// `precision`, `recompute`, ...).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainStageParams {
+    /// The base model folder (Hugging Face layout, with its tokenizer).
+    pub base_model: PathBuf,
+    /// Save a checkpoint every this many optimizer steps (0: only at the end).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Keep only this many intermediate checkpoints (the final model is always kept).
+    #[serde(default)]
+    pub keep_last: Option<usize>,
+    /// Where to train.
+    #[serde(default)]
+    pub device: Device,
+    /// Memory of the GPU, for the memory planner (default: an H200's 141 GB).
+    #[serde(default)]
+    pub gpu_mem_gib: Option<f64>,
+}
+
+const STAGE_KEYS: &[&str] = &[
+    "base_model",
+    "checkpoint_every",
+    "keep_last",
+    "device",
+    "gpu_mem_gib",
+];
+
+impl StageKind for TrainKind {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+    fn about(&self) -> &'static str {
+        "fine-tune a student model on curated traces (SFT, optional LoRA), with exact resume"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn build(&self, mut params: toml::Table, env: &BuildEnv) -> Result<Arc<dyn Stage>, ParamError> {
+        let own: toml::Table = STAGE_KEYS
+            .iter()
+            .filter_map(|k| params.remove(*k).map(|v| (k.to_string(), v)))
+            .collect();
+        let stage: TrainStageParams = parse_params(own)?;
+        let config: TrainConfig = parse_params(params)?;
+        config
+            .validate()
+            .map_err(|e| ParamError::new("*", e.to_string()))?;
+        match env.needs.as_slice() {
+            [(_, kind)] if kind == "generate" || CURATION_KINDS.contains(&kind.as_str()) => {}
+            _ => {
+                return Err(ParamError::new(
+                    "needs",
+                    "a train stage needs exactly one generate or curation stage (its traces are the data)",
+                ));
+            }
+        }
+        let base = env.resolve(&stage.base_model);
+        for f in ["config.json", "tokenizer.json"] {
+            if !base.join(f).is_file() {
+                return Err(ParamError::new(
+                    "base_model",
+                    format!("{} has no {f}", base.display()),
+                ));
+            }
+        }
+        if stage.device == Device::Cuda {
+            if !cfg!(feature = "cuda") {
+                return Err(ParamError::new(
+                    "device",
+                    "this distill was built without CUDA (cargo build --release --features cuda)",
+                ));
+            }
+            check_plan(&base, &config, stage.gpu_mem_gib)?;
+        }
+        Ok(Arc::new(Train {
+            stage,
+            config,
+            base,
+        }))
+    }
+}
+
+/// Refuses a GPU run the memory planner says cannot fit, naming what would.
+fn check_plan(
+    base: &Path,
+    config: &TrainConfig,
+    gpu_mem_gib: Option<f64>,
+) -> Result<(), ParamError> {
+    use distill_student::plan::{Method, PlanSettings, plan_for};
+    let defaults = PlanSettings::default();
+    let settings = PlanSettings {
+        method: match &config.lora {
+            Some(l) => Method::Lora { rank: l.rank },
+            None => Method::Full,
+        },
+        seq_len: config.max_seq_len,
+        micro_batch: match config.micro_batch {
+            distill_student::train::MicroBatch::Sequences(n) => n,
+            distill_student::train::MicroBatch::Tokens(t) => t.div_ceil(config.max_seq_len).max(1),
+        },
+        gpus: 1,
+        gpu_mem_gib: gpu_mem_gib.unwrap_or(defaults.gpu_mem_gib),
+        recompute: config.recompute,
+        bf16: config.precision == Precision::Bf16,
+        loss_chunk_tokens: config.loss_chunk_tokens,
+        attention_chunk_tokens: config.attention_chunk_tokens,
+    };
+    let plan =
+        plan_for(base, &settings).map_err(|e| ParamError::new("base_model", e.to_string()))?;
+    if !plan.fits {
+        return Err(ParamError::new(
+            "*",
+            format!(
+                "the memory planner estimates {:.1} GiB per GPU, more than {:.0} GiB; would fit: {}",
+                plan.total_gib(),
+                settings.gpu_mem_gib,
+                plan.suggestions.join("; ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A configured `train` stage.
+#[derive(Debug)]
+pub struct Train {
+    stage: TrainStageParams,
+    config: TrainConfig,
+    base: PathBuf,
+}
+
+/// What the training thread reports.
+enum Event {
+    Start {
+        total_steps: usize,
+        done: usize,
+    },
+    Step(distill_student::train::StepMetrics),
+    Checkpoint {
+        step: usize,
+        path: PathBuf,
+        last: bool,
+    },
+}
+
+#[async_trait]
+impl Stage for Train {
+    fn identity(&self) -> Result<Value, StageError> {
+        Ok(json!({
+            "base_model": crate::evaluate::model_identity(&self.base)?,
+            "config": self.config,
+            "device": self.stage.device,
+        }))
+    }
+
+    async fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
+        let input = ctx.single_input()?;
+        let items = output_items(&ctx.db, input.stage_id, &input.kind).await?;
+        if items.is_empty() {
+            return Err(StageError::Input(format!(
+                "stage `{}` kept no traces: nothing to train on",
+                input.name
+            )));
+        }
+        // The user turns the teacher saw, rebuilt from each generate stage's identity.
+        let identities: HashMap<i64, Value> = sqlx::query_as::<_, (i64, String)>(
+            "SELECT id, params FROM stages WHERE run_id = ? AND kind = 'generate'",
+        )
+        .bind(ctx.run_id)
+        .fetch_all(ctx.db.pool())
+        .await?
+        .into_iter()
+        .map(|(id, p)| (id, serde_json::from_str(&p).unwrap_or(Value::Null)))
+        .collect();
+        let records: Vec<SftRecord> = items
+            .iter()
+            .map(|it| {
+                let identity = identities
+                    .get(&it.generate_stage_id)
+                    .unwrap_or(&Value::Null);
+                let messages = rendered_messages(identity, &it.prompt)
+                    .into_iter()
+                    .map(|m| ChatMessage::new(role_name(&m.role), m.content))
+                    .collect();
+                SftRecord {
+                    messages,
+                    reasoning: it.reasoning.trim().to_string(),
+                    answer: it.answer.trim().to_string(),
+                }
+            })
+            .collect();
+
+        let checkpoints = training::checkpoints(ctx.db.pool(), ctx.stage_id).await?;
+        let resume_from = checkpoints
+            .iter()
+            .filter(|c| !c.r#final && Path::new(&c.path).is_dir())
+            .max_by_key(|c| c.step)
+            .map(|c| PathBuf::from(&c.path));
+
+        let (tx, mut rx) = mpsc::channel::<Event>(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let job = TrainJob {
+            base: self.base.clone(),
+            config: self.config.clone(),
+            records,
+            resume_from,
+            artifacts: ctx.artifacts.clone(),
+            checkpoint_every: self.stage.checkpoint_every,
+            stop: stop.clone(),
+            tx,
+        };
+        let device = self.stage.device;
+        let worker = tokio::task::spawn_blocking(move || job.run(device));
+
+        let mut last_step = 0usize;
+        let mut last_loss = f64::NAN;
+        while let Some(event) = rx.recv().await {
+            if ctx.cancel.is_cancelled() {
+                stop.store(true, Ordering::Relaxed);
+            }
+            match event {
+                Event::Start { total_steps, done } => {
+                    ctx.progress.set_total(total_steps as u64);
+                    ctx.progress.set_done(done as u64);
+                }
+                Event::Step(m) => {
+                    let mut tx = ctx.db.write().await?;
+                    training::record_step(
+                        &mut tx,
+                        ctx.stage_id,
+                        &StepRow {
+                            step: m.step as i64,
+                            epoch: m.epoch,
+                            loss: m.loss,
+                            lr: m.lr,
+                            grad_norm: Some(m.grad_norm),
+                            tokens: m.tokens as i64,
+                            tokens_per_s: Some(m.tokens_per_s),
+                            peak_memory_bytes: Some(m.peak_memory_bytes as i64),
+                        },
+                    )
+                    .await?;
+                    tx.commit().await?;
+                    ctx.progress.set_done(m.step as u64);
+                    ctx.progress
+                        .set_message(format!("loss {:.4} lr {:.2e}", m.loss, m.lr));
+                    last_step = m.step;
+                    last_loss = m.loss;
+                }
+                Event::Checkpoint { step, path, last } => {
+                    let mut tx = ctx.db.write().await?;
+                    training::record_checkpoint(
+                        &mut tx,
+                        ctx.stage_id,
+                        step as i64,
+                        &path.display().to_string(),
+                        last,
+                    )
+                    .await?;
+                    tx.commit().await?;
+                    if let Some(keep) = self.stage.keep_last {
+                        prune(ctx, keep).await?;
+                    }
+                }
+            }
+        }
+        let outcome = worker
+            .await
+            .map_err(|e| StageError::Failed(format!("training panicked: {e}")))??;
+        match outcome {
+            Finished::Interrupted => Err(StageError::Interrupted),
+            Finished::Done { total_steps, data } => Ok(json!({
+                "steps": total_steps,
+                "last_step": last_step,
+                "final_loss": last_loss,
+                "examples": data,
+            })),
+        }
+    }
+}
+
+/// Drops the oldest intermediate checkpoints beyond `keep`, folders and rows alike.
+async fn prune(ctx: &StageContext, keep: usize) -> Result<(), StageError> {
+    let all = training::checkpoints(ctx.db.pool(), ctx.stage_id).await?;
+    let intermediate: Vec<_> = all.iter().filter(|c| !c.r#final).collect();
+    if intermediate.len() <= keep {
+        return Ok(());
+    }
+    for old in &intermediate[..intermediate.len() - keep] {
+        let mut tx = ctx.db.write().await?;
+        training::delete_checkpoint(&mut tx, old.id).await?;
+        tx.commit().await?;
+        // The row goes first: a crash in between leaves an orphan folder, never a row
+        // pointing at nothing.
+        let _ = std::fs::remove_dir_all(&old.path);
+    }
+    Ok(())
+}
+
+fn role_name(role: &distill_teacher::Role) -> &'static str {
+    match role {
+        distill_teacher::Role::System => "system",
+        distill_teacher::Role::User => "user",
+        distill_teacher::Role::Assistant => "assistant",
+    }
+}
+
+enum Finished {
+    Done { total_steps: usize, data: Value },
+    Interrupted,
+}
+
+/// The training loop, on a blocking thread.
+struct TrainJob {
+    base: PathBuf,
+    config: TrainConfig,
+    records: Vec<SftRecord>,
+    resume_from: Option<PathBuf>,
+    artifacts: PathBuf,
+    checkpoint_every: usize,
+    stop: Arc<AtomicBool>,
+    tx: mpsc::Sender<Event>,
+}
+
+impl TrainJob {
+    fn run(self, device: Device) -> Result<Finished, StageError> {
+        match device {
+            Device::Cpu => {
+                type B = burn::backend::Autodiff<distill_student::CpuBackend>;
+                self.train::<B>(&Default::default())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                type B = burn::backend::Autodiff<distill_student::CudaBackend>;
+                self.train::<B>(&Default::default())
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => Err(StageError::Input("built without CUDA".into())),
+        }
+    }
+
+    fn train<B: burn::tensor::backend::AutodiffBackend>(
+        self,
+        device: &B::Device,
+    ) -> Result<Finished, StageError> {
+        let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("training: {e}"));
+        let tokenizer = Tokenizer::from_dir(&self.base)
+            .map_err(|e| StageError::Input(format!("base model: {e}")))?;
+        let examples = examples_from_records(&tokenizer, &self.records)
+            .map_err(|e| StageError::Input(format!("rendering the training examples: {e}")))?;
+        let mut trainer = match &self.resume_from {
+            Some(ckpt) => Trainer::<B>::resume_with_base(ckpt, Some(&self.base), &examples, device),
+            None => Trainer::<B>::new(&self.base, &examples, self.config.clone(), device),
+        }
+        .map_err(|e| fail(&e))?;
+        let mut last_saved = trainer.global_step();
+        let _ = self.tx.blocking_send(Event::Start {
+            total_steps: trainer.total_steps(),
+            done: last_saved,
+        });
+        let save = |trainer: &Trainer<B>, last: bool| -> Result<(), StageError> {
+            let step = trainer.global_step();
+            let path = if last {
+                self.artifacts.join("final")
+            } else {
+                self.artifacts.join(format!("checkpoint-{step}"))
+            };
+            if last {
+                trainer
+                    .export(&path, SaveOptions::default())
+                    .map_err(|e| fail(&e))?;
+            } else {
+                trainer.save_checkpoint(&path).map_err(|e| fail(&e))?;
+            }
+            let _ = self
+                .tx
+                .blocking_send(Event::Checkpoint { step, path, last });
+            Ok(())
+        };
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                if trainer.global_step() > last_saved {
+                    save(&trainer, false)?;
+                }
+                return Ok(Finished::Interrupted);
+            }
+            match trainer.step().map_err(|e| fail(&e))? {
+                Some(m) => {
+                    let step = m.step;
+                    if self.tx.blocking_send(Event::Step(m)).is_err() {
+                        return Ok(Finished::Interrupted);
+                    }
+                    if self.checkpoint_every > 0
+                        && step % self.checkpoint_every == 0
+                        && !trainer.is_finished()
+                    {
+                        save(&trainer, false)?;
+                        last_saved = step;
+                    }
+                }
+                None => break,
+            }
+        }
+        save(&trainer, true)?;
+        let data = serde_json::to_value(trainer.data_stats()).unwrap_or(Value::Null);
+        Ok(Finished::Done {
+            total_steps: trainer.total_steps(),
+            data,
+        })
+    }
+}

@@ -1,0 +1,186 @@
+//! load → generate (fake teacher) → train on a tiny model: metrics per step,
+//! checkpoints recorded, the final model in HF layout, and exact resume after SIGKILL.
+
+use std::path::Path;
+use std::time::Duration;
+
+use distill_fake_teacher::{FakeConfig, FakeTeacher, Reply, ReplyInput};
+
+use crate::common::*;
+
+fn prompts(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"problem\": \"What is {i} + {i}?\", \"answer\": \"{}\"}}\n",
+                2 * i
+            )
+        })
+        .collect()
+}
+
+fn reply(input: &ReplyInput<'_>) -> Reply {
+    let i: i64 = input
+        .prompt
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    Reply {
+        reasoning: format!("{i} plus {i} is {}.", 2 * i),
+        answer: format!("\\boxed{{{}}}", 2 * i),
+    }
+}
+
+/// A tiny random Qwen2 with the minimind tokenizer and its chat template.
+fn tiny_model(dir: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(
+            root.join("student/tests/fixtures/parity/qwen2-tied")
+                .join(f),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(
+            root.join("tests/fixtures/tokenizers/minimind").join(f),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+}
+
+fn config(url: &str, max_steps: usize, every: usize) -> String {
+    format!(
+        r#"
+[run]
+name = "sft"
+
+[teacher.fake]
+base_url = "{url}"
+model = "fake-r1"
+
+[[stage]]
+name = "prompts"
+kind = "load"
+path = "prompts.jsonl"
+
+[[stage]]
+name = "traces"
+kind = "generate"
+needs = ["prompts"]
+teacher = "fake"
+prompt_template = "{{prompt}}"
+
+[[stage]]
+name = "train"
+kind = "train"
+needs = ["traces"]
+base_model = "model"
+max_steps = {max_steps}
+checkpoint_every = {every}
+keep_last = 2
+learning_rate = 3e-3
+warmup_ratio = 0.1
+micro_batch = {{ sequences = 4 }}
+max_seq_len = 256
+seed = 7
+"#
+    )
+}
+
+fn setup(url: &str, max_steps: usize, every: usize) -> Workdir {
+    let w = Workdir::new();
+    tiny_model(&w.path().join("model"));
+    w.write("prompts.jsonl", &prompts(16));
+    w.write("pipeline.toml", &config(url, max_steps, every));
+    w
+}
+
+async fn run(w: &Workdir, args: &[&str]) -> Out {
+    let mut cmd = w.cmd(args);
+    tokio::task::spawn_blocking(move || Out(cmd.output().unwrap()))
+        .await
+        .unwrap()
+}
+
+fn final_weights(w: &Workdir) -> Vec<u8> {
+    std::fs::read(w.path().join("runs/sft/train/final/model.safetensors"))
+        .expect("final model written")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_records_steps_and_checkpoints_and_lowers_the_loss() {
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let w = setup(&server.url(), 40, 10);
+    run(&w, &["run", "pipeline.toml"]).await.ok();
+    let db = w.db().await;
+    let losses: Vec<f64> = sqlx::query_scalar("SELECT loss FROM train_metrics ORDER BY step")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(losses.len(), 40);
+    let first = losses[..4].iter().sum::<f64>() / 4.0;
+    let last = losses[36..].iter().sum::<f64>() / 4.0;
+    assert!(last < first * 0.5, "loss went from {first:.3} to {last:.3}");
+    // keep_last = 2: checkpoints 20 and 30 remain (10 was pruned), plus the final model.
+    let ckpts: Vec<(i64, bool)> =
+        sqlx::query_as("SELECT step, final FROM checkpoints ORDER BY step")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(ckpts, [(20, false), (30, false), (40, true)]);
+    assert!(!w.path().join("runs/sft/train/checkpoint-10").exists());
+    // The final folder is a model folder distill (and transformers) can load.
+    let info = w.run(&["model", "info", "runs/sft/train/final", "--json"]);
+    let info: serde_json::Value = serde_json::from_str(&info.ok().stdout()).unwrap();
+    assert_eq!(info["architecture"], "Qwen2ForCausalLM");
+    assert_eq!(info["has_tokenizer"], true);
+    let svg = w.path().join("loss.svg");
+    w.run(&["plot", "sft", "--out", svg.to_str().unwrap()]).ok();
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_training_run_killed_between_checkpoints_resumes_to_the_same_weights() {
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let (steps, every) = (300, 40);
+    let straight = setup(&server.url(), steps, every);
+    run(&straight, &["run", "pipeline.toml"]).await.ok();
+    let expected = final_weights(&straight);
+
+    let w = setup(&server.url(), steps, every);
+    let mut child = w.spawn(&["run", "pipeline.toml"]);
+    wait_until(Duration::from_secs(60), || async { w.db_path().exists() }).await;
+    let db = w.db().await;
+    wait_until(Duration::from_secs(120), || async {
+        poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await >= (every + every / 2) as i64
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await;
+    assert!(done < steps as i64, "training finished before the kill");
+    let saved = poll_count(&db, "SELECT COUNT(*) FROM checkpoints").await;
+    assert!(saved >= 1, "no checkpoint before the kill");
+
+    run(&w, &["resume", "sft"]).await.ok();
+    assert_eq!(
+        poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await,
+        steps as i64
+    );
+    assert!(
+        final_weights(&w) == expected,
+        "resumed weights differ from an uninterrupted run"
+    );
+    server.shutdown().await;
+}
