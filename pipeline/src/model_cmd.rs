@@ -45,9 +45,58 @@ pub struct Runtime {
     pub dtype: Precision,
 }
 
+/// What `distill model plan` trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlanMethod {
+    /// Every weight.
+    Full,
+    /// Low-rank adapters on a frozen base.
+    Lora,
+}
+
 /// `distill model` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
+    /// Estimate per-GPU memory of fine-tuning a model and say whether it fits.
+    ///
+    /// Counts weights, bf16 compute copies, gradients, AdamW state and activations
+    /// (Burn 0.21 keeps attention scores for backward: they are counted) and, when the
+    /// run does not fit, which single change would make it fit.
+    Plan {
+        /// A model folder or its config.json (or use --published).
+        #[arg(required_unless_present = "published")]
+        model: Option<PathBuf>,
+        /// Full fine-tuning or LoRA.
+        #[arg(long, value_enum, default_value = "full")]
+        method: PlanMethod,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 16)]
+        lora_rank: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 32768)]
+        seq_len: usize,
+        /// Sequences per micro-batch per GPU.
+        #[arg(long, default_value_t = 1)]
+        micro_batch: usize,
+        /// GPUs the state is sharded over.
+        #[arg(long, default_value_t = 1)]
+        gpus: usize,
+        /// Memory of one GPU, GiB [default: an H200's 141 GB].
+        #[arg(long)]
+        gpu_mem_gib: Option<f64>,
+        /// Without per-layer activation recomputation.
+        #[arg(long)]
+        no_recompute: bool,
+        /// f32 compute instead of bf16.
+        #[arg(long)]
+        f32: bool,
+        /// Print the table for DeepSeek's published R1-Distill students instead.
+        #[arg(long)]
+        published: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Architecture, parameter count, dtype, context length and memory of a model folder.
     Info {
         /// A folder with config.json and safetensors weights.
@@ -107,6 +156,89 @@ pub enum ModelCommand {
 /// Runs a `distill model` command.
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
+        ModelCommand::Plan {
+            model,
+            method,
+            lora_rank,
+            seq_len,
+            micro_batch,
+            gpus,
+            gpu_mem_gib,
+            no_recompute,
+            f32,
+            published,
+            json,
+        } => {
+            use distill_student::plan::{Method, PlanSettings, plan_for, r1_distill_table};
+            let defaults = PlanSettings::default();
+            let gpu_mem_gib = gpu_mem_gib.unwrap_or(defaults.gpu_mem_gib);
+            if published {
+                crate::cli::out(&r1_distill_table(gpu_mem_gib));
+                return Ok(());
+            }
+            let model = model.expect("clap requires it");
+            let settings = PlanSettings {
+                method: match method {
+                    PlanMethod::Full => Method::Full,
+                    PlanMethod::Lora => Method::Lora { rank: lora_rank },
+                },
+                seq_len,
+                micro_batch,
+                gpus,
+                gpu_mem_gib,
+                recompute: !no_recompute,
+                bf16: !f32,
+                ..defaults
+            };
+            let plan = plan_for(&model, &settings)
+                .with_context(|| format!("cannot plan for {}", model.display()))?;
+            if json {
+                crate::cli::out(&format!("{}\n", serde_json::to_string_pretty(&plan)?));
+            } else {
+                let mut text = format!(
+                    "{} · {} · seq {} · micro-batch {} · {} GPU(s) of {:.0} GiB · {}{}\n",
+                    model.display(),
+                    match settings.method {
+                        Method::Full => "full fine-tuning".to_string(),
+                        Method::Lora { rank } => format!("LoRA rank {rank}"),
+                    },
+                    seq_len,
+                    micro_batch,
+                    gpus,
+                    gpu_mem_gib,
+                    if settings.bf16 { "bf16" } else { "f32" },
+                    if settings.recompute {
+                        " · recompute"
+                    } else {
+                        ""
+                    },
+                );
+                for (name, b) in [
+                    ("weights", plan.weights),
+                    ("compute copies", plan.compute_copies),
+                    ("gradients", plan.gradients),
+                    ("optimizer", plan.optimizer),
+                    ("activations", plan.activations),
+                    ("overhead", plan.overhead),
+                    ("total per GPU", plan.total),
+                ] {
+                    text.push_str(&format!("  {name:<15} {}\n", bytes(b)));
+                }
+                text.push_str(&format!(
+                    "  {}\n",
+                    if plan.fits {
+                        "fits".to_string()
+                    } else {
+                        format!("does NOT fit in {}", bytes(plan.gpu_bytes))
+                    }
+                ));
+                for s in &plan.suggestions {
+                    text.push_str(&format!("  would fit: {s}\n"));
+                }
+                crate::cli::out(&text);
+            }
+            Ok(())
+        }
         ModelCommand::Info { dir, json } => {
             let info =
                 model_info(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
