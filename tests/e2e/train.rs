@@ -54,7 +54,7 @@ fn tiny_model(dir: &Path) {
     }
 }
 
-fn config(url: &str, max_steps: usize, every: usize) -> String {
+fn config(url: &str, max_steps: usize, every: usize, extra: &str) -> String {
     format!(
         r#"
 [run]
@@ -89,15 +89,40 @@ warmup_ratio = 0.1
 micro_batch = {{ sequences = 4 }}
 max_seq_len = 256
 seed = 7
+{extra}
 "#
     )
 }
 
-fn setup(url: &str, max_steps: usize, every: usize) -> Workdir {
+/// The base model and every checkpoint of `train`, on the first training prompts.
+const EVALS: &str = r#"
+[[stage]]
+name = "before"
+kind = "evaluate"
+benchmark = "prompts.jsonl"
+model = "model"
+limit = 4
+temperature = 0.0
+max_tokens = 24
+prompt_template = "{prompt}"
+
+[[stage]]
+name = "after"
+kind = "evaluate"
+needs = ["train"]
+benchmark = "prompts.jsonl"
+student = "train"
+limit = 4
+temperature = 0.0
+max_tokens = 24
+prompt_template = "{prompt}"
+"#;
+
+fn setup(url: &str, max_steps: usize, every: usize, extra: &str) -> Workdir {
     let w = Workdir::new();
     tiny_model(&w.path().join("model"));
     w.write("prompts.jsonl", &prompts(16));
-    w.write("pipeline.toml", &config(url, max_steps, every));
+    w.write("pipeline.toml", &config(url, max_steps, every, extra));
     w
 }
 
@@ -118,7 +143,7 @@ async fn training_records_steps_and_checkpoints_and_lowers_the_loss() {
     let server = FakeTeacher::start(FakeConfig::default().responder(reply))
         .await
         .unwrap();
-    let w = setup(&server.url(), 40, 10);
+    let w = setup(&server.url(), 40, 10, EVALS);
     run(&w, &["run", "pipeline.toml"]).await.ok();
     let db = w.db().await;
     let losses: Vec<f64> = sqlx::query_scalar("SELECT loss FROM train_metrics ORDER BY step")
@@ -142,6 +167,33 @@ async fn training_records_steps_and_checkpoints_and_lowers_the_loss() {
     let info: serde_json::Value = serde_json::from_str(&info.ok().stdout()).unwrap();
     assert_eq!(info["architecture"], "Qwen2ForCausalLM");
     assert_eq!(info["has_tokenizer"], true);
+    // The base model and each remaining checkpoint are scored under one protocol.
+    let scores: serde_json::Value =
+        serde_json::from_str(&w.run(&["scores", "--json"]).ok().stdout()).unwrap();
+    let rows: Vec<(String, Option<i64>)> = scores["groups"][0]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["label"].as_str().unwrap().to_string(), r["step"].as_i64()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("model".to_string(), None),
+            ("train@20".to_string(), Some(20)),
+            ("train@30".to_string(), Some(30)),
+            ("train@40".to_string(), Some(40)),
+        ]
+    );
+    let by_step = w.path().join("scores.svg");
+    w.run(&[
+        "plot",
+        "sft",
+        "--scores",
+        "--out",
+        by_step.to_str().unwrap(),
+    ])
+    .ok();
     let svg = w.path().join("loss.svg");
     w.run(&["plot", "sft", "--out", svg.to_str().unwrap()]).ok();
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
@@ -154,11 +206,11 @@ async fn a_training_run_killed_between_checkpoints_resumes_to_the_same_weights()
         .await
         .unwrap();
     let (steps, every) = (300, 40);
-    let straight = setup(&server.url(), steps, every);
+    let straight = setup(&server.url(), steps, every, "");
     run(&straight, &["run", "pipeline.toml"]).await.ok();
     let expected = final_weights(&straight);
 
-    let w = setup(&server.url(), steps, every);
+    let w = setup(&server.url(), steps, every, "");
     let mut child = w.spawn(&["run", "pipeline.toml"]);
     wait_until(Duration::from_secs(60), || async { w.db_path().exists() }).await;
     let db = w.db().await;

@@ -15,7 +15,7 @@ pub use local::model_identity;
 pub mod metrics;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
@@ -96,6 +96,12 @@ pub struct EvaluateParams {
     /// An OpenAI-compatible `[teacher.NAME]` endpoint.
     #[serde(default)]
     pub teacher: Option<String>,
+    /// A `train` stage of this run (listed in `needs`): its checkpoints are evaluated.
+    #[serde(default)]
+    pub student: Option<String>,
+    /// With `student`: `all` recorded checkpoints, or only the `final` model.
+    #[serde(default)]
+    pub checkpoints: CheckpointChoice,
     /// How tables name the model; default: the folder name or the endpoint's model.
     #[serde(default)]
     pub label: Option<String>,
@@ -126,11 +132,23 @@ fn default_template() -> String {
     DEFAULT_TEMPLATE.into()
 }
 
+/// Which checkpoints of a train stage to evaluate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointChoice {
+    /// Every checkpoint still on disk, and the final model.
+    #[default]
+    All,
+    /// Only the final model.
+    Final,
+}
+
 /// What a stage evaluates.
 #[derive(Debug, Clone)]
 enum Target {
     Model(PathBuf),
     Teacher(String, TeacherConfig),
+    Student(String),
 }
 
 impl StageKind for EvaluateKind {
@@ -146,6 +164,28 @@ impl StageKind for EvaluateKind {
     fn build(&self, params: toml::Table, env: &BuildEnv) -> Result<Arc<dyn Stage>, ParamError> {
         let p: EvaluateParams = parse_params(params)?;
         let target = match (&p.model, &p.teacher) {
+            (None, None) if p.student.is_some() => {
+                let name = p.student.clone().expect("checked");
+                if env.stages.get(&name).map(String::as_str) != Some("train") {
+                    return Err(ParamError::new(
+                        "student",
+                        format!("no train stage named `{name}` in the config"),
+                    ));
+                }
+                if !env.needs.iter().any(|(n, _)| n == &name) {
+                    return Err(ParamError::new(
+                        "needs",
+                        format!("list `{name}` in `needs` so its checkpoints exist first"),
+                    ));
+                }
+                Target::Student(name)
+            }
+            _ if p.student.is_some() => {
+                return Err(ParamError::new(
+                    "student",
+                    "name exactly one model under test: `model`, `teacher` or `student`",
+                ));
+            }
             (Some(dir), None) => {
                 let dir = env.resolve(dir);
                 if !dir.join("config.json").is_file() {
@@ -165,7 +205,7 @@ impl StageKind for EvaluateKind {
             _ => {
                 return Err(ParamError::new(
                     "model",
-                    "name exactly one model under test: `model = \"DIR\"` or `teacher = \"NAME\"`",
+                    "name exactly one model under test: `model = \"DIR\"`, `teacher = \"NAME\"` or `student = \"STAGE\"`",
                 ));
             }
         };
@@ -311,6 +351,7 @@ impl Evaluate {
 
     fn target_key_and_label(&self) -> (String, String) {
         match &self.target {
+            Target::Student(name) => (format!("student:{name}"), name.clone()),
             Target::Model(dir) => (
                 format!("model:{}", dir.display()),
                 self.params.label.clone().unwrap_or_else(|| {
@@ -409,6 +450,10 @@ impl Stage for Evaluate {
         let target = match &self.target {
             Target::Model(dir) => json!({ "model": local::model_identity(dir)? }),
             Target::Teacher(_, config) => json!({ "teacher_model": config.model }),
+            // The train stage's fingerprint (upstream) stands for its weights.
+            Target::Student(name) => {
+                json!({ "student": name, "checkpoints": self.params.checkpoints })
+            }
         };
         Ok(json!({
             "protocol": self.protocol()?,
@@ -419,40 +464,90 @@ impl Stage for Evaluate {
 
     async fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
         let (_, questions) = self.questions()?;
-        let (target, label) = self.target_key_and_label();
-        let k = self.params.samples as i64;
-        let done: HashSet<(String, i64)> =
-            evals::done_samples(ctx.db.pool(), ctx.stage_id, &target)
-                .await?
-                .into_iter()
-                .collect();
-        ctx.progress.set_total(questions.len() as u64 * k as u64);
-        ctx.progress.set_done(done.len() as u64);
-        let work: Vec<(Question, Vec<i64>)> = questions
-            .iter()
-            .filter_map(|q| {
-                let missing: Vec<i64> = (0..k)
-                    .filter(|i| !done.contains(&(q.id.clone(), *i)))
-                    .collect();
-                (!missing.is_empty()).then(|| (q.clone(), missing))
-            })
-            .collect();
-
+        // (target key, label, training step, model folder or None for the endpoint)
+        let mut targets: Vec<(String, String, Option<i64>, Option<PathBuf>)> = Vec::new();
         match &self.target {
-            Target::Teacher(name, config) => {
-                let client = OpenAiClient::new(config.clone())
-                    .map_err(|e| StageError::Input(format!("teacher `{name}`: {e}")))?;
-                let concurrency = config.max_concurrency * config.base_url.as_slice().len();
-                self.sample_endpoint(ctx, &target, &client, config.supports_n, concurrency, work)
-                    .await?;
+            Target::Student(name) => {
+                let input = ctx
+                    .inputs
+                    .iter()
+                    .find(|i| &i.name == name)
+                    .ok_or_else(|| StageError::Failed(format!("`{name}` is not an input")))?;
+                for c in distill_db::training::checkpoints(ctx.db.pool(), input.stage_id).await? {
+                    let wanted = c.r#final || self.params.checkpoints == CheckpointChoice::All;
+                    if wanted && Path::new(&c.path).is_dir() {
+                        targets.push((
+                            format!("checkpoint:{name}@{}", c.step),
+                            format!("{name}@{}", c.step),
+                            Some(c.step),
+                            Some(PathBuf::from(&c.path)),
+                        ));
+                    }
+                }
+                if targets.is_empty() {
+                    return Err(StageError::Input(format!(
+                        "train stage `{name}` has no checkpoint on disk to evaluate"
+                    )));
+                }
             }
             Target::Model(dir) => {
-                local::sample(ctx, &target, dir, &self.params, work).await?;
+                let (key, label) = self.target_key_and_label();
+                targets.push((key, label, None, Some(dir.clone())));
+            }
+            Target::Teacher(..) => {
+                let (key, label) = self.target_key_and_label();
+                targets.push((key, label, None, None));
             }
         }
-        ctx.check_cancelled()?;
-        self.record_scores(ctx, &target, &label, None, questions)
-            .await
+        let k = self.params.samples as i64;
+        ctx.progress
+            .set_total(targets.len() as u64 * questions.len() as u64 * k as u64);
+        let mut summaries = Vec::new();
+        for (target, label, step, dir) in &targets {
+            let done: HashSet<(String, i64)> =
+                evals::done_samples(ctx.db.pool(), ctx.stage_id, target)
+                    .await?
+                    .into_iter()
+                    .collect();
+            ctx.progress.inc(done.len() as u64);
+            let work: Vec<(Question, Vec<i64>)> = questions
+                .iter()
+                .filter_map(|q| {
+                    let missing: Vec<i64> = (0..k)
+                        .filter(|i| !done.contains(&(q.id.clone(), *i)))
+                        .collect();
+                    (!missing.is_empty()).then(|| (q.clone(), missing))
+                })
+                .collect();
+            match (&self.target, dir) {
+                (Target::Teacher(name, config), _) => {
+                    let client = OpenAiClient::new(config.clone())
+                        .map_err(|e| StageError::Input(format!("teacher `{name}`: {e}")))?;
+                    let concurrency = config.max_concurrency * config.base_url.as_slice().len();
+                    self.sample_endpoint(
+                        ctx,
+                        target,
+                        &client,
+                        config.supports_n,
+                        concurrency,
+                        work,
+                    )
+                    .await?;
+                }
+                (_, Some(dir)) => local::sample(ctx, target, dir, &self.params, work).await?,
+                (_, None) => unreachable!("local targets carry their folder"),
+            }
+            ctx.check_cancelled()?;
+            summaries.push(
+                self.record_scores(ctx, target, label, *step, questions)
+                    .await?,
+            );
+        }
+        Ok(if summaries.len() == 1 {
+            summaries.remove(0)
+        } else {
+            Value::Array(summaries)
+        })
     }
 }
 
