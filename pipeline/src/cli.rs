@@ -140,6 +140,26 @@ enum Command {
         #[arg(long, conflicts_with = "scores")]
         stage: Option<String>,
     },
+    /// Write a trained student as a Hugging Face folder (with a model card).
+    Export {
+        /// The run's name or id.
+        run: String,
+        /// The train stage.
+        #[arg(long)]
+        student: String,
+        /// A checkpoint's step instead of the final model.
+        #[arg(long)]
+        step: Option<i64>,
+        /// The output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Dtype of the weights on disk.
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: model_cmd::Precision,
+        /// Shard weight files above this many GB.
+        #[arg(long, default_value_t = 5.0)]
+        max_shard_gb: f64,
+    },
     /// Curated datasets.
     Dataset {
         #[command(subcommand)]
@@ -368,6 +388,30 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
                 plot::training_curves(&db, &run, stage.as_deref(), &path).await?
             };
             eprintln!("drew {n} points into {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export {
+            run,
+            student,
+            step,
+            out: path,
+            dtype,
+            max_shard_gb,
+        } => {
+            let db = open_existing(cli.db).await?;
+            let run = runs::find(&db, &run).await?;
+            let params = distill_stages::export::ExportParams {
+                student,
+                step,
+                out: Some(path.clone()),
+                dtype: match dtype {
+                    model_cmd::Precision::F32 => distill_stages::export::ExportDtype::F32,
+                    model_cmd::Precision::Bf16 => distill_stages::export::ExportDtype::Bf16,
+                },
+                max_shard_gb,
+            };
+            let summary = distill_stages::export::export(&db, run.id, &params, &path).await?;
+            eprintln!("exported step {} to {}", summary["step"], path.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Dataset {

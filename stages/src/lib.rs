@@ -11,6 +11,7 @@ mod context;
 pub mod curation;
 mod error;
 pub mod evaluate;
+pub mod export;
 pub mod generate;
 pub mod hash;
 pub mod load;

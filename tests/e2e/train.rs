@@ -116,6 +116,12 @@ limit = 4
 temperature = 0.0
 max_tokens = 24
 prompt_template = "{prompt}"
+
+[[stage]]
+name = "export"
+kind = "export"
+needs = ["train", "after"]
+student = "train"
 "#;
 
 fn setup(url: &str, max_steps: usize, every: usize, extra: &str) -> Workdir {
@@ -194,6 +200,74 @@ async fn training_records_steps_and_checkpoints_and_lowers_the_loss() {
         by_step.to_str().unwrap(),
     ])
     .ok();
+    // The export stage wrote a Hugging Face folder with a card; `distill export` does the
+    // same for any checkpoint.
+    let exported = w.path().join("runs/sft/export");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "README.md",
+    ] {
+        assert!(exported.join(f).is_file(), "export lacks {f}");
+    }
+    let generation: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(exported.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(generation["temperature"], 0.6);
+    assert_eq!(generation["top_p"], 0.95);
+    let card = std::fs::read_to_string(exported.join("README.md")).unwrap();
+    assert!(
+        card.contains("**Base model:**") && card.contains("**Teacher:** `fake-r1`"),
+        "{card}"
+    );
+    assert!(card.contains("| traces | generate | 16 | 16 |"), "{card}");
+    assert!(
+        card.contains("train@40"),
+        "the card carries the scores: {card}"
+    );
+    let info: serde_json::Value = serde_json::from_str(
+        &w.run(&["model", "info", "runs/sft/export", "--json"])
+            .ok()
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(info["dtype"], "bfloat16");
+    let out = w.run(&[
+        "export",
+        "sft",
+        "--student",
+        "train",
+        "--step",
+        "30",
+        "--out",
+        "step30",
+        "--dtype",
+        "f32",
+    ]);
+    out.ok();
+    let info: serde_json::Value =
+        serde_json::from_str(&w.run(&["model", "info", "step30", "--json"]).ok().stdout()).unwrap();
+    assert_eq!(info["dtype"], "float32");
+    let missing = w.run(&[
+        "export",
+        "sft",
+        "--student",
+        "train",
+        "--step",
+        "10",
+        "--out",
+        "x",
+    ]);
+    assert!(
+        missing.stderr().contains("no checkpoint at step 10"),
+        "{}",
+        missing.stderr()
+    );
+    transformers_loads(&exported);
+
     let svg = w.path().join("loss.svg");
     w.run(&["plot", "sft", "--out", svg.to_str().unwrap()]).ok();
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
@@ -235,4 +309,39 @@ async fn a_training_run_killed_between_checkpoints_resumes_to_the_same_weights()
         "resumed weights differ from an uninterrupted run"
     );
     server.shutdown().await;
+}
+
+/// Where Python has transformers, the exported folder loads with AutoModelForCausalLM
+/// and its chat template opens the assistant turn with `<think>`; elsewhere this says
+/// it was skipped.
+fn transformers_loads(dir: &Path) {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import transformers, torch"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: python3 with transformers and torch is not installed");
+        return;
+    }
+    let script = r#"
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+d = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(d)
+tok = AutoTokenizer.from_pretrained(d)
+text = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True)
+assert text.endswith("<think>\n"), repr(text[-40:])
+ids = tok(text, return_tensors="pt").input_ids
+out = model(ids).logits
+print("ok", tuple(out.shape))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "transformers could not load {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
