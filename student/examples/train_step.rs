@@ -7,7 +7,9 @@
 //! - MODEL: a model folder with weights (loaded), or a folder / `config.json` without (random init)
 //! - PRECISION: `f32` or `bf16`; MODE: `plain` or `recompute`; METHOD: `full` or `lora16` (any rank)
 //!
-//! Prints one JSON line per step (the trainer's metrics) and one with the plan.
+//! Prints one JSON line per step (the trainer's metrics) and one with the plan. With
+//! `TRAIN_STEP_SAVE=DIR` it also writes `DIR/checkpoint` and `DIR/export` (adapters merged), for
+//! `tests/fixtures/train/check_checkpoint.py`; `TRAIN_STEP_LR` overrides the learning rate (1e-5).
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -44,7 +46,10 @@ fn run<B: AutodiffBackend>(device: &B::Device, args: &[String]) {
     let (seq, batch, steps) = (num(seq), num(batch), num(steps));
     let lora = method.strip_prefix("lora").map(num);
     let config = TrainConfig {
-        learning_rate: 1e-5,
+        learning_rate: std::env::var("TRAIN_STEP_LR")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1e-5),
         warmup_ratio: 0.0,
         max_steps: Some(steps),
         micro_batch: MicroBatch::Sequences(batch),
@@ -75,6 +80,15 @@ fn run<B: AutodiffBackend>(device: &B::Device, args: &[String]) {
     };
     while let Some(m) = trainer.step().expect("step") {
         println!("{}", serde_json::to_string(&m).expect("metrics serialise"));
+    }
+    if let Some(dir) = std::env::var_os("TRAIN_STEP_SAVE") {
+        let dir = std::path::PathBuf::from(dir);
+        trainer
+            .save_checkpoint(dir.join("checkpoint"))
+            .expect("checkpoint");
+        trainer
+            .export(dir.join("export"), distill_student::SaveOptions::default())
+            .expect("export");
     }
     let p = plan(
         &mc,

@@ -242,14 +242,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         config.validate()?;
         let dir = model_dir.as_ref();
         let base = load_model::<B>(dir, device, storage_dtype(&config))?;
-        Self::build(
-            base,
-            None,
-            Some(dir.to_path_buf()),
-            examples,
-            config,
-            device,
-        )
+        // Absolute, so a resume from another working directory finds the base again.
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        Self::build(base, None, Some(dir), examples, config, device)
     }
 
     /// Trains a model already in memory (benchmarks, tests). Checkpoints hold no tokenizer.
