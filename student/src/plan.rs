@@ -336,7 +336,7 @@ fn suggestions(c: &ModelConfig, s: &PlanSettings) -> Vec<String> {
         let t = PlanSettings { gpus, ..s.clone() };
         if let Some(total) = fits(&t) {
             out.push(format!(
-                "shard over {gpus} GPUs (ZeRO-3): {} per GPU",
+                "shard over {gpus} GPUs (ZeRO-3; not in this crate's trainer yet): {} per GPU",
                 gib(total)
             ));
             break;

@@ -117,7 +117,9 @@ pub struct LoraConfig {
     pub rank: usize,
     /// Scale numerator: the update is multiplied by `alpha / rank`.
     pub alpha: f64,
-    /// Dropout on the adapter's input (0 = off).
+    /// Dropout on the adapter's input (0 = off). Masks are drawn from the backend RNG reseeded
+    /// per (seed, step, micro-batch, layer, module), so a resumed run redraws them exactly as long
+    /// as nothing else reseeds or draws from that RNG meanwhile (Flex's is process-wide).
     pub dropout: f64,
     /// Which linear layers get adapters.
     pub target_modules: Vec<LoraTarget>,
