@@ -345,3 +345,48 @@ print("ok", tuple(out.shape))
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_of_an_untrained_student_holds_the_parity_fixture_tensors_exactly() {
+    // With a learning rate of 0 the weights cannot move: the export must reproduce the
+    // transformers-made fixture tensor for tensor, so it has the fixture's logits
+    // (matched against transformers by the student crate's parity test).
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let w = setup(&server.url(), 2, 0, "");
+    let text = std::fs::read_to_string(w.path().join("pipeline.toml"))
+        .unwrap()
+        .replace("learning_rate = 3e-3", "learning_rate = 0.0");
+    w.write("pipeline.toml", &text);
+    run(&w, &["run", "pipeline.toml"]).await.ok();
+    w.run(&[
+        "export",
+        "sft",
+        "--student",
+        "train",
+        "--out",
+        "exported",
+        "--dtype",
+        "f32",
+    ])
+    .ok();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fixture =
+        std::fs::read(root.join("student/tests/fixtures/parity/qwen2-tied/model.safetensors"))
+            .unwrap();
+    let exported = std::fs::read(w.path().join("exported/model.safetensors")).unwrap();
+    let a = safetensors::SafeTensors::deserialize(&fixture).unwrap();
+    let b = safetensors::SafeTensors::deserialize(&exported).unwrap();
+    let mut names: Vec<String> = a.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut exported_names: Vec<String> = b.names().into_iter().map(String::from).collect();
+    exported_names.sort();
+    assert_eq!(names, exported_names);
+    for name in &names {
+        let (x, y) = (a.tensor(name).unwrap(), b.tensor(name).unwrap());
+        assert_eq!(x.shape(), y.shape(), "{name}");
+        assert_eq!(x.data(), y.data(), "{name} differs");
+    }
+    server.shutdown().await;
+}
