@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use distill_student::{
-    CausalLm, DType, GenerationConfig, ModelConfig, SaveOptions, generate, load_model, save_pretrained,
+    CausalLm, DType, GenerationConfig, ModelConfig, SaveOptions, generate, load_model,
+    save_pretrained,
 };
 
 /// Shapes of Qwen2.5 models (public configs), and a tiny one for a quick check.
@@ -55,11 +56,17 @@ fn run<B: Backend>(device: &B::Device, preset_name: &str, dtype: DType, label: &
             .collect();
         let flat: Vec<i64> = rows.concat();
         let input = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [batch, len]), device);
-        let _ = model.forward(input.clone()).slice([0..1, 0..1, 0..1]).into_scalar(); // warm-up
+        let _ = model
+            .forward(input.clone())
+            .slice([0..1, 0..1, 0..1])
+            .into_scalar(); // warm-up
         let t0 = Instant::now();
         let reps = 3;
         for _ in 0..reps {
-            let _ = model.forward(input.clone()).slice([0..1, 0..1, 0..1]).into_scalar();
+            let _ = model
+                .forward(input.clone())
+                .slice([0..1, 0..1, 0..1])
+                .into_scalar();
         }
         let secs = t0.elapsed().as_secs_f64() / reps as f64;
         println!(
@@ -74,7 +81,13 @@ fn run<B: Backend>(device: &B::Device, preset_name: &str, dtype: DType, label: &
             max_new_tokens: 128,
             ..GenerationConfig::greedy(128)
         };
-        let _ = generate(&model, &prompts[..1], &GenerationConfig::greedy(4), None, |_| {}); // warm-up
+        let _ = generate(
+            &model,
+            &prompts[..1],
+            &GenerationConfig::greedy(4),
+            None,
+            |_| {},
+        ); // warm-up
         let t0 = Instant::now();
         let out = generate(&model, &prompts, &cfg, None, |_| {}).expect("generation runs");
         let secs = t0.elapsed().as_secs_f64();
@@ -97,7 +110,9 @@ fn main() {
     match device {
         "cpu" => run::<distill_student::CpuBackend>(&Default::default(), preset_name, dtype, "cpu"),
         #[cfg(feature = "cuda")]
-        "cuda" => run::<distill_student::CudaBackend>(&Default::default(), preset_name, dtype, "cuda"),
+        "cuda" => {
+            run::<distill_student::CudaBackend>(&Default::default(), preset_name, dtype, "cuda")
+        }
         other => panic!("unknown device {other} (cuda needs --features cuda)"),
     }
 }
