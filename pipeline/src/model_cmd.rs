@@ -57,6 +57,28 @@ pub enum PlanMethod {
 /// `distill model` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
+    /// Create a randomly initialised model of any supported architecture and size.
+    ///
+    /// Writes a Hugging Face folder (weights, config, generation config, tokenizer files)
+    /// from a `config.json` (Qwen2ForCausalLM or LlamaForCausalLM) and a tokenizer folder:
+    /// small students trained from scratch, or test models.
+    Init {
+        /// The model's config.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// A folder with tokenizer.json and tokenizer_config.json (its chat template).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// The folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the random initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Dtype on disk.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Precision,
+    },
     /// Estimate per-GPU memory of fine-tuning a model and say whether it fits.
     ///
     /// Counts weights, bf16 compute copies, gradients, AdamW state and activations
@@ -156,6 +178,55 @@ pub enum ModelCommand {
 /// Runs a `distill model` command.
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
+        ModelCommand::Init {
+            config,
+            tokenizer,
+            out,
+            seed,
+            dtype,
+        } => {
+            use burn::prelude::Backend;
+            type B = distill_student::CpuBackend;
+            let model_config = distill_student::ModelConfig::from_file(&config)
+                .with_context(|| format!("cannot read {}", config.display()))?;
+            let tok = distill_student::Tokenizer::from_dir(&tokenizer)
+                .with_context(|| format!("cannot read the tokenizer in {}", tokenizer.display()))?;
+            if tok.vocab_size() > model_config.vocab_size {
+                anyhow::bail!(
+                    "{}: vocab_size {} is smaller than the tokenizer's {} tokens",
+                    config.display(),
+                    model_config.vocab_size,
+                    tok.vocab_size()
+                );
+            }
+            if out.join("config.json").exists() {
+                anyhow::bail!(
+                    "{} already holds a model; choose another --out",
+                    out.display()
+                );
+            }
+            let device = burn::tensor::Device::<B>::default();
+            B::seed(&device, seed);
+            let model = distill_student::CausalLm::<B>::init(&model_config, &device);
+            let saved = distill_student::save_pretrained(
+                &model,
+                &out,
+                &distill_student::SaveOptions {
+                    dtype: Some(dtype.into()),
+                    tokenizer_dir: Some(tokenizer.clone()),
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!(
+                "wrote a random {} with {} parameters to {} ({} files)",
+                model_config.architecture.hf_class(),
+                count(model_config.num_parameters()),
+                out.display(),
+                saved.files.len()
+            );
+            Ok(())
+        }
         ModelCommand::Plan {
             model,
             method,

@@ -6,4 +6,5 @@ mod curate;
 mod evaluate;
 mod foundation;
 mod generate;
+mod model;
 mod train;
