@@ -45,6 +45,35 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum SynthTask {
+    /// Multi-step integer word problems ("Mia has 12 pencils. She buys 5 more. ...").
+    ///
+    /// Writes N training problems (JSONL: id, problem, answer) and, with --test-out, a
+    /// disjoint held-out set, some of whose problems are planted in the training set
+    /// so that decontamination has something to find.
+    Arithmetic {
+        /// Training problems.
+        #[arg(long)]
+        n: usize,
+        /// Seed: the same seed writes the same files.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The training file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Held-out test problems.
+        #[arg(long, default_value_t = 0, requires = "test_out")]
+        test_n: usize,
+        /// The test file.
+        #[arg(long)]
+        test_out: Option<PathBuf>,
+        /// Test problems to plant in the training set.
+        #[arg(long, default_value_t = 0)]
+        plant: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DatasetCommand {
     /// Write the traces a stage kept (after it and every stage before it) as JSONL.
     Export {
@@ -159,6 +188,11 @@ enum Command {
         /// Shard weight files above this many GB.
         #[arg(long, default_value_t = 5.0)]
         max_shard_gb: f64,
+    },
+    /// Generate synthetic problems with reference answers (for demos and tests).
+    Synth {
+        #[command(subcommand)]
+        task: SynthTask,
     },
     /// Curated datasets.
     Dataset {
@@ -414,6 +448,33 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             eprintln!("exported step {} to {}", summary["step"], path.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Synth {
+            task:
+                SynthTask::Arithmetic {
+                    n,
+                    seed,
+                    out: path,
+                    test_n,
+                    test_out,
+                    plant,
+                },
+        } => {
+            anyhow::ensure!(plant <= test_n, "--plant {plant} exceeds --test-n {test_n}");
+            let (train, test) = distill_teacher::sim::arithmetic::split(seed, n, test_n, plant);
+            write_jsonl(&path, &train)?;
+            if let Some(t) = &test_out {
+                write_jsonl(t, &test)?;
+            }
+            eprintln!(
+                "wrote {} training problems ({plant} planted from the test set) to {}{}",
+                train.len(),
+                path.display(),
+                test_out
+                    .map(|t| format!(" and {} test problems to {}", test.len(), t.display()))
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Dataset {
             command:
                 DatasetCommand::Export {
@@ -525,6 +586,23 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn write_jsonl<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut w = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+    );
+    for r in rows {
+        serde_json::to_writer(&mut w, r)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 async fn find_or_latest(db: &Db, run: Option<String>) -> Result<runs::Run> {

@@ -12,6 +12,7 @@ mod error;
 mod limiter;
 mod pool;
 mod reasoning;
+pub mod sim;
 mod sse;
 mod types;
 mod wire;

@@ -93,3 +93,65 @@ fn init_writes_a_seeded_random_model_that_loads_and_generates() {
         small.stderr()
     );
 }
+
+#[test]
+fn synth_arithmetic_writes_seeded_disjoint_sets_with_planted_problems() {
+    let w = Workdir::new();
+    let args = [
+        "synth",
+        "arithmetic",
+        "--n",
+        "50",
+        "--seed",
+        "4",
+        "--out",
+        "train.jsonl",
+        "--test-n",
+        "10",
+        "--test-out",
+        "test.jsonl",
+        "--plant",
+        "2",
+    ];
+    w.run(&args).ok();
+    let read = |f: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(w.path().join(f))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (train, test) = (read("train.jsonl"), read("test.jsonl"));
+    assert_eq!((train.len(), test.len()), (52, 10));
+    let planted: Vec<&str> = train
+        .iter()
+        .filter_map(|r| r["id"].as_str().filter(|id| id.starts_with("test-")))
+        .collect();
+    assert_eq!(planted.len(), 2);
+    let first = std::fs::read(w.path().join("train.jsonl")).unwrap();
+    w.run(&args).ok();
+    assert_eq!(
+        std::fs::read(w.path().join("train.jsonl")).unwrap(),
+        first,
+        "same seed, same file"
+    );
+    let bad = w.run(&[
+        "synth",
+        "arithmetic",
+        "--n",
+        "5",
+        "--out",
+        "x.jsonl",
+        "--test-n",
+        "1",
+        "--test-out",
+        "t.jsonl",
+        "--plant",
+        "3",
+    ]);
+    assert!(
+        bad.stderr().contains("--plant 3 exceeds --test-n 1"),
+        "{}",
+        bad.stderr()
+    );
+}
