@@ -177,3 +177,25 @@ pub fn interrupt(child: &Child) {
     let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     assert_eq!(rc, 0, "kill(SIGINT) failed");
 }
+
+/// A tiny random Qwen2 (the student parity fixture) with the minimind tokenizer and
+/// its chat template, written to `dir`.
+pub fn tiny_model(dir: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(
+            root.join("student/tests/fixtures/parity/qwen2-tied")
+                .join(f),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(
+            root.join("tests/fixtures/tokenizers/minimind").join(f),
+            dir.join(f),
+        )
+        .unwrap();
+    }
+}

@@ -1,7 +1,6 @@
 //! The `evaluate` stage: exact metrics against an endpoint with known per-question
 //! correctness, and a local Burn model killed mid-evaluation and resumed.
 
-use std::path::Path;
 use std::time::Duration;
 
 use distill_fake_teacher::{FakeConfig, FakeTeacher, Reply, ReplyInput};
@@ -107,27 +106,6 @@ max_tokens = 64
     // One request per question with n = 4.
     assert_eq!(server.stats().requests, 4);
     server.shutdown().await;
-}
-
-/// A tiny random Qwen2 with the minimind tokenizer and its chat template.
-fn tiny_model(dir: &Path) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(dir).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(
-            root.join("student/tests/fixtures/parity/qwen2-tied")
-                .join(f),
-            dir.join(f),
-        )
-        .unwrap();
-    }
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(
-            root.join("tests/fixtures/tokenizers/minimind").join(f),
-            dir.join(f),
-        )
-        .unwrap();
-    }
 }
 
 fn local_config() -> &'static str {

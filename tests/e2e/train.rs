@@ -33,27 +33,6 @@ fn reply(input: &ReplyInput<'_>) -> Reply {
     }
 }
 
-/// A tiny random Qwen2 with the minimind tokenizer and its chat template.
-fn tiny_model(dir: &Path) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::create_dir_all(dir).unwrap();
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(
-            root.join("student/tests/fixtures/parity/qwen2-tied")
-                .join(f),
-            dir.join(f),
-        )
-        .unwrap();
-    }
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(
-            root.join("tests/fixtures/tokenizers/minimind").join(f),
-            dir.join(f),
-        )
-        .unwrap();
-    }
-}
-
 fn config(url: &str, max_steps: usize, every: usize, extra: &str) -> String {
     format!(
         r#"
