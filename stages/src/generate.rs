@@ -16,7 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use distill_db::generations::{self, NewGeneration};
 use distill_db::prompts::{self, Prompt};
-use distill_teacher::{ChatModel, ChatRequest, Completion, Message, OpenAiClient, TeacherConfig};
+use distill_teacher::{ChatModel, ChatRequest, Completion, Message, TeacherConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
@@ -168,7 +168,7 @@ impl Stage for Generate {
     fn identity(&self) -> Result<Value, StageError> {
         let p = &self.params;
         // What shapes the samples; not where they come from (URLs, concurrency, keys).
-        Ok(json!({
+        let mut identity = json!({
             "model": self.teacher.model,
             "extra_body": self.teacher.extra_body,
             "samples_per_prompt": p.samples_per_prompt,
@@ -179,17 +179,25 @@ impl Stage for Generate {
             "prompt_template": p.prompt_template,
             "seed": p.seed,
             "stop": p.stop,
-        }))
+        });
+        // A simulator's settings shape its samples; the key is absent for real teachers
+        // so their fingerprints stay as they were.
+        if let Some(sim) = &self.teacher.simulated {
+            identity["simulated"] = json!(sim);
+        }
+        Ok(identity)
     }
 
     async fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
-        let client = OpenAiClient::new(self.teacher.clone())
+        // A simulated teacher's server lives as long as this client, i.e. this run.
+        let client = distill_teacher::connect(&self.teacher)
+            .await
             .map_err(|e| StageError::Input(format!("teacher `{}`: {e}", self.params.teacher)))?;
         let supports_n = self.teacher.supports_n;
         let in_flight = self
             .params
             .max_in_flight
-            .unwrap_or(self.teacher.max_concurrency * self.teacher.base_url.as_slice().len());
+            .unwrap_or(self.teacher.max_concurrency * self.teacher.endpoint_count());
         self.run_with(ctx, Arc::new(client), supports_n, in_flight)
             .await
     }

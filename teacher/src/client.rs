@@ -14,10 +14,11 @@ use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use crate::ChatModel;
-use crate::config::{TeacherConfig, redact_url};
+use crate::config::{SIMULATION_BODY_KEY, TeacherConfig, redact_url};
 use crate::error::TeacherError;
 use crate::limiter::Limiter;
 use crate::pool::{Endpoint, EndpointStatus, Pool, RestPolicy};
+use crate::sim::SimServer;
 use crate::sse::SseDecoder;
 use crate::types::{ChatRequest, Completion};
 use crate::wire::{RawResponse, StreamAcc, WireError, error_details, parse_full};
@@ -71,6 +72,8 @@ struct Inner {
     limiter: Option<Limiter>,
     request_timeout: Duration,
     counters: Counters,
+    /// The server of a simulated teacher, stopped when the last clone goes.
+    _sim: Option<SimServer>,
 }
 
 /// Client for OpenAI-compatible chat servers (vLLM, SGLang, DeepSeek API, ...).
@@ -120,12 +123,61 @@ impl OpenAiClient {
     }
 
     /// Builds a client with an explicit key (or none), ignoring `api_key_env`;
-    /// for callers that hold keys elsewhere.
+    /// for callers that hold keys elsewhere. A simulated teacher needs its server
+    /// started first: use [`connect`](crate::connect).
     pub fn with_api_key(
         config: TeacherConfig,
         api_key: Option<String>,
     ) -> Result<Self, TeacherError> {
         config.validate()?;
+        let Some(urls) = &config.base_url else {
+            return Err(TeacherError::Config(
+                "a simulated teacher is served by its own server: build its client with \
+                 distill_teacher::connect"
+                    .into(),
+            ));
+        };
+        let endpoints = urls
+            .as_slice()
+            .iter()
+            .map(|u| {
+                let base = u.trim_end_matches('/');
+                let url =
+                    reqwest::Url::parse(&format!("{base}/chat/completions")).map_err(|e| {
+                        TeacherError::Config(format!("base_url {:?}: {e}", redact_url(u)))
+                    })?;
+                Ok((redact_url(base), url))
+            })
+            .collect::<Result<Vec<_>, TeacherError>>()?;
+        Self::build(config, api_key, endpoints, None)
+    }
+
+    /// Starts the simulator of a simulated teacher and builds a client for it that
+    /// keeps the server running until the client and all its clones are dropped.
+    pub(crate) async fn simulated(config: TeacherConfig) -> Result<Self, TeacherError> {
+        config.validate()?;
+        let sim = config
+            .simulated
+            .clone()
+            .ok_or_else(|| TeacherError::Config("not a simulated teacher".into()))?;
+        let label = format!("simulated:{}", sim.task.as_str());
+        let server = SimServer::start(sim, config.model.clone())
+            .await
+            .map_err(|e| TeacherError::Connection {
+                endpoint: label.clone(),
+                message: format!("cannot start the simulator on loopback: {e}"),
+            })?;
+        let url = reqwest::Url::parse(&format!("{}/chat/completions", server.url()))
+            .map_err(|e| TeacherError::Config(format!("simulator URL: {e}")))?;
+        Self::build(config, None, vec![(label, url)], Some(server))
+    }
+
+    fn build(
+        config: TeacherConfig,
+        api_key: Option<String>,
+        endpoints: Vec<(String, reqwest::Url)>,
+        sim: Option<SimServer>,
+    ) -> Result<Self, TeacherError> {
         let key = api_key.map(|k| ApiKey(k.trim().to_owned()));
         let auth = match &key {
             None => None,
@@ -147,22 +199,13 @@ impl OpenAiClient {
         if let Some(r) = config.read_timeout_s {
             builder = builder.read_timeout(Duration::from_secs_f64(r));
         }
+        if sim.is_some() {
+            // An HTTP_PROXY in the environment must not capture loopback traffic.
+            builder = builder.no_proxy();
+        }
         let http = builder
             .build()
             .map_err(|e| TeacherError::Config(format!("cannot build HTTP client: {e}")))?;
-        let endpoints = config
-            .base_url
-            .as_slice()
-            .iter()
-            .map(|u| {
-                let base = u.trim_end_matches('/');
-                let url =
-                    reqwest::Url::parse(&format!("{base}/chat/completions")).map_err(|e| {
-                        TeacherError::Config(format!("base_url {:?}: {e}", redact_url(u)))
-                    })?;
-                Ok((redact_url(base), url))
-            })
-            .collect::<Result<Vec<_>, TeacherError>>()?;
         let policy = RestPolicy {
             failover_after: config.failover_after,
             rest: Duration::from_secs_f64(config.rest_s),
@@ -181,6 +224,7 @@ impl OpenAiClient {
             key,
             config,
             counters: Counters::default(),
+            _sim: sim,
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -441,6 +485,12 @@ impl Inner {
         );
         for (k, v) in &self.config.extra_body {
             m.insert(k.clone(), v.clone());
+        }
+        if let Some(sim) = &self.config.simulated {
+            m.insert(
+                SIMULATION_BODY_KEY.into(),
+                serde_json::to_value(sim).expect("settings serialise"),
+            );
         }
         m.insert("stream".into(), Value::Bool(self.config.stream));
         if self.config.stream {

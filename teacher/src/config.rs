@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::TeacherError;
+use crate::sim::SimulatedTeacher;
 
 /// One base URL or a pool of them; a TOML string or array of strings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,7 +79,8 @@ fn default_rest_max_s() -> f64 {
     300.0
 }
 
-/// A teacher server (or pool of replicas) speaking the OpenAI chat API.
+/// A teacher server (or pool of replicas) speaking the OpenAI chat API, or the
+/// built-in simulator for demos and tests: exactly one of `base_url` and `simulated`.
 ///
 /// Holds no secret: the API key is read from the environment variable named by
 /// `api_key_env`, so configs can be stored and hashed freely.
@@ -88,8 +90,15 @@ pub struct TeacherConfig {
     /// OpenAI-style base URL including the version prefix (`http://host:8000/v1`,
     /// `https://api.deepseek.com/v1`); `/chat/completions` is appended. A list
     /// load-balances over replicas of the same model.
-    pub base_url: BaseUrls,
-    /// Model name sent in every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<BaseUrls>,
+    /// Instead of a server, a simulator that [`connect`](crate::connect) starts on
+    /// loopback for the run: synthetic answers for demos and tests, never a teacher.
+    /// `api_key_env` is not used with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulated: Option<SimulatedTeacher>,
+    /// Model name sent in every request (required for a simulated teacher too, which
+    /// reports it back like a server).
     pub model: String,
     /// Name of the environment variable holding the API key; `None` sends no
     /// `Authorization` header (local vLLM/SGLang).
@@ -159,12 +168,33 @@ pub struct TeacherConfig {
 /// desynchronise the request from how its response is parsed.
 const RESERVED_BODY_KEYS: &[&str] = &["model", "messages", "stream", "stream_options", "n"];
 
+/// The body field in which the client sends a simulated teacher's settings: the server
+/// ignores it, but it puts them in the request hash that keys the response cache.
+pub(crate) const SIMULATION_BODY_KEY: &str = "simulation";
+
 impl TeacherConfig {
-    /// A config with every optional field at its default.
+    /// A config for the server(s) at `base_url` with every optional field at its default.
     pub fn new(base_url: impl Into<BaseUrls>, model: impl Into<String>) -> Self {
         Self {
-            base_url: base_url.into(),
-            model: model.into(),
+            base_url: Some(base_url.into()),
+            ..Self::defaults(model.into())
+        }
+    }
+
+    /// A config for a simulated teacher (demos and tests) with every optional field at
+    /// its default.
+    pub fn simulated(model: impl Into<String>, simulated: SimulatedTeacher) -> Self {
+        Self {
+            simulated: Some(simulated),
+            ..Self::defaults(model.into())
+        }
+    }
+
+    fn defaults(model: String) -> Self {
+        Self {
+            base_url: None,
+            simulated: None,
+            model,
             api_key_env: None,
             max_concurrency: default_max_concurrency(),
             connect_timeout_s: default_connect_timeout_s(),
@@ -189,17 +219,43 @@ impl TeacherConfig {
     /// on the first request of a long run.
     pub fn validate(&self) -> Result<(), TeacherError> {
         let bad = |m: String| Err(TeacherError::Config(m));
-        let urls = self.base_url.as_slice();
-        if urls.is_empty() {
-            return bad("base_url lists no URL".into());
-        }
-        for u in urls {
-            match reqwest::Url::parse(u) {
-                Ok(p) if matches!(p.scheme(), "http" | "https") && p.host().is_some() => {}
-                _ => {
+        match (&self.base_url, &self.simulated) {
+            (Some(_), Some(_)) => {
+                return bad(
+                    "give base_url (a server) or simulated (the built-in simulator), \
+                            not both"
+                        .into(),
+                );
+            }
+            (None, None) => {
+                return bad(
+                    "base_url is missing: give base_url (a server) or simulated \
+                            (the built-in simulator)"
+                        .into(),
+                );
+            }
+            (Some(urls), None) => {
+                if urls.as_slice().is_empty() {
+                    return bad("base_url lists no URL".into());
+                }
+                for u in urls.as_slice() {
+                    match reqwest::Url::parse(u) {
+                        Ok(p) if matches!(p.scheme(), "http" | "https") && p.host().is_some() => {}
+                        _ => {
+                            return bad(format!(
+                                "base_url {:?} is not an http(s) URL",
+                                redact_url(u)
+                            ));
+                        }
+                    }
+                }
+            }
+            (None, Some(sim)) => {
+                sim.validate()?;
+                if self.extra_body.contains_key(SIMULATION_BODY_KEY) {
                     return bad(format!(
-                        "base_url {:?} is not an http(s) URL",
-                        redact_url(u)
+                        "extra_body may not set {SIMULATION_BODY_KEY:?} for a simulated \
+                         teacher; the client sends the simulator settings there"
                     ));
                 }
             }
@@ -260,6 +316,12 @@ impl TeacherConfig {
         Ok(())
     }
 
+    /// Number of endpoints requests are spread over: the base URLs, or the one
+    /// simulator. Callers size their concurrency as this times `max_concurrency`.
+    pub fn endpoint_count(&self) -> usize {
+        self.base_url.as_ref().map_or(1, |u| u.as_slice().len())
+    }
+
     pub(crate) fn connect_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.connect_timeout_s)
     }
@@ -310,7 +372,7 @@ mod tests {
             r#"{"base_url": ["http://a/v1", "http://b/v1"], "model": "r1", "supports_n": false}"#,
         )
         .unwrap();
-        assert_eq!(c.base_url.as_slice().len(), 2);
+        assert_eq!(c.endpoint_count(), 2);
         assert!(!c.supports_n);
         let err = serde_json::from_str::<TeacherConfig>(
             r#"{"base_url": "http://a/v1", "model": "r1", "api_key": "sk-secret"}"#,
@@ -331,7 +393,7 @@ mod tests {
 
         let mut c = TeacherConfig::new("ftp://a", "r1");
         assert!(c.validate().is_err());
-        c.base_url = BaseUrls::Many(vec![]);
+        c.base_url = Some(BaseUrls::Many(vec![]));
         assert!(c.validate().is_err());
 
         let mut c = TeacherConfig::new("http://a/v1", "r1");
@@ -345,6 +407,65 @@ mod tests {
         let mut c = TeacherConfig::new("http://a/v1", "r1");
         c.request_timeout_s = 0.0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn simulated_teachers_parse_and_exclude_base_url() {
+        let c: TeacherConfig = serde_json::from_str(
+            r#"{"model": "sim-r1", "simulated": {"task": "arithmetic", "seed": 7, "wrong": 0.1}}"#,
+        )
+        .unwrap();
+        let mut sim = SimulatedTeacher::new(crate::sim::SimTask::Arithmetic);
+        sim.seed = 7;
+        sim.wrong = 0.1;
+        assert_eq!(c, TeacherConfig::simulated("sim-r1", sim));
+        assert_eq!(c.endpoint_count(), 1);
+        c.validate().unwrap();
+        // Real teachers serialise as before, so nothing derived from them changes.
+        let real = serde_json::to_value(TeacherConfig::new("http://a/v1", "r1")).unwrap();
+        assert!(real.get("simulated").is_none());
+
+        let both =
+            r#"{"base_url": "http://a/v1", "model": "m", "simulated": {"task": "arithmetic"}}"#;
+        let msg = serde_json::from_str::<TeacherConfig>(both)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("base_url") && msg.contains("simulated") && msg.contains("not both"),
+            "{msg}"
+        );
+        let msg = serde_json::from_str::<TeacherConfig>(r#"{"model": "m"}"#)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("base_url is missing") && msg.contains("simulated"),
+            "{msg}"
+        );
+
+        let err = serde_json::from_str::<TeacherConfig>(
+            r#"{"model": "m", "simulated": {"task": "arithmetic", "wrongg": 0.1}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `wrongg`"), "{err}");
+        let err = serde_json::from_str::<TeacherConfig>(
+            r#"{"model": "m", "simulated": {"task": "algebra"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("algebra"), "{err}");
+
+        let mut c = c;
+        c.simulated.as_mut().unwrap().truncated = 1.5;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("simulated.truncated"), "{msg}");
+        c.simulated.as_mut().unwrap().truncated = 0.5;
+        c.extra_body.insert("simulation".into(), 1.into());
+        assert!(c.validate().unwrap_err().to_string().contains("simulation"));
     }
 
     #[test]

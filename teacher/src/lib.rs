@@ -5,6 +5,10 @@
 //! long generation runs meet in practice: rate limits, overloaded or dead
 //! replicas, dropped streams. The pipeline depends only on the object-safe
 //! [`ChatModel`] trait, so tests and other backends can stand in.
+//!
+//! [`connect`] builds the client for a `[teacher.NAME]`; for a simulated teacher
+//! ([`sim`], for demos and tests, never a teacher) it first starts the simulator's
+//! loopback server, which then lives as long as the client.
 
 mod client;
 mod config;
@@ -25,6 +29,17 @@ pub use error::TeacherError;
 pub use pool::EndpointStatus;
 pub use reasoning::{normalize, split_think};
 pub use types::{ChatRequest, Completion, Message, Role};
+
+/// The client for `config`: [`OpenAiClient::new`] for a server, or, for a simulated
+/// teacher, a client of a simulator started on loopback that stops when the client
+/// and its clones are dropped. Must be called inside a Tokio runtime.
+pub async fn connect(config: &TeacherConfig) -> Result<OpenAiClient, TeacherError> {
+    if config.simulated.is_some() {
+        OpenAiClient::simulated(config.clone()).await
+    } else {
+        OpenAiClient::new(config.clone())
+    }
+}
 
 /// A source of chat completions.
 #[async_trait]

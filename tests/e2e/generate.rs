@@ -390,6 +390,24 @@ async fn generate_config_errors_name_the_field() {
             "max_concurency",
         ),
         (config("http://127.0.0.1:9", 1, "", "top_p = 1.5"), "top_p"),
+        (
+            config(
+                "http://127.0.0.1:9",
+                1,
+                "simulated = { task = \"arithmetic\" }",
+                "",
+            ),
+            "give base_url (a server) or simulated (the built-in simulator), not both",
+        ),
+        (
+            config(
+                "http://127.0.0.1:9",
+                1,
+                "simulated = { task = \"arithmetic\", wrongg = 0.1 }",
+                "",
+            ),
+            "unknown field `wrongg`",
+        ),
     ];
     for (text, expected) in cases {
         w.write("bad.toml", &text);
@@ -415,4 +433,129 @@ async fn with_the_cache_off_responses_are_stored_once() {
         .unwrap();
     assert_eq!(cached, 0);
     server.shutdown().await;
+}
+
+/// A pipeline whose teacher is the built-in simulator, with curation in the order that
+/// lets each stage see its fault: the filter drops cut-off samples before verify would
+/// count their missing answers as wrong.
+const SIMULATED: &str = r#"
+[run]
+name = "sim"
+
+[teacher.sim]
+model = "sim-r1"
+simulated = { task = "arithmetic", seed = 7, wrong = 0.2, mixed_language = 0.2, truncated = 0.2, duplicate = 0.5 }
+
+[[stage]]
+name = "problems"
+kind = "load"
+path = "problems.jsonl"
+id_field = "id"
+
+[[stage]]
+name = "traces"
+kind = "generate"
+needs = ["problems"]
+teacher = "sim"
+samples_per_prompt = 2
+seed = 1
+
+[[stage]]
+name = "filtered"
+kind = "filter"
+needs = ["traces"]
+
+[[stage]]
+name = "verified"
+kind = "verify"
+needs = ["filtered"]
+
+[[stage]]
+name = "unique"
+kind = "dedupe"
+needs = ["verified"]
+"#;
+
+#[test]
+fn a_simulated_teacher_gives_every_curation_stage_something_to_remove() {
+    let w = Workdir::new();
+    let synth = |n: &str| {
+        w.run(&[
+            "synth",
+            "arithmetic",
+            "--n",
+            n,
+            "--seed",
+            "5",
+            "--out",
+            "problems.jsonl",
+        ])
+        .ok();
+    };
+    synth("40");
+    w.write("pipeline.toml", SIMULATED);
+    w.run(&["run", "pipeline.toml"]).ok();
+
+    let funnel: serde_json::Value =
+        serde_json::from_str(&w.run(&["funnel", "sim", "--json"]).ok().stdout()).unwrap();
+    let row = |name: &str| {
+        funnel["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {funnel:#}"))
+            .clone()
+    };
+    let dropped = |name: &str, reason: &str| row(name)["dropped"][reason].as_i64().unwrap_or(0);
+    assert_eq!(row("traces")["kept"], 80, "{funnel:#}");
+    assert!(dropped("filtered", "truncated") > 0, "{funnel:#}");
+    assert!(dropped("filtered", "language_mixing") > 0, "{funnel:#}");
+    assert!(dropped("verified", "incorrect") > 0, "{funnel:#}");
+    assert!(dropped("unique", "exact_duplicate") > 0, "{funnel:#}");
+    assert_eq!(dropped("unique", "near_duplicate"), 0, "{funnel:#}");
+    assert!(row("unique")["kept"].as_i64().unwrap() > 20, "{funnel:#}");
+
+    // The teacher saw the R1 instruction after each problem and answered R1-style.
+    let traces: serde_json::Value = serde_json::from_str(
+        &w.run(&["traces", "sim", "--json", "--limit", "80"])
+            .ok()
+            .stdout(),
+    )
+    .unwrap();
+    let clean = traces
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["finish_reason"] == "stop")
+        .unwrap();
+    let answer = clean["answer"].as_str().unwrap();
+    assert!(answer.contains("**Answer:** \\boxed{"), "{clean:#}");
+    assert!(
+        clean["reasoning"].as_str().unwrap().contains(" = "),
+        "{clean:#}"
+    );
+
+    // The simulator listens on a new port each run, but what it says depends only on
+    // its settings: a second run redoes nothing...
+    let stages = || async {
+        let rows: Vec<(String, String, i64)> =
+            sqlx::query_as("SELECT name, fingerprint, attempts FROM stages ORDER BY position")
+                .fetch_all(&w.db().await)
+                .await
+                .unwrap();
+        rows
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let before = rt.block_on(stages());
+    w.run(&["run", "pipeline.toml"]).ok();
+    assert_eq!(rt.block_on(stages()), before);
+
+    // ...and when more problems arrive, the old ones are answered from the cache.
+    synth("45");
+    w.run(&["run", "pipeline.toml"]).ok();
+    let status = w.status(Some("sim"));
+    let traces = stage(&status, "traces");
+    assert_eq!(traces["summary"]["samples"], 90, "{traces:#}");
+    assert_eq!(traces["summary"]["cached"], 80, "{traces:#}");
 }

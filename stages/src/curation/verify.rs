@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use distill_curate::verify::{Verdict, verify};
 use distill_db::verdicts::{Item, NewVerdict};
-use distill_teacher::{ChatModel, ChatRequest, Message, OpenAiClient, TeacherConfig};
+use distill_teacher::{ChatModel, ChatRequest, Message, TeacherConfig};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -127,12 +127,17 @@ pub struct VerifyStage {
 #[async_trait]
 impl Stage for VerifyStage {
     fn identity(&self) -> Result<Value, StageError> {
-        Ok(json!({
+        let mut identity = json!({
             "on_unknown": self.policy,
             "judge_model": self.judge.as_ref().map(|(_, t)| &t.model),
             "judge_template": (self.policy == OnUnknown::Judge).then_some(&self.params.judge_template),
             "judge_max_tokens": (self.policy == OnUnknown::Judge).then_some(self.params.judge_max_tokens),
-        }))
+        });
+        // Only for a simulated judge, so real judges keep their fingerprints.
+        if let Some(sim) = self.judge.as_ref().and_then(|(_, t)| t.simulated.as_ref()) {
+            identity["judge_simulated"] = json!(sim);
+        }
+        Ok(identity)
     }
 
     async fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
@@ -167,9 +172,10 @@ impl Stage for VerifyStage {
         if let Some((name, config)) = &self.judge
             && !undecided.is_empty()
         {
-            let client = OpenAiClient::new(config.clone())
+            let client = distill_teacher::connect(config)
+                .await
                 .map_err(|e| StageError::Input(format!("judge `{name}`: {e}")))?;
-            let concurrency = config.max_concurrency * config.base_url.as_slice().len();
+            let concurrency = config.max_concurrency * config.endpoint_count();
             self.judge_all(ctx, &client, undecided, concurrency).await?;
         }
         summary(ctx).await

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use distill_curate::verify::{Verdict, normalize, verify};
 pub use distill_db::evals::NewEvalSample;
 use distill_db::evals::{self, NewScore};
-use distill_teacher::{ChatModel, ChatRequest, Message, OpenAiClient, TeacherConfig};
+use distill_teacher::{ChatModel, ChatRequest, Message, TeacherConfig};
 use futures::StreamExt;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -449,7 +449,12 @@ impl Stage for Evaluate {
     fn identity(&self) -> Result<Value, StageError> {
         let target = match &self.target {
             Target::Model(dir) => json!({ "model": local::model_identity(dir)? }),
-            Target::Teacher(_, config) => json!({ "teacher_model": config.model }),
+            // A simulator's settings only when simulated, so real teachers keep
+            // their fingerprints.
+            Target::Teacher(_, config) => match &config.simulated {
+                None => json!({ "teacher_model": config.model }),
+                Some(sim) => json!({ "teacher_model": config.model, "teacher_simulated": sim }),
+            },
             // The train stage's fingerprint (upstream) stands for its weights.
             Target::Student(name) => {
                 json!({ "student": name, "checkpoints": self.params.checkpoints })
@@ -521,9 +526,10 @@ impl Stage for Evaluate {
                 .collect();
             match (&self.target, dir) {
                 (Target::Teacher(name, config), _) => {
-                    let client = OpenAiClient::new(config.clone())
+                    let client = distill_teacher::connect(config)
+                        .await
                         .map_err(|e| StageError::Input(format!("teacher `{name}`: {e}")))?;
-                    let concurrency = config.max_concurrency * config.base_url.as_slice().len();
+                    let concurrency = config.max_concurrency * config.endpoint_count();
                     self.sample_endpoint(
                         ctx,
                         target,
