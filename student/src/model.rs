@@ -238,15 +238,43 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-fn linear<B: Backend>(d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
+/// transformers' `_init_weights` for these models: weights ~ N(0, `initializer_range`), biases
+/// zero. Burn's defaults (Kaiming-uniform linears, N(0, 1) embeddings) would make a tied
+/// `lm_head` emit logits with a standard deviation near √hidden, which stalls training from
+/// scratch.
+fn hf_normal(std: f64) -> burn::nn::Initializer {
+    burn::nn::Initializer::Normal { mean: 0.0, std }
+}
+
+fn linear<B: Backend>(
+    d_in: usize,
+    d_out: usize,
+    bias: bool,
+    std: f64,
+    device: &B::Device,
+) -> Linear<B> {
+    let mut l = LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(hf_normal(std))
+        .init(device);
+    l.bias = l
+        .bias
+        .map(|_| burn::module::Param::from_tensor(Tensor::zeros([d_out], device)));
+    l
 }
 
 impl<B: Backend> CausalLm<B> {
-    /// A randomly initialised model (Burn's default initialisers), f32. For benchmarks and tests;
-    /// real weights come from [`crate::weights::load_model`].
+    /// A randomly initialised model, f32, initialised as transformers does (normal weights with
+    /// the config's `initializer_range`, default 0.02; zero biases; unit norms). For training from
+    /// scratch, benchmarks and tests; real weights come from [`crate::weights::load_model`].
     pub fn init(config: &ModelConfig, device: &B::Device) -> Self {
         let c = config;
+        let std = c
+            .raw
+            .get("initializer_range")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.02);
+        let linear = |d_in, d_out, bias, device| linear(d_in, d_out, bias, std, device);
         let (d, q, kvd) = (
             c.hidden_size,
             c.num_attention_heads * c.head_dim,
@@ -278,7 +306,9 @@ impl<B: Backend> CausalLm<B> {
             })
             .collect();
         let model = DecoderModel {
-            embed_tokens: EmbeddingConfig::new(c.vocab_size, d).init(device),
+            embed_tokens: EmbeddingConfig::new(c.vocab_size, d)
+                .with_initializer(hf_normal(std))
+                .init(device),
             layers,
             norm: norm(),
         };
