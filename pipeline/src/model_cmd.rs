@@ -185,39 +185,17 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             seed,
             dtype,
         } => {
-            use burn::prelude::Backend;
-            type B = distill_student::CpuBackend;
             let model_config = distill_student::ModelConfig::from_file(&config)
                 .with_context(|| format!("cannot read {}", config.display()))?;
-            let tok = distill_student::Tokenizer::from_dir(&tokenizer)
-                .with_context(|| format!("cannot read the tokenizer in {}", tokenizer.display()))?;
-            if tok.vocab_size() > model_config.vocab_size {
-                anyhow::bail!(
-                    "{}: vocab_size {} is smaller than the tokenizer's {} tokens",
-                    config.display(),
-                    model_config.vocab_size,
-                    tok.vocab_size()
-                );
-            }
             if out.join("config.json").exists() {
                 anyhow::bail!(
                     "{} already holds a model; choose another --out",
                     out.display()
                 );
             }
-            let device = burn::tensor::Device::<B>::default();
-            B::seed(&device, seed);
-            let model = distill_student::CausalLm::<B>::init(&model_config, &device);
-            let saved = distill_student::save_pretrained(
-                &model,
-                &out,
-                &distill_student::SaveOptions {
-                    dtype: Some(dtype.into()),
-                    tokenizer_dir: Some(tokenizer.clone()),
-                    ..Default::default()
-                },
-            )
-            .with_context(|| format!("cannot write {}", out.display()))?;
+            let saved =
+                distill_student::api::init_model(&config, &tokenizer, seed, dtype.into(), &out)
+                    .with_context(|| format!("cannot write a random model to {}", out.display()))?;
             eprintln!(
                 "wrote a random {} with {} parameters to {} ({} files)",
                 model_config.architecture.hf_class(),

@@ -47,7 +47,12 @@ pub enum Device {
 #[serde(deny_unknown_fields)]
 pub struct TrainStageParams {
     /// The base model folder (Hugging Face layout, with its tokenizer).
-    pub base_model: PathBuf,
+    #[serde(default)]
+    pub base_model: Option<PathBuf>,
+    /// Instead of `base_model`: train from scratch, from a random model made at run time
+    /// (as `distill model init` does) in the stage's artifacts as `base/`.
+    #[serde(default)]
+    pub init: Option<InitModel>,
     /// Save a checkpoint every this many optimizer steps (0: only at the end).
     #[serde(default)]
     pub checkpoint_every: usize,
@@ -62,8 +67,29 @@ pub struct TrainStageParams {
     pub gpu_mem_gib: Option<f64>,
 }
 
+/// A randomly initialised base model: `init = { config = "config.json", tokenizer = "DIR" }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitModel {
+    /// An HF `config.json` giving the architecture and size.
+    pub config: PathBuf,
+    /// A folder with `tokenizer.json` and `tokenizer_config.json` (its chat template).
+    pub tokenizer: PathBuf,
+    /// Seed of the initialisation.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Where the weights training starts from come from.
+#[derive(Debug, Clone)]
+enum Base {
+    Folder(PathBuf),
+    Init(InitModel),
+}
+
 const STAGE_KEYS: &[&str] = &[
     "base_model",
+    "init",
     "checkpoint_every",
     "keep_last",
     "device",
@@ -99,15 +125,44 @@ impl StageKind for TrainKind {
                 ));
             }
         }
-        let base = env.resolve(&stage.base_model);
-        for f in ["config.json", "tokenizer.json"] {
-            if !base.join(f).is_file() {
+        let base = match (&stage.base_model, &stage.init) {
+            (Some(dir), None) => {
+                let dir = env.resolve(dir);
+                for f in ["config.json", "tokenizer.json"] {
+                    if !dir.join(f).is_file() {
+                        return Err(ParamError::new(
+                            "base_model",
+                            format!("{} has no {f}", dir.display()),
+                        ));
+                    }
+                }
+                Base::Folder(dir)
+            }
+            (None, Some(init)) => {
+                let init = InitModel {
+                    config: env.resolve(&init.config),
+                    tokenizer: env.resolve(&init.tokenizer),
+                    seed: init.seed,
+                };
+                distill_student::ModelConfig::from_file(&init.config)
+                    .map_err(|e| ParamError::new("init.config", e.to_string()))?;
+                for f in ["tokenizer.json", "tokenizer_config.json"] {
+                    if !init.tokenizer.join(f).is_file() {
+                        return Err(ParamError::new(
+                            "init.tokenizer",
+                            format!("{} has no {f}", init.tokenizer.display()),
+                        ));
+                    }
+                }
+                Base::Init(init)
+            }
+            _ => {
                 return Err(ParamError::new(
                     "base_model",
-                    format!("{} has no {f}", base.display()),
+                    "give exactly one of `base_model` (a model folder) and `init` (train from scratch)",
                 ));
             }
-        }
+        };
         if stage.device == Device::Cuda {
             if !cfg!(feature = "cuda") {
                 return Err(ParamError::new(
@@ -115,7 +170,10 @@ impl StageKind for TrainKind {
                     "this distill was built without CUDA (cargo build --release --features cuda)",
                 ));
             }
-            check_plan(&base, &config, stage.gpu_mem_gib)?;
+            match &base {
+                Base::Folder(dir) => check_plan(dir, &config, stage.gpu_mem_gib)?,
+                Base::Init(init) => check_plan(&init.config, &config, stage.gpu_mem_gib)?,
+            }
         }
         Ok(Arc::new(Train {
             stage,
@@ -171,7 +229,7 @@ fn check_plan(
 pub struct Train {
     stage: TrainStageParams,
     config: TrainConfig,
-    base: PathBuf,
+    base: Base,
 }
 
 /// What the training thread reports.
@@ -191,8 +249,25 @@ enum Event {
 #[async_trait]
 impl Stage for Train {
     fn identity(&self) -> Result<Value, StageError> {
+        let base = match &self.base {
+            Base::Folder(dir) => crate::evaluate::model_identity(dir)?,
+            Base::Init(init) => {
+                let read = |p: &Path| {
+                    std::fs::read(p)
+                        .map_err(|e| StageError::Input(format!("cannot read {}: {e}", p.display())))
+                };
+                let mut tokenizer = read(&init.tokenizer.join("tokenizer.json"))?;
+                tokenizer.extend(read(&init.tokenizer.join("tokenizer_config.json"))?);
+                json!({
+                    "init_config": crate::hash::hex128(&read(&init.config)?),
+                    "init_tokenizer": crate::hash::hex128(&tokenizer),
+                    "init_seed": init.seed,
+                    "init_code": INIT_CODE_VERSION,
+                })
+            }
+        };
         Ok(json!({
-            "base_model": crate::evaluate::model_identity(&self.base)?,
+            "base_model": base,
             "config": self.config,
             "device": self.stage.device,
         }))
@@ -242,10 +317,14 @@ impl Stage for Train {
             .max_by_key(|c| c.step)
             .map(|c| PathBuf::from(&c.path));
 
+        let base = match &self.base {
+            Base::Folder(dir) => dir.clone(),
+            Base::Init(init) => init_base(init, &ctx.artifacts).await?,
+        };
         let (tx, mut rx) = mpsc::channel::<Event>(64);
         let stop = Arc::new(AtomicBool::new(false));
         let job = TrainJob {
-            base: self.base.clone(),
+            base: base.clone(),
             config: self.config.clone(),
             records,
             resume_from,
@@ -315,6 +394,7 @@ impl Stage for Train {
         match outcome {
             Finished::Interrupted => Err(StageError::Interrupted),
             Finished::Done { total_steps, data } => Ok(json!({
+                "base_model": base.display().to_string(),
                 "steps": total_steps,
                 "last_step": last_step,
                 "final_loss": last_loss,
@@ -322,6 +402,40 @@ impl Stage for Train {
             })),
         }
     }
+}
+
+/// Bumped when `CausalLm::init` changes what a seed produces, so from-scratch runs redo.
+const INIT_CODE_VERSION: u32 = 1;
+
+/// The random base model of a from-scratch run, made once in `artifacts/base` (written to a
+/// temporary folder and renamed, so a kill never leaves half a model to resume from).
+async fn init_base(init: &InitModel, artifacts: &Path) -> Result<PathBuf, StageError> {
+    let dir = artifacts.join("base");
+    if dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
+    let tmp = artifacts.join("base.partial");
+    let init = init.clone();
+    let (out, tmp2) = (dir.clone(), tmp.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), StageError> {
+        let _ = std::fs::remove_dir_all(&tmp2);
+        std::fs::create_dir_all(&tmp2)
+            .map_err(|e| StageError::Failed(format!("cannot create {}: {e}", tmp2.display())))?;
+        distill_student::api::init_model(
+            &init.config,
+            &init.tokenizer,
+            init.seed,
+            distill_student::DType::F32,
+            &tmp2,
+        )
+        .map_err(|e| StageError::Input(format!("init: {e}")))?;
+        std::fs::rename(&tmp2, &out)
+            .map_err(|e| StageError::Failed(format!("cannot create {}: {e}", out.display())))
+    })
+    .await
+    .map_err(|e| StageError::Failed(format!("init: {e}")))??;
+    tracing::info!("initialised a random base model in {}", dir.display());
+    Ok(dir)
 }
 
 /// Drops the oldest intermediate checkpoints beyond `keep`, folders and rows alike.

@@ -192,6 +192,42 @@ pub fn model_info(dir: impl AsRef<Path>) -> Result<ModelInfo> {
     })
 }
 
+/// Writes a randomly initialised model of the architecture and size in `config` (an HF
+/// `config.json`) to `out`, with the tokenizer files of `tokenizer_dir`, in `dtype`: a student
+/// trained from scratch starts here. The same seed gives the same weights (Burn's CPU backend,
+/// seeded before initialisation). Fails when the vocabulary is smaller than the tokenizer's.
+pub fn init_model(
+    config: &Path,
+    tokenizer_dir: &Path,
+    seed: u64,
+    dtype: DType,
+    out: &Path,
+) -> Result<SavedCheckpoint> {
+    type B = crate::CpuBackend;
+    let model_config = ModelConfig::from_file(config)?;
+    let tok = Tokenizer::from_dir(tokenizer_dir)?;
+    if tok.vocab_size() > model_config.vocab_size {
+        return Err(StudentError::InvalidArgument(format!(
+            "{}: vocab_size {} is smaller than the tokenizer's {} tokens",
+            config.display(),
+            model_config.vocab_size,
+            tok.vocab_size()
+        )));
+    }
+    let device = burn::tensor::Device::<B>::default();
+    B::seed(&device, seed);
+    let model = CausalLm::<B>::init(&model_config, &device);
+    save_pretrained(
+        &model,
+        out,
+        &SaveOptions {
+            dtype: Some(dtype),
+            tokenizer_dir: Some(tokenizer_dir.to_path_buf()),
+            ..Default::default()
+        },
+    )
+}
+
 /// NLL of one data line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NllRecord {

@@ -102,6 +102,10 @@ pub struct EvaluateParams {
     /// With `student`: `all` recorded checkpoints, or only the `final` model.
     #[serde(default)]
     pub checkpoints: CheckpointChoice,
+    /// With `student`: also evaluate the model training started from (as step 0), the
+    /// "before" row; for a from-scratch (`init`) train stage, the random model.
+    #[serde(default)]
+    pub include_base: bool,
     /// How tables name the model; default: the folder name or the endpoint's model.
     #[serde(default)]
     pub label: Option<String>,
@@ -163,6 +167,12 @@ impl StageKind for EvaluateKind {
     }
     fn build(&self, params: toml::Table, env: &BuildEnv) -> Result<Arc<dyn Stage>, ParamError> {
         let p: EvaluateParams = parse_params(params)?;
+        if p.include_base && p.student.is_none() {
+            return Err(ParamError::new(
+                "include_base",
+                "only with `student` (the base of a train stage)",
+            ));
+        }
         let target = match (&p.model, &p.teacher) {
             (None, None) if p.student.is_some() => {
                 let name = p.student.clone().expect("checked");
@@ -456,6 +466,11 @@ impl Stage for Evaluate {
                 Some(sim) => json!({ "teacher_model": config.model, "teacher_simulated": sim }),
             },
             // The train stage's fingerprint (upstream) stands for its weights.
+            Target::Student(name) if self.params.include_base => json!({
+                "student": name,
+                "checkpoints": self.params.checkpoints,
+                "include_base": true,
+            }),
             Target::Student(name) => {
                 json!({ "student": name, "checkpoints": self.params.checkpoints })
             }
@@ -478,6 +493,28 @@ impl Stage for Evaluate {
                     .iter()
                     .find(|i| &i.name == name)
                     .ok_or_else(|| StageError::Failed(format!("`{name}` is not an input")))?;
+                if self.params.include_base {
+                    let summary: Option<String> =
+                        sqlx::query_scalar("SELECT summary FROM stages WHERE id = ?")
+                            .bind(input.stage_id)
+                            .fetch_one(ctx.db.pool())
+                            .await?;
+                    let base = summary
+                        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+                        .and_then(|v| v["base_model"].as_str().map(PathBuf::from))
+                        .filter(|p| p.join("config.json").is_file())
+                        .ok_or_else(|| {
+                            StageError::Input(format!(
+                                "train stage `{name}` recorded no base model on disk to evaluate"
+                            ))
+                        })?;
+                    targets.push((
+                        format!("base:{name}"),
+                        format!("{name}@0"),
+                        Some(0),
+                        Some(base),
+                    ));
+                }
                 for c in distill_db::training::checkpoints(ctx.db.pool(), input.stage_id).await? {
                     let wanted = c.r#final || self.params.checkpoints == CheckpointChoice::All;
                     if wanted && Path::new(&c.path).is_dir() {
@@ -489,7 +526,7 @@ impl Stage for Evaluate {
                         ));
                     }
                 }
-                if targets.is_empty() {
+                if !targets.iter().any(|t| t.0.starts_with("checkpoint:")) {
                     return Err(StageError::Input(format!(
                         "train stage `{name}` has no checkpoint on disk to evaluate"
                     )));
