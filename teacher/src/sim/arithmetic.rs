@@ -1,6 +1,6 @@
 //! A family of synthetic multi-step integer word problems ("Mia has 12 pencils. She
 //! buys 5 more. She doubles them. How many pencils does Mia have now?") with their
-//! step-by-step solutions: training and held-out data for demos and tests that need no
+//! answers: training and held-out data for demos and tests that need no
 //! real teacher, small enough for a tiny student to learn on a CPU in minutes.
 //!
 //! Problems are generated from a seed and parsed back from their text, so a simulated
@@ -35,7 +35,7 @@ pub enum Op {
     Add(i64),
     /// Loses this many.
     Sub(i64),
-    /// Multiplies by this factor (2 or 3).
+    /// Multiplies by this factor (random problems only double; text of any factor parses).
     Mul(i64),
 }
 
@@ -55,21 +55,24 @@ pub struct Problem {
 }
 
 impl Problem {
-    /// A random problem: 2 or 3 steps on small numbers, never going negative.
+    /// A random problem: 2 or 3 steps that buy or give away 1 to 5 items or double them,
+    /// starting from 2 to 12 and never going negative or past 60. The ranges are small on
+    /// purpose: a student of a few million parameters learns this family from a few
+    /// thousand traces in minutes on a CPU, which is what the quickstart needs.
     pub fn random(rng: &mut impl Rng) -> Problem {
         let (name, pronoun) = NAMES[rng.random_range(0..NAMES.len())];
         let item = ITEMS[rng.random_range(0..ITEMS.len())];
-        let start = rng.random_range(2..=30);
+        let start = rng.random_range(2..=12);
         let mut value = start;
         let steps = rng.random_range(2..=3);
         let mut ops = Vec::with_capacity(steps);
         for _ in 0..steps {
             let op = match rng.random_range(0..3) {
-                0 => Op::Add(rng.random_range(1..=9)),
-                1 if value > 1 => Op::Sub(rng.random_range(1..=value.min(9))),
-                1 => Op::Add(rng.random_range(1..=9)),
-                _ if value <= 150 => Op::Mul(rng.random_range(2..=3)),
-                _ => Op::Sub(rng.random_range(1..=9)),
+                0 => Op::Add(rng.random_range(1..=5)),
+                1 if value > 1 => Op::Sub(rng.random_range(1..=value.min(5))),
+                1 => Op::Add(rng.random_range(1..=5)),
+                _ if value <= 15 => Op::Mul(2),
+                _ => Op::Sub(rng.random_range(1..=5)),
             };
             value = apply(value, op);
             ops.push(op);
@@ -106,26 +109,6 @@ impl Problem {
     /// The answer.
     pub fn answer(&self) -> i64 {
         self.ops.iter().fold(self.start, |v, &op| apply(v, op))
-    }
-
-    /// The step-by-step working, one line per step, ending with the result.
-    pub fn working(&self) -> Vec<String> {
-        let mut lines = vec![format!(
-            "{} starts with {} {}.",
-            self.name, self.start, self.item
-        )];
-        let mut v = self.start;
-        for &op in &self.ops {
-            let next = apply(v, op);
-            lines.push(match op {
-                Op::Add(n) => format!("{} buys {n} more, so {v} + {n} = {next}.", self.pronoun),
-                Op::Sub(n) => format!("{} gives away {n}, so {v} - {n} = {next}.", self.pronoun),
-                Op::Mul(n) => format!("{} multiplies by {n}, so {v} * {n} = {next}.", self.pronoun),
-            });
-            v = next;
-        }
-        lines.push(format!("So {} has {v} {} now.", self.name, self.item));
-        lines
     }
 
     /// Reads a problem back from its text; `None` for text outside the family.
@@ -239,13 +222,7 @@ mod tests {
         for _ in 0..500 {
             let p = Problem::random(&mut rng);
             assert_eq!(Problem::parse(&p.text()).as_ref(), Some(&p), "{}", p.text());
-            assert!(p.answer() >= 0);
-            assert!(
-                p.working()
-                    .last()
-                    .unwrap()
-                    .contains(&p.answer().to_string())
-            );
+            assert!((0..=60).contains(&p.answer()), "{}", p.text());
         }
         let p = Problem::parse(
             "Mia has 12 pencils. She buys 5 more. She gives away 3. She doubles them. How many pencils does Mia have now?",

@@ -153,7 +153,10 @@ fn values(problem: &Problem, slip: Option<(usize, i64)>) -> Vec<i64> {
     }
 }
 
-/// Reasoning lines: two opening lines, one line per step, a conclusion.
+/// Reasoning lines: two opening lines, one line per step, a conclusion. Style 0 is what
+/// a single sample gets; style 1 says the same with other connecting words (so a second
+/// sample is not a near duplicate of the first, yet a small student trained on both
+/// still sees one way of working); style 2, for third and later samples, words it anew.
 fn working(p: &Problem, values: &[i64], style: usize) -> Vec<String> {
     let (name, pronoun, item) = (&p.name, &p.pronoun, &p.item);
     let result = values[values.len() - 1];
@@ -163,8 +166,8 @@ fn working(p: &Problem, values: &[i64], style: usize) -> Vec<String> {
             format!("{name} starts with {} {item}.", p.start),
         ],
         1 => vec![
-            format!("Let me keep track of how many {item} {name} has."),
-            format!("At the start there are {} {item}.", p.start),
+            format!("Let me count {name}'s {item} one step at a time."),
+            format!("{name} has {} {item} at first.", p.start),
         ],
         _ => vec![
             format!("I'll follow each change to {name}'s {item} in order."),
@@ -173,16 +176,24 @@ fn working(p: &Problem, values: &[i64], style: usize) -> Vec<String> {
     };
     for (i, &op) in p.ops.iter().enumerate() {
         let (v, next) = (values[i], values[i + 1]);
+        let says = match op {
+            Op::Add(n) => format!("{pronoun} buys {n} more"),
+            Op::Sub(n) => format!("{pronoun} gives away {n}"),
+            Op::Mul(2) => format!("{pronoun} doubles them"),
+            Op::Mul(n) => format!("{pronoun} multiplies them by {n}"),
+        };
+        let sum = match op {
+            Op::Add(n) => format!("{v} + {n} = {next}"),
+            Op::Sub(n) => format!("{v} - {n} = {next}"),
+            Op::Mul(n) => format!("{v} * {n} = {next}"),
+        };
         lines.push(match (style, op) {
-            (0, Op::Add(n)) => format!("{pronoun} buys {n} more, so {v} + {n} = {next}."),
-            (0, Op::Sub(n)) => format!("{pronoun} gives away {n}, so {v} - {n} = {next}."),
-            (0, Op::Mul(n)) => format!("{pronoun} multiplies by {n}, so {v} * {n} = {next}."),
-            (1, Op::Add(n)) => format!("After buying {n} more: {v} + {n} = {next} {item}."),
-            (1, Op::Sub(n)) => format!("After giving away {n}: {v} - {n} = {next} {item}."),
-            (1, Op::Mul(n)) => format!("After multiplying by {n}: {v} * {n} = {next} {item}."),
-            (_, Op::Add(n)) => format!("Adding {n} gives {v} + {n} = {next}."),
-            (_, Op::Sub(n)) => format!("Taking away {n} gives {v} - {n} = {next}."),
-            (_, Op::Mul(n)) => format!("Multiplying by {n} gives {v} * {n} = {next}."),
+            (0, _) => format!("{says}, so {sum}."),
+            (1, Op::Sub(_)) => format!("{says}, which leaves {sum}."),
+            (1, _) => format!("{says}, which makes {sum}."),
+            (_, Op::Add(n)) => format!("Adding {n} gives {sum}."),
+            (_, Op::Sub(n)) => format!("Taking away {n} gives {sum}."),
+            (_, Op::Mul(n)) => format!("Multiplying by {n} gives {sum}."),
         });
     }
     lines.push(match style {
