@@ -578,6 +578,16 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             let workdir = std::env::current_dir().context("cannot read the working directory")?;
             let pipeline = config::load(&config, &workdir, &registry)?;
             let plan = report::Plan::new(&pipeline);
+            // What this machine lacks (models not downloaded yet, a CPU-only build) does
+            // not make the config wrong; `run` refuses it before touching the database.
+            for s in &pipeline.stages {
+                if let Err(e) = s.stage.preflight() {
+                    eprintln!(
+                        "warning: stage `{}` ({}): {e} (needed when the run starts)",
+                        s.name, s.kind
+                    );
+                }
+            }
             if json {
                 out(&format!("{}\n", serde_json::to_string_pretty(&plan)?));
             } else {

@@ -32,6 +32,10 @@ pub fn fingerprints(
     let mut by_name: HashMap<&str, String> = HashMap::new();
     let mut out = Vec::with_capacity(pipeline.stages.len());
     for s in &pipeline.stages {
+        s.stage.preflight().map_err(|source| FingerprintError {
+            stage: s.name.clone(),
+            source,
+        })?;
         let identity = s.stage.identity().map_err(|source| FingerprintError {
             stage: s.name.clone(),
             source,

@@ -75,6 +75,14 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
     /// rerun anything) and the content of any input it reads.
     fn identity(&self) -> Result<serde_json::Value, StageError>;
 
+    /// Checks what the stage needs from this machine rather than from its config: model
+    /// folders on disk, a CUDA build. `run` calls it before fingerprinting (so a missing
+    /// model fails the run with the database untouched); `validate` reports it as a
+    /// warning, so a recipe can be checked before its models are downloaded.
+    fn preflight(&self) -> Result<(), StageError> {
+        Ok(())
+    }
+
     /// How the executor retries it; stages declare themselves retryable.
     fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy::NONE

@@ -126,18 +126,7 @@ impl StageKind for TrainKind {
             }
         }
         let base = match (&stage.base_model, &stage.init) {
-            (Some(dir), None) => {
-                let dir = env.resolve(dir);
-                for f in ["config.json", "tokenizer.json"] {
-                    if !dir.join(f).is_file() {
-                        return Err(ParamError::new(
-                            "base_model",
-                            format!("{} has no {f}", dir.display()),
-                        ));
-                    }
-                }
-                Base::Folder(dir)
-            }
+            (Some(dir), None) => Base::Folder(env.resolve(dir)),
             (None, Some(init)) => {
                 let init = InitModel {
                     config: env.resolve(&init.config),
@@ -163,18 +152,6 @@ impl StageKind for TrainKind {
                 ));
             }
         };
-        if stage.device == Device::Cuda {
-            if !cfg!(feature = "cuda") {
-                return Err(ParamError::new(
-                    "device",
-                    "this distill was built without CUDA (cargo build --release --features cuda)",
-                ));
-            }
-            match &base {
-                Base::Folder(dir) => check_plan(dir, &config, stage.gpu_mem_gib)?,
-                Base::Init(init) => check_plan(&init.config, &config, stage.gpu_mem_gib)?,
-            }
-        }
         Ok(Arc::new(Train {
             stage,
             config,
@@ -248,6 +225,34 @@ enum Event {
 
 #[async_trait]
 impl Stage for Train {
+    fn preflight(&self) -> Result<(), StageError> {
+        let param = |e: ParamError| StageError::Input(format!("{}: {}", e.field, e.message));
+        if let Base::Folder(dir) = &self.base {
+            for f in ["config.json", "tokenizer.json"] {
+                if !dir.join(f).is_file() {
+                    return Err(StageError::Input(format!(
+                        "base_model: {} has no {f}",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        if self.stage.device == Device::Cuda {
+            if !cfg!(feature = "cuda") {
+                return Err(StageError::Input(
+                    "device: this distill was built without CUDA (cargo build --release --features cuda)"
+                        .into(),
+                ));
+            }
+            let config = match &self.base {
+                Base::Folder(dir) => dir.as_path(),
+                Base::Init(init) => init.config.as_path(),
+            };
+            check_plan(config, &self.config, self.stage.gpu_mem_gib).map_err(param)?;
+        }
+        Ok(())
+    }
+
     fn identity(&self) -> Result<Value, StageError> {
         let base = match &self.base {
             Base::Folder(dir) => crate::evaluate::model_identity(dir)?,

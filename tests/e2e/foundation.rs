@@ -445,6 +445,35 @@ fn inspection_commands_explain_a_missing_database_or_run() {
     assert!(out.stderr().contains("no run named or numbered `nonesuch`"));
 }
 
+/// The R1-distill recipes validate without their models (warnings name what is
+/// missing), but running one without them stops before the database is created.
+#[test]
+fn a_recipe_without_its_model_validates_with_a_warning_and_refuses_to_run() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let w = Workdir::new();
+    std::os::unix::fs::symlink(root.join("data"), w.path().join("data")).unwrap();
+    let config = root.join("examples/r1-distill-qwen-1.5b.toml");
+    let config = config.to_str().unwrap();
+    let v = w.run(&["validate", config]);
+    v.ok();
+    assert!(
+        v.stderr()
+            .contains("warning: stage `sft` (train): base_model:")
+            && v.stderr().contains("Qwen2.5-Math-1.5B has no config.json"),
+        "{}",
+        v.stderr()
+    );
+    let r = w.run(&["run", config]);
+    assert_eq!(r.code(), 1, "{}", r.stderr());
+    assert!(
+        r.stderr().contains("stage `sft`: base_model:")
+            && r.stderr().contains("has no config.json"),
+        "{}",
+        r.stderr()
+    );
+    assert!(!w.db_path().exists(), "the database was created");
+}
+
 #[test]
 fn the_shipped_example_configs_validate() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

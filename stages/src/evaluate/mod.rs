@@ -196,16 +196,7 @@ impl StageKind for EvaluateKind {
                     "name exactly one model under test: `model`, `teacher` or `student`",
                 ));
             }
-            (Some(dir), None) => {
-                let dir = env.resolve(dir);
-                if !dir.join("config.json").is_file() {
-                    return Err(ParamError::new(
-                        "model",
-                        format!("{} is not a model folder (no config.json)", dir.display()),
-                    ));
-                }
-                Target::Model(dir)
-            }
+            (Some(dir), None) => Target::Model(env.resolve(dir)),
             (None, Some(name)) => Target::Teacher(
                 name.clone(),
                 env.teachers.get(name).cloned().ok_or_else(|| {
@@ -230,12 +221,6 @@ impl StageKind for EvaluateKind {
             return Err(ParamError::new("samples", "must be at least 1"));
         }
         check_sampling(p.temperature, p.top_p, p.max_tokens, &p.prompt_template)?;
-        if p.device == Device::Cuda && !cfg!(feature = "cuda") {
-            return Err(ParamError::new(
-                "device",
-                "this distill was built without CUDA (cargo build --release --features cuda)",
-            ));
-        }
         let name = p.name.clone().unwrap_or_else(|| {
             file.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -456,6 +441,25 @@ pub fn sample_seed(seed: u64, question: &str, sample: i64) -> u64 {
 
 #[async_trait]
 impl Stage for Evaluate {
+    fn preflight(&self) -> Result<(), StageError> {
+        if let Target::Model(dir) = &self.target
+            && !dir.join("config.json").is_file()
+        {
+            return Err(StageError::Input(format!(
+                "model: {} is not a model folder (no config.json)",
+                dir.display()
+            )));
+        }
+        let local = !matches!(self.target, Target::Teacher(..));
+        if local && self.params.device == Device::Cuda && !cfg!(feature = "cuda") {
+            return Err(StageError::Input(
+                "device: this distill was built without CUDA (cargo build --release --features cuda)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn identity(&self) -> Result<Value, StageError> {
         let target = match &self.target {
             Target::Model(dir) => json!({ "model": local::model_identity(dir)? }),
