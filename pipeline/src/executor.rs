@@ -257,6 +257,19 @@ enum StageResult {
     DbError(DbError),
 }
 
+/// Test builds only: `DISTILL_TEST_SIGKILL_AT=STAGE` makes the process SIGKILL itself
+/// as soon as that stage is marked running, so tests can crash a run at any stage,
+/// however short the stage is.
+#[cfg(feature = "test-stages")]
+fn crash_point(stage: &str) {
+    if std::env::var("DISTILL_TEST_SIGKILL_AT").is_ok_and(|s| s == stage) {
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
 /// One stage's execution, with its retries.
 struct StageJob {
     db: Db,
@@ -286,6 +299,8 @@ impl StageJob {
             tries += 1;
             let attempt = stages::mark_running(&self.db, self.row.id).await?;
             info!(stage = %name, kind = %self.row.kind, attempt, "stage started");
+            #[cfg(feature = "test-stages")]
+            crash_point(name);
             let started = Instant::now();
             let progress = Progress::new(self.bar.clone());
             let ctx = StageContext {

@@ -7,4 +7,5 @@ mod evaluate;
 mod foundation;
 mod generate;
 mod model;
+mod quickstart;
 mod train;
