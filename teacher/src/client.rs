@@ -690,24 +690,31 @@ impl Inner {
         attempts: u32,
     ) -> Vec<Completion> {
         let usage = raw.usage.unwrap_or_default();
-        // Usage covers the whole request; only with one choice is it that choice's.
+        // Usage covers the whole request: with several choices, its completion tokens
+        // are shared out by text length (summing to the reported total), so token
+        // counts and budgets stay right; reasoning tokens only for a single choice.
         let single = raw.choices.len() == 1;
+        let shares = usage.completion_tokens.map(|total| {
+            apportion(
+                total,
+                raw.choices
+                    .iter()
+                    .map(|c| c.reasoning.len() + c.answer.len()),
+            )
+        });
         let first_token_ms = raw
             .first_token
             .map(|t| t.saturating_duration_since(started).as_millis() as u64);
         raw.choices
             .into_iter()
-            .map(|c| Completion {
+            .enumerate()
+            .map(|(i, c)| Completion {
                 index: c.index,
                 reasoning: c.reasoning,
                 answer: c.answer,
                 finish_reason: c.finish_reason,
                 prompt_tokens: usage.prompt_tokens,
-                completion_tokens: if single {
-                    usage.completion_tokens
-                } else {
-                    None
-                },
+                completion_tokens: shares.as_ref().map(|s| s[i]),
                 reasoning_tokens: if single {
                     usage.reasoning_tokens()
                 } else {
@@ -722,6 +729,37 @@ impl Inner {
             })
             .collect()
     }
+}
+
+/// Splits `total` in proportion to `weights` (largest remainders), summing to `total`;
+/// equal shares when every weight is zero.
+fn apportion(total: u32, weights: impl Iterator<Item = usize>) -> Vec<u32> {
+    let w: Vec<u64> = weights.map(|x| x as u64).collect();
+    if w.is_empty() {
+        return vec![];
+    }
+    let w: Vec<u64> = if w.iter().all(|&x| x == 0) {
+        vec![1; w.len()]
+    } else {
+        w
+    };
+    let sum: u64 = w.iter().sum();
+    let exact: Vec<(u64, u64)> = w
+        .iter()
+        .map(|&x| ((total as u64 * x) / sum, (total as u64 * x) % sum))
+        .collect();
+    let mut out: Vec<u32> = exact.iter().map(|&(q, _)| q as u32).collect();
+    let mut left = total - out.iter().sum::<u32>();
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(exact[i].1));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        out[i] += 1;
+        left -= 1;
+    }
+    out
 }
 
 /// Tokens a finished request used: reported usage when there is one, else an
@@ -739,6 +777,21 @@ fn used_tokens(completions: &[Completion], prompt_estimate: u64) -> u64 {
         })
         .sum();
     prompt + generated
+}
+
+#[cfg(test)]
+mod apportion_tests {
+    use super::apportion;
+
+    #[test]
+    fn shares_sum_to_the_total_in_proportion() {
+        assert_eq!(apportion(10, [1, 1].into_iter()), vec![5, 5]);
+        assert_eq!(apportion(10, [3, 1].into_iter()), vec![8, 2]);
+        assert_eq!(apportion(7, [1, 1, 1].into_iter()), vec![3, 2, 2]);
+        assert_eq!(apportion(5, [0, 0].into_iter()), vec![3, 2]);
+        assert_eq!(apportion(0, [4, 2].into_iter()), vec![0, 0]);
+        assert!(apportion(3, std::iter::empty()).is_empty());
+    }
 }
 
 #[async_trait]

@@ -133,8 +133,8 @@ pub struct Completion {
     pub finish_reason: Option<String>,
     /// Prompt tokens, when the server reported usage.
     pub prompt_tokens: Option<u32>,
-    /// Generated tokens (reasoning included) of this choice; `None` when the server
-    /// only reported a total for several choices, as it does for `n > 1`.
+    /// Generated tokens (reasoning included) of this choice. Servers report one total
+    /// for `n > 1`; it is then shared out by text length, so choices sum to the total.
     pub completion_tokens: Option<u32>,
     /// Reasoning tokens of this choice, when reported (same caveat for `n > 1`).
     pub reasoning_tokens: Option<u32>,
