@@ -14,6 +14,7 @@ mod client;
 mod config;
 mod error;
 mod limiter;
+pub mod loopback;
 mod pool;
 mod reasoning;
 pub mod sim;

@@ -5,27 +5,22 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::{JoinHandle, JoinSet};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::SimulatedTeacher;
 use super::reply::{Sample, reply, tokens};
+use crate::loopback::LoopbackServer;
 
 /// Most choices one request may ask for; more is a client bug, not a workload.
 const MAX_N: u32 = 128;
@@ -39,18 +34,9 @@ struct Shared {
 
 /// A running simulated teacher on `127.0.0.1`; stops when shut down or dropped.
 /// A simulator for demos and tests, never a teacher.
+#[derive(Debug)]
 pub struct SimServer {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for SimServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimServer")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
+    server: LoopbackServer,
 }
 
 impl SimServer {
@@ -58,69 +44,22 @@ impl SimServer {
     /// `model` is the name `/v1/models` lists.
     pub async fn start(sim: SimulatedTeacher, model: impl Into<String>) -> io::Result<SimServer> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             sim,
             model: model.into(),
         });
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, shared, stopped));
-        Ok(SimServer {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        })
+        let server = LoopbackServer::start(listener, move |req| handle(req, shared.clone()))?;
+        Ok(SimServer { server })
     }
 
     /// OpenAI-style base URL, `http://127.0.0.1:PORT/v1`.
     pub fn url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        self.server.url()
     }
 
     /// Stops accepting and drops open connections.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for SimServer {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut stopped: oneshot::Receiver<()>,
-) {
-    // Connections live in the set so that stopping the server drops them too.
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut stopped => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
-                conns.spawn(async move {
-                    let svc = service_fn(move |req| handle(req, shared.clone()));
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-        }
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
 

@@ -31,19 +31,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use distill_teacher::loopback::LoopbackServer;
 use futures::Stream;
 use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::{JoinHandle, JoinSet};
 
 /// How the server delivers reasoning, mirroring the servers in the wild.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -449,16 +445,14 @@ impl Shared {
 
 /// A running fake server; stops when shut down or dropped.
 pub struct FakeTeacher {
-    addr: SocketAddr,
+    server: LoopbackServer,
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
 }
 
 impl fmt::Debug for FakeTeacher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FakeTeacher")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .finish_non_exhaustive()
     }
 }
@@ -467,7 +461,6 @@ impl FakeTeacher {
     /// Binds and starts serving on the current Tokio runtime.
     pub async fn start(config: FakeConfig) -> io::Result<FakeTeacher> {
         let listener = TcpListener::bind((config.host, config.port)).await?;
-        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             config,
             requests: AtomicU64::new(0),
@@ -481,24 +474,20 @@ impl FakeTeacher {
             faults: Mutex::new(BTreeMap::new()),
             recorded: Mutex::new(Vec::new()),
         });
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), stopped));
-        Ok(FakeTeacher {
-            addr,
-            shared,
-            stop: Some(stop),
-            task: Some(task),
-        })
+        let handler_shared = shared.clone();
+        let server =
+            LoopbackServer::start(listener, move |req| handle(req, handler_shared.clone()))?;
+        Ok(FakeTeacher { server, shared })
     }
 
     /// OpenAI-style base URL, `http://HOST:PORT/v1`.
     pub fn url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        self.server.url()
     }
 
     /// Bound address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Counters so far.
@@ -512,52 +501,8 @@ impl FakeTeacher {
     }
 
     /// Stops accepting and drops open connections; the port then refuses connections.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for FakeTeacher {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    mut stopped: oneshot::Receiver<()>,
-) {
-    // Connections live in the set so that stopping the server drops them too.
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = &mut stopped => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(_) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
-                conns.spawn(async move {
-                    let svc = service_fn(move |req| handle(req, shared.clone()));
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-        }
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
     }
 }
 
