@@ -282,11 +282,18 @@ async fn model_card(
         .fetch_one(db.pool())
         .await?;
     let identity: Value = serde_json::from_str(&train.params).unwrap_or(Value::Null);
-    let base = identity["base_model"]["dir"].as_str().unwrap_or("?");
+    let base = &identity["base_model"];
+    let base = match (base["dir"].as_str(), base["init_seed"].as_u64()) {
+        (Some(dir), _) => format!("`{dir}`"),
+        (None, Some(seed)) => {
+            format!("none: trained from scratch (random initialisation, seed {seed})")
+        }
+        (None, None) => "unknown".into(),
+    };
     let mut card = format!(
         "---\nlibrary_name: transformers\ntags:\n- distill\n- reasoning\n- distillation\n---\n\n# {} (step {step})\n\n\
          Distilled with distill from the traces of a reasoning teacher: run `{}`, train stage `{}`.\n\n\
-         - **Base model:** `{base}`\n",
+         - **Base model:** {base}\n",
         run.0, run.0, train.name
     );
     for g in stages.iter().filter(|s| s.kind == "generate") {
