@@ -497,10 +497,11 @@ fn finished_ok(job: &Job, completions: Vec<Completion>, cached: bool, use_cache:
     let mut cache = Vec::new();
     for (j, (c, &sample)) in completions.iter().zip(&job.samples).enumerate() {
         // With the cache off, nothing is written to it either: it doubles the storage.
-        if use_cache && !cached {
-            if let Ok(text) = serde_json::to_string(c) {
-                cache.push((job.request_hash.clone(), job.choice_base + j as i64, text));
-            }
+        if use_cache
+            && !cached
+            && let Ok(text) = serde_json::to_string(c)
+        {
+            cache.push((job.request_hash.clone(), job.choice_base + j as i64, text));
         }
         rows.push(NewGeneration {
             prompt_id: job.prompt.id,

@@ -180,7 +180,7 @@ pub fn read_prompts(file: &Path, params: &LoadParams) -> Result<Loaded, StageErr
 fn read_prompts_from(file: &Path, bytes: &[u8], params: &LoadParams) -> Result<Loaded, StageError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| StageError::Input(format!("{}: not UTF-8 text: {e}", file.display())))?;
-    let records = parse_records(file, &text, params.format)?;
+    let records = parse_records(file, text, params.format)?;
     let n_records = records.len();
     if n_records == 0 {
         return Err(StageError::Input(format!(

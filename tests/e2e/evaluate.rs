@@ -183,7 +183,7 @@ fn evaluate_config_errors_name_the_field() {
     w.write("bench.jsonl", &benchmark(2));
     let base = "[run]\nname = \"e\"\n\n[[stage]]\nname = \"s\"\nkind = \"evaluate\"\nbenchmark = \"bench.jsonl\"\n";
     let cases = [
-        (format!("{base}"), "name exactly one model under test"),
+        (base.to_string(), "name exactly one model under test"),
         (format!("{base}teacher = \"t\"\n"), "no [teacher.t]"),
         (
             format!("{base}teacher = \"t\"\nmodel = \"m\"\n"),

@@ -151,7 +151,7 @@ pub enum CheckpointChoice {
 #[derive(Debug, Clone)]
 enum Target {
     Model(PathBuf),
-    Teacher(String, TeacherConfig),
+    Teacher(String, Box<TeacherConfig>),
     Student(String),
 }
 
@@ -199,9 +199,9 @@ impl StageKind for EvaluateKind {
             (Some(dir), None) => Target::Model(env.resolve(dir)),
             (None, Some(name)) => Target::Teacher(
                 name.clone(),
-                env.teachers.get(name).cloned().ok_or_else(|| {
+                Box::new(env.teachers.get(name).cloned().ok_or_else(|| {
                     ParamError::new("teacher", format!("no [teacher.{name}] in the config"))
-                })?,
+                })?),
             ),
             _ => {
                 return Err(ParamError::new(
