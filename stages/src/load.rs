@@ -58,10 +58,12 @@ pub enum Format {
     Json,
 }
 
-fn default_prompt_field() -> String {
+/// Default `prompt_field` (also of `evaluate`).
+pub(crate) fn default_prompt_field() -> String {
     "problem".into()
 }
-fn default_answer_field() -> String {
+/// Default `answer_field` (also of `evaluate`).
+pub(crate) fn default_answer_field() -> String {
     "answer".into()
 }
 
@@ -176,8 +178,12 @@ pub fn read_prompts(file: &Path, params: &LoadParams) -> Result<Loaded, StageErr
     read_prompts_from(file, &bytes, params)
 }
 
-/// [`read_prompts`] on the file's bytes, already read.
-fn read_prompts_from(file: &Path, bytes: &[u8], params: &LoadParams) -> Result<Loaded, StageError> {
+/// [`read_prompts`] on the file's bytes, already read (`file` names it in errors).
+pub fn read_prompts_from(
+    file: &Path,
+    bytes: &[u8],
+    params: &LoadParams,
+) -> Result<Loaded, StageError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| StageError::Input(format!("{}: not UTF-8 text: {e}", file.display())))?;
     let records = parse_records(file, text, params.format)?;

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::generate::{DEFAULT_TEMPLATE, check_sampling};
-use crate::load::{Format, LoadParams, read_prompts};
+use crate::load::{Format, LoadParams, read_prompts_from};
 use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, parse_params};
 
 /// The `evaluate` stage kind.
@@ -57,10 +57,10 @@ pub struct EvaluateParams {
     #[serde(default)]
     pub name: Option<String>,
     /// Field holding the question.
-    #[serde(default = "default_prompt_field")]
+    #[serde(default = "crate::load::default_prompt_field")]
     pub prompt_field: String,
     /// Field holding the reference answer (for multiple choice: the correct choice's text).
-    #[serde(default = "default_answer_field")]
+    #[serde(default = "crate::load::default_answer_field")]
     pub answer_field: String,
     /// Field holding a unique id; default: the record number.
     #[serde(default)]
@@ -114,12 +114,6 @@ pub struct EvaluateParams {
     pub device: Device,
 }
 
-fn default_prompt_field() -> String {
-    "problem".into()
-}
-fn default_answer_field() -> String {
-    "answer".into()
-}
 fn one() -> u32 {
     1
 }
@@ -266,8 +260,9 @@ impl Evaluate {
         let p = &self.params;
         let bytes = std::fs::read(&self.file)
             .map_err(|e| StageError::Input(format!("cannot read {}: {e}", self.file.display())))?;
-        let loaded = read_prompts(
+        let loaded = read_prompts_from(
             &self.file,
+            &bytes,
             &LoadParams {
                 path: self.file.clone(),
                 format: Format::Auto,
