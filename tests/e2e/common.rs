@@ -127,6 +127,22 @@ impl Out {
     }
 }
 
+/// `distill validate` rejects each config text with exit 2 and a message containing
+/// its expected fragment.
+#[track_caller]
+pub fn assert_invalid_configs(w: &Workdir, cases: &[(String, &str)]) {
+    for (text, expected) in cases {
+        w.write("bad.toml", text);
+        let out = w.run(&["validate", "bad.toml"]);
+        assert_eq!(out.code(), 2, "{expected}");
+        assert!(
+            out.stderr().contains(expected),
+            "{expected}: {}",
+            out.stderr()
+        );
+    }
+}
+
 /// The stage called `name` in a `status --json` document.
 pub fn stage<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["stages"]

@@ -392,14 +392,5 @@ fn curation_stages_reject_bad_parameters_and_inputs() {
             "on_unknown",
         ),
     ];
-    for (text, expected) in cases {
-        w.write("bad.toml", &text);
-        let out = w.run(&["validate", "bad.toml"]);
-        assert_eq!(out.code(), 2, "{expected}");
-        assert!(
-            out.stderr().contains(expected),
-            "{expected}: {}",
-            out.stderr()
-        );
-    }
+    assert_invalid_configs(&w, &cases);
 }

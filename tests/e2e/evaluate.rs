@@ -191,16 +191,7 @@ fn evaluate_config_errors_name_the_field() {
         ),
         (format!("{base}model = \".\"\nsamples = 0\n"), "samples: "),
     ];
-    for (text, expected) in cases {
-        w.write("bad.toml", &text);
-        let out = w.run(&["validate", "bad.toml"]);
-        assert_eq!(out.code(), 2, "{expected}");
-        assert!(
-            out.stderr().contains(expected),
-            "{expected}: {}",
-            out.stderr()
-        );
-    }
+    assert_invalid_configs(&w, &cases);
     // A model folder that is not there yet is this machine's problem, not the config's:
     // `validate` warns, `run` refuses before creating the database.
     w.write("missing.toml", &format!("{base}model = \"nope\"\n"));

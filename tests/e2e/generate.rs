@@ -409,16 +409,7 @@ async fn generate_config_errors_name_the_field() {
             "unknown field `wrongg`",
         ),
     ];
-    for (text, expected) in cases {
-        w.write("bad.toml", &text);
-        let out = w.run(&["validate", "bad.toml"]);
-        assert_eq!(out.code(), 2, "{expected}");
-        assert!(
-            out.stderr().contains(expected),
-            "{expected}: {}",
-            out.stderr()
-        );
-    }
+    assert_invalid_configs(&w, &cases);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
