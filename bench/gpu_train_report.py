@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Report for `bench/gpu_train.sh`: tokens/s and model FLOPs utilisation (MFU) of Burn and PyTorch.
+
+`peak` times a bf16 8192³ matrix product with PyTorch (the ceiling the GPU reaches in this run);
+`report DIR` reads the logs `gpu_train.sh` wrote and prints one markdown table and one JSON line.
+
+Model FLOPs per trained token follow PaLM's appendix B: 6·N for the matrix-product parameters
+(lm_head included, the embedding lookup not) plus 12·L·T·H·Q for attention, with no causal
+halving and no credit for recomputation, so both frameworks are scored on the same work.
+"""
+
+import glob
+import json
+import os
+import statistics
+import sys
+
+DATASHEET_BF16_TFLOPS = 989.4  # H100/H200 SXM dense bf16, NVIDIA's datasheet
+WARMUP = 3  # steps left out of each median (autotuning, allocator growth)
+
+
+def peak():
+    import time
+
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / 20
+    print(json.dumps({"gpu": torch.cuda.get_device_name(), "matmul_bf16_tflops": 2 * 8192**3 / dt / 1e12}))
+
+
+def flops_per_token(cfg, seq):
+    d, layers, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", heads)
+    hd = cfg.get("head_dim") or d // heads
+    per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * cfg["intermediate_size"]
+    n_matmul = layers * per_layer + d * cfg["vocab_size"]
+    return 6 * n_matmul + 12 * layers * seq * heads * hd, n_matmul
+
+
+def gpu_mem_gib(path):
+    try:
+        vals = [float(x) for x in open(path).read().split() if x.strip()]
+        return max(vals) / 1024 if vals else None
+    except OSError:
+        return None
+
+
+def report(out):
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    cfg = json.load(open(meta["config"]))
+    seq, batch = meta["seq"], meta["batch"]
+    fpt, n_matmul = flops_per_token(cfg, seq)
+    measured = json.load(open(os.path.join(out, "peak.json")))["matmul_bf16_tflops"]
+    rows = []
+    for log in sorted(glob.glob(os.path.join(out, "*.log"))):
+        name = os.path.basename(log)[: -len(".log")]
+        lines = []
+        for line in open(log):
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        steps = [x for x in lines if "step_time_s" in x]
+        if not steps:
+            rows.append({"run": name, "error": "no step finished (see the log)"})
+            continue
+        kept = steps[WARMUP:] or steps
+        step_s = statistics.median(x["step_time_s"] for x in kept)
+        tps = batch * seq / step_s
+        rows.append({
+            "run": name,
+            "steps": len(steps),
+            "step_s": step_s,
+            "tokens_per_s": tps,
+            "mfu_datasheet": tps * fpt / (DATASHEET_BF16_TFLOPS * 1e12),
+            "mfu_measured": tps * fpt / (measured * 1e12),
+            "peak_gpu_gib": gpu_mem_gib(os.path.join(out, name + ".mem")),
+            "first_loss": steps[0].get("loss"),
+            "last_loss": steps[-1].get("loss"),
+        })
+    base = {r["run"]: r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    print(f"model: {meta['config']} ({n_matmul / 1e9:.2f}B matmul params), {batch} x {seq} tokens per step, "
+          f"{fpt / 1e9:.1f} GFLOP per token; bf16 matmul measured {measured:.0f} TFLOP/s "
+          f"(datasheet {DATASHEET_BF16_TFLOPS:.0f})\n")
+    print("| run | steps | step s | tokens/s | MFU (datasheet) | MFU (measured peak) | peak GPU GiB | vs torch-sdpa same mode |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['run']} | {r['error']} |  |  |  |  |  |  |")
+            continue
+        mode = "recompute" if "recompute" in r["run"] else "plain"
+        ref = base.get(f"torch-sdpa-{mode}")
+        ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else "-"
+        mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] else "-"
+        print(f"| {r['run']} | {r['steps']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+              f"{100 * r['mfu_datasheet']:.1f}% | {100 * r['mfu_measured']:.1f}% | {mem} | {ratio} |")
+    print(json.dumps({"flops_per_token": fpt, "matmul_tflops": measured, "rows": rows}))
+
+
+if __name__ == "__main__":
+    {"peak": lambda: peak(), "report": lambda: report(sys.argv[2])}[sys.argv[1]]()
