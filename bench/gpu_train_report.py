@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Report for `bench/gpu_train.sh`: tokens/s and model FLOPs utilisation (MFU) of Burn and PyTorch.
 
-`peak` times a bf16 8192³ matrix product with PyTorch (the ceiling the GPU reaches in this run);
+`peak` times a bf16 8192³ matrix product with PyTorch (the ceiling the GPU reaches in this run),
+`matmul` the training shapes `matmul_bench` times in Burn;
 `report DIR` reads the logs `gpu_train.sh` wrote and prints one markdown table and one JSON line.
 
 Model FLOPs per trained token follow PaLM's appendix B: 6·N for the matrix-product parameters
@@ -35,6 +36,27 @@ def peak():
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / 20
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "matmul_bf16_tflops": 2 * 8192**3 / dt / 1e12}))
+
+
+def matmul_shapes():
+    """The shapes `matmul_bench` (student/examples) times, in PyTorch bf16."""
+    import time
+
+    import torch
+
+    for m, k, n in [(4096, 1536, 1536), (4096, 1536, 8960), (4096, 8960, 1536), (4096, 1536, 151936)]:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            a @ b
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / 20
+        print(json.dumps({"device": "torch", "dtype": "BF16", "m": m, "k": k, "n": n,
+                          "tflops": 2 * m * k * n / dt / 1e12}))
 
 
 def flops_per_token(cfg, seq):
@@ -109,4 +131,4 @@ def report(out):
 
 
 if __name__ == "__main__":
-    {"peak": lambda: peak(), "report": lambda: report(sys.argv[2])}[sys.argv[1]]()
+    {"peak": peak, "matmul": matmul_shapes, "report": lambda: report(sys.argv[2])}[sys.argv[1]]()

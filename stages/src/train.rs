@@ -62,6 +62,13 @@ pub struct TrainStageParams {
     /// Where to train.
     #[serde(default)]
     pub device: Device,
+    /// Data parallelism: the CUDA GPUs to train on (ordinals, default `[0]`), each holding a
+    /// whole replica and working on its share of every step's `grad_accum` micro-batches. On
+    /// the CPU each entry is one more in-process replica (no faster; it runs the data-parallel
+    /// path without GPUs). Not part of the stage's identity: the devices change the speed, not
+    /// the result, so a run may resume on another set.
+    #[serde(default)]
+    pub devices: Option<Vec<usize>>,
     /// Memory of the GPU, for the memory planner (default: an H200's 141 GB).
     #[serde(default)]
     pub gpu_mem_gib: Option<f64>,
@@ -93,6 +100,7 @@ const STAGE_KEYS: &[&str] = &[
     "checkpoint_every",
     "keep_last",
     "device",
+    "devices",
     "gpu_mem_gib",
 ];
 
@@ -116,6 +124,7 @@ impl StageKind for TrainKind {
         config
             .validate()
             .map_err(|e| ParamError::new("*", e.to_string()))?;
+        check_devices(&stage, &config)?;
         match env.needs.as_slice() {
             [(_, kind)] if kind == "generate" || CURATION_KINDS.contains(&kind.as_str()) => {}
             _ => {
@@ -160,7 +169,37 @@ impl StageKind for TrainKind {
     }
 }
 
-/// Refuses a GPU run the memory planner says cannot fit, naming what would.
+/// Devices named once each, and a `grad_accum` they can share evenly.
+fn check_devices(stage: &TrainStageParams, config: &TrainConfig) -> Result<(), ParamError> {
+    let Some(devices) = &stage.devices else {
+        return Ok(());
+    };
+    if devices.is_empty() {
+        return Err(ParamError::new("devices", "name at least one device"));
+    }
+    for (i, d) in devices.iter().enumerate() {
+        if devices[..i].contains(d) {
+            return Err(ParamError::new(
+                "devices",
+                format!("device {d} is named twice"),
+            ));
+        }
+    }
+    let n = devices.len();
+    if config.grad_accum % n != 0 {
+        return Err(ParamError::new(
+            "grad_accum",
+            format!(
+                "{} micro-batches per step cannot be shared evenly by {n} devices (make it a multiple of {n})",
+                config.grad_accum
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a GPU run the memory planner says cannot fit, naming what would. Data parallelism
+/// replicates everything, so each GPU is planned as if it trained alone.
 fn check_plan(
     base: &Path,
     config: &TrainConfig,
@@ -339,7 +378,8 @@ impl Stage for Train {
             tx,
         };
         let device = self.stage.device;
-        let worker = tokio::task::spawn_blocking(move || job.run(device));
+        let devices = self.stage.devices.clone().unwrap_or_else(|| vec![0]);
+        let worker = tokio::task::spawn_blocking(move || job.run(device, &devices));
 
         let mut last_step = 0usize;
         let mut last_loss = f64::NAN;
@@ -398,8 +438,13 @@ impl Stage for Train {
             .map_err(|e| StageError::Failed(format!("training panicked: {e}")))??;
         match outcome {
             Finished::Interrupted => Err(StageError::Interrupted),
-            Finished::Done { total_steps, data } => Ok(json!({
+            Finished::Done {
+                total_steps,
+                data,
+                devices,
+            } => Ok(json!({
                 "base_model": base.display().to_string(),
+                "devices": devices,
                 "steps": total_steps,
                 "last_step": last_step,
                 "final_loss": last_loss,
@@ -470,7 +515,12 @@ fn role_name(role: &distill_teacher::Role) -> &'static str {
 }
 
 enum Finished {
-    Done { total_steps: usize, data: Value },
+    Done {
+        total_steps: usize,
+        data: Value,
+        /// Devices the last session trained on (replicas included).
+        devices: usize,
+    },
     Interrupted,
 }
 
@@ -487,16 +537,20 @@ struct TrainJob {
 }
 
 impl TrainJob {
-    fn run(self, device: Device) -> Result<Finished, StageError> {
+    fn run(self, device: Device, devices: &[usize]) -> Result<Finished, StageError> {
         match device {
             Device::Cpu => {
                 type B = burn::backend::Autodiff<distill_student::CpuBackend>;
-                self.train::<B>(&Default::default())
+                self.train::<B>(&vec![Default::default(); devices.len()])
             }
             #[cfg(feature = "cuda")]
             Device::Cuda => {
                 type B = burn::backend::Autodiff<distill_student::CudaBackend>;
-                self.train::<B>(&Default::default())
+                let devices: Vec<_> = devices
+                    .iter()
+                    .map(|&i| burn::backend::cuda::CudaDevice::new(i))
+                    .collect();
+                self.train::<B>(&devices)
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => Err(StageError::Input("built without CUDA".into())),
@@ -505,8 +559,9 @@ impl TrainJob {
 
     fn train<B: burn::tensor::backend::AutodiffBackend>(
         self,
-        device: &B::Device,
+        devices: &[B::Device],
     ) -> Result<Finished, StageError> {
+        let device = &devices[0];
         let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("training: {e}"));
         let tokenizer = Tokenizer::from_dir(&self.base)
             .map_err(|e| StageError::Input(format!("base model: {e}")))?;
@@ -517,6 +572,10 @@ impl TrainJob {
             None => Trainer::<B>::new(&self.base, &examples, self.config.clone(), device),
         }
         .map_err(|e| fail(&e))?;
+        trainer
+            .replicate_on(&devices[1..])
+            .map_err(|e| StageError::Input(e.to_string()))?;
+        tracing::info!(devices = devices.len(), "training");
         let mut last_saved = trainer.global_step();
         let _ = self.tx.blocking_send(Event::Start {
             total_steps: trainer.total_steps(),
@@ -570,6 +629,7 @@ impl TrainJob {
         Ok(Finished::Done {
             total_steps: trainer.total_steps(),
             data,
+            devices: trainer.devices().len(),
         })
     }
 }

@@ -10,6 +10,8 @@
 //! Prints one JSON line per step (the trainer's metrics) and one with the plan. With
 //! `TRAIN_STEP_SAVE=DIR` it also writes `DIR/checkpoint` and `DIR/export` (adapters merged), for
 //! `tests/fixtures/train/check_checkpoint.py`; `TRAIN_STEP_LR` overrides the learning rate (1e-5).
+//! `TRAIN_STEP_DEVICES=0,1,2,3` trains data parallel on those CUDA ordinals (on the CPU, that many
+//! replicas): each device takes one micro-batch of BATCH sequences per step.
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
@@ -38,14 +40,21 @@ fn examples(n: usize, seq: usize, vocab: usize) -> Vec<SftExample> {
         .collect()
 }
 
-fn run<B: AutodiffBackend>(device: &B::Device, args: &[String]) {
+fn run<B: AutodiffBackend>(device_of: impl Fn(usize) -> B::Device, args: &[String]) {
     let [_, model, seq, batch, steps, precision, mode, method] = args else {
         panic!("usage: DEVICE MODEL SEQ BATCH STEPS f32|bf16 plain|recompute full|loraR");
     };
     let num = |s: &str| s.parse::<usize>().expect("a number");
     let (seq, batch, steps) = (num(seq), num(batch), num(steps));
     let lora = method.strip_prefix("lora").map(num);
+    let devices: Vec<B::Device> = std::env::var("TRAIN_STEP_DEVICES")
+        .unwrap_or_else(|_| "0".into())
+        .split(',')
+        .map(|s| device_of(num(s.trim())))
+        .collect();
+    let device = &devices[0];
     let config = TrainConfig {
+        grad_accum: devices.len(),
         learning_rate: std::env::var("TRAIN_STEP_LR")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -68,7 +77,7 @@ fn run<B: AutodiffBackend>(device: &B::Device, args: &[String]) {
         ..TrainConfig::default()
     };
     let mc = ModelConfig::from_file(model).expect("config.json");
-    let data = examples(batch, seq, mc.vocab_size);
+    let data = examples(batch * devices.len(), seq, mc.vocab_size);
     let path = std::path::Path::new(model);
     let mut trainer = if path.join("model.safetensors").is_file()
         || path.join("model.safetensors.index.json").is_file()
@@ -78,6 +87,7 @@ fn run<B: AutodiffBackend>(device: &B::Device, args: &[String]) {
         let base = CausalLm::<B>::init(&mc, device);
         Trainer::<B>::from_model(base, &data, config.clone(), device).expect("trainer")
     };
+    trainer.replicate_on(&devices[1..]).expect("devices");
     while let Some(m) = trainer.step().expect("step") {
         println!("{}", serde_json::to_string(&m).expect("metrics serialise"));
     }
@@ -110,9 +120,12 @@ fn run<B: AutodiffBackend>(device: &B::Device, args: &[String]) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("cpu") => run::<Autodiff<distill_student::CpuBackend>>(&Default::default(), &args),
+        Some("cpu") => run::<Autodiff<distill_student::CpuBackend>>(|_| Default::default(), &args),
         #[cfg(feature = "cuda")]
-        Some("cuda") => run::<Autodiff<distill_student::CudaBackend>>(&Default::default(), &args),
+        Some("cuda") => run::<Autodiff<distill_student::CudaBackend>>(
+            burn::backend::cuda::CudaDevice::new,
+            &args,
+        ),
         other => panic!("device {other:?}: cpu, or cuda with --features cuda"),
     }
 }

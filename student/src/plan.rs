@@ -32,8 +32,9 @@
 //!
 //! Several GPUs are planned as ZeRO-3/FSDP sharding (weights, gradients and optimizer state
 //! divided by the GPU count, plus two gathered layers in flight), which is what open-r1 runs with
-//! DeepSpeed. This crate's trainer itself runs on one device; the multi-GPU rows say what a
-//! sharded run would need.
+//! DeepSpeed. This crate's trainer does not shard: its data parallelism replicates the whole
+//! state on every GPU, so each of its GPUs needs the one-GPU figure; the multi-GPU rows say what
+//! a sharded run would need.
 
 use std::path::Path;
 

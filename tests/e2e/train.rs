@@ -369,3 +369,78 @@ async fn an_export_of_an_untrained_student_holds_the_parity_fixture_tensors_exac
     }
     server.shutdown().await;
 }
+
+/// Final weights of `train` as f32 tensors by name.
+fn final_tensors(w: &Workdir) -> Vec<(String, Vec<f32>)> {
+    let bytes = final_weights(w);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let vals = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, vals)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_parallel_replicas_train_like_one_device_and_bad_devices_are_refused() {
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let one = setup(&server.url(), 12, 0, "grad_accum = 2");
+    run(&one, &["run", "pipeline.toml"]).await.ok();
+    let two = setup(&server.url(), 12, 0, "grad_accum = 2\ndevices = [0, 1]");
+    run(&two, &["run", "pipeline.toml"]).await.ok();
+    let losses = |db: sqlx::SqlitePool| async move {
+        let v: Vec<f64> = sqlx::query_scalar("SELECT loss FROM train_metrics ORDER BY step")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+        v
+    };
+    let devices = |w: &Workdir| {
+        let status = w.status(Some("sft"));
+        stage(&status, "train")["summary"]["devices"].clone()
+    };
+    assert_eq!((devices(&one), devices(&two)), (1.into(), 2.into()));
+    let (a, b) = (losses(one.db().await).await, losses(two.db().await).await);
+    assert_eq!(a.len(), 12);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x, "{a:?} vs {b:?}");
+    }
+    for ((name, x), (_, y)) in final_tensors(&one).iter().zip(&final_tensors(&two)) {
+        let d = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-5, "{name}: max |diff| {d:.2e}");
+    }
+
+    let base = config(&server.url(), 4, 0, "");
+    let cases = [
+        (
+            format!("{base}devices = []\n"),
+            "devices: name at least one device",
+        ),
+        (
+            format!("{base}devices = [0, 0]\n"),
+            "devices: device 0 is named twice",
+        ),
+        (
+            format!("{base}devices = [0, 1]\ngrad_accum = 3\n"),
+            "grad_accum: 3 micro-batches per step cannot be shared evenly by 2 devices",
+        ),
+    ];
+    assert_invalid_configs(&one, &cases);
+    server.shutdown().await;
+}

@@ -19,8 +19,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The backend decides the device: `Autodiff<Flex>` on CPU, `Autodiff<Cuda>` on one GPU. Data
-//! parallelism over several GPUs is not implemented.
+//! The backend decides the device: `Autodiff<Flex>` on CPU, `Autodiff<Cuda>` on a GPU;
+//! [`Trainer::replicate_on`] adds devices for data parallelism (every device a whole replica).
 
 mod checkpoint;
 mod config;
@@ -28,6 +28,7 @@ mod data;
 mod error;
 mod lora;
 mod model;
+mod parallel;
 mod schedule;
 mod trainer;
 

@@ -37,6 +37,7 @@ use super::data::{self, Batch, DataStats, Sequence};
 use super::error::{TrainError, TrainResult};
 use super::lora::LoraAdapters;
 use super::model::{Fwd, SequentialIds, TrainModel, causal_attention, to_dtype};
+use super::parallel::{self, Replica};
 use super::schedule;
 use crate::model::CausalLm;
 use crate::tokenizer::SftExample;
@@ -89,7 +90,7 @@ pub struct CheckpointInfo {
     pub bytes: u64,
 }
 
-type Adam<B> = OptimizerAdaptor<AdamW, TrainModel<B>, B>;
+pub(super) type Adam<B> = OptimizerAdaptor<AdamW, TrainModel<B>, B>;
 /// `hashbrown` map of `ParamId` → AdamW state, as Burn's adaptor keeps it.
 type OptimRecord<B> = <Adam<B> as Optimizer<TrainModel<B>, B>>::Record;
 
@@ -117,6 +118,8 @@ pub struct Trainer<B: AutodiffBackend> {
     tokens_seen: u64,
     target_tokens_seen: u64,
     last: Option<StepMetrics>,
+    /// Data-parallel copies on further devices (empty: one device).
+    replicas: Vec<Replica<B>>,
 }
 
 /// dtype parameters are stored in: f32 masters, except a LoRA run's frozen base, which is kept
@@ -399,6 +402,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             tokens_seen: 0,
             target_tokens_seen: 0,
             last: None,
+            replicas: Vec::new(),
             config,
         })
     }
@@ -463,6 +467,42 @@ impl<B: AutodiffBackend> Trainer<B> {
         &self.plan.as_ref().expect("just set").1
     }
 
+    /// Spreads every later step's micro-batches over `devices` as well as the trainer's own:
+    /// each gets a copy of the model and optimizer state, gradients are summed across them
+    /// before the update (see [`parallel`]), and the result equals a one-device run's up to
+    /// float summation order. `grad_accum` counts micro-batches per step across all devices, so
+    /// it must be a multiple of the device count. Checkpoints and exports come from the
+    /// trainer's own device, so a run may resume on a different number of devices.
+    pub fn replicate_on(&mut self, devices: &[B::Device]) -> TrainResult<()> {
+        let n = 1 + self.replicas.len() + devices.len();
+        if self.config.grad_accum % n != 0 {
+            return Err(TrainError::Config {
+                field: "grad_accum".into(),
+                message: format!(
+                    "{} micro-batches per step cannot be shared evenly by {n} devices (make it a multiple of {n})",
+                    self.config.grad_accum
+                ),
+            });
+        }
+        let model = self.model();
+        let mut added = Vec::with_capacity(devices.len());
+        for device in devices {
+            let opt_decay = adam::<B>(&self.config, self.config.weight_decay)
+                .load_record(self.opt_decay.to_record());
+            let opt_plain = adam::<B>(&self.config, 0.0).load_record(self.opt_plain.to_record());
+            added.push(Replica::fork(model, opt_decay, opt_plain, device));
+        }
+        self.replicas.extend(added);
+        Ok(())
+    }
+
+    /// Devices training runs on: the trainer's own, then its replicas'.
+    pub fn devices(&self) -> Vec<B::Device> {
+        std::iter::once(self.device.clone())
+            .chain(self.replicas.iter().map(|r| r.device.clone()))
+            .collect()
+    }
+
     /// Takes one optimizer step; `None` once the run is complete. On a non-finite loss or
     /// gradient norm the update is not applied and the position does not advance.
     pub fn step(&mut self) -> TrainResult<Option<StepMetrics>> {
@@ -482,26 +522,47 @@ impl<B: AutodiffBackend> Trainer<B> {
             .flatten()
             .map(|&i| self.seqs[i].n_targets())
             .sum();
-        let model = self.model.take().expect("model is present between steps");
-        let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
-        let (mut nll, mut input_tokens, mut padded, mut sequences) = (0.0, 0, 0, 0);
         let step_seed = data::mix(data::mix(self.config.seed, 0xD80F), self.global_step as u64);
-        for (m, idx) in members.iter().enumerate() {
-            let batch = data::build_batch(&self.seqs, idx);
-            input_tokens += batch.tokens;
-            padded += batch.rows * batch.width;
-            sequences += batch.rows;
-            nll += self.micro_batch(
-                &model,
-                &batch,
-                denom as f64,
-                data::mix(step_seed, m as u64),
-                &mut acc,
-            );
+        let model = self.model.take().expect("model is present between steps");
+        let n = 1 + self.replicas.len();
+        let shares: Vec<Vec<(usize, &[usize])>> = (0..n)
+            .map(|r| {
+                parallel::share(r, n, members.len())
+                    .map(|m| (m, members[m].as_slice()))
+                    .collect()
+            })
+            .collect();
+        let worker = |device| Worker::<B> {
+            config: &self.config,
+            seqs: &self.seqs,
+            device,
+            denom: denom as f64,
+            step_seed,
+        };
+        // One host thread launches every device's share in turn. Burn queues device work
+        // asynchronously and nothing below reads a value back until all shares are launched, so
+        // the devices compute at the same time. (Threads per replica were tried first: CubeCL
+        // 0.10 then shares tensors between per-thread streams, which failed on the 1.5B model
+        // with "Memory page 0 doesn't exist" even with both replicas on one GPU.)
+        let mut outs = vec![worker(&self.device).run(&model, &shares[0])];
+        for (rep, share) in self.replicas.iter().zip(&shares[1..]) {
+            let m = rep.model.as_ref().expect("replica model between steps");
+            outs.push(worker(&rep.device).run(m, share));
         }
-        let grads = acc.grads();
+        let mut totals = Totals::default();
+        let mut parts = Vec::with_capacity(n);
+        for out in outs {
+            totals.add(&out.totals);
+            totals.nll += sum_f64(out.nll_parts);
+            parts.push(out.grads);
+        }
+        let mut grads = if self.replicas.is_empty() {
+            parts
+        } else {
+            parallel::all_reduce(&model, parts, &self.devices())
+        };
         let mut norms = SquaredNorms::<B> {
-            grads: &grads,
+            grads: &grads[0],
             parts: vec![],
         };
         model.visit(&mut norms);
@@ -517,7 +578,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .sum()
         };
         let grad_norm = sq.sqrt();
-        let loss = nll / denom as f64;
+        let loss = totals.nll / denom as f64;
         if !(loss.is_finite() && grad_norm.is_finite()) {
             self.model = Some(model);
             return Err(TrainError::NonFinite {
@@ -532,24 +593,25 @@ impl<B: AutodiffBackend> Trainer<B> {
             .max_grad_norm
             .map(|max| max / (grad_norm + 1e-6))
             .filter(|&c| c < 1.0);
-        let mut split = ScaleAndSplit::<B> {
-            all: grads,
-            factor,
-            decay_ids: &self.decay_ids,
-            decay: GradientsParams::new(),
-            plain: GradientsParams::new(),
-            _b: std::marker::PhantomData,
-        };
-        model.visit(&mut split);
-        let (decay, plain) = (split.decay, split.plain);
         let lr = self.next_lr();
-        let mut model = model;
-        if !decay.is_empty() {
-            model = self.opt_decay.step(lr, model, decay);
+        let own_grads = grads.remove(0);
+        let decay_ids = &self.decay_ids;
+        let (opt_decay, opt_plain) = (&mut self.opt_decay, &mut self.opt_plain);
+        for (rep, g) in self.replicas.iter_mut().zip(grads) {
+            let m = rep.model.take().expect("replica model between steps");
+            rep.model = Some(update(
+                m,
+                g,
+                factor,
+                decay_ids,
+                lr,
+                &mut rep.opt_decay,
+                &mut rep.opt_plain,
+            ));
         }
-        if !plain.is_empty() {
-            model = self.opt_plain.step(lr, model, plain);
-        }
+        let model = update(
+            model, own_grads, factor, decay_ids, lr, opt_decay, opt_plain,
+        );
         self.model = Some(model);
 
         self.global_step += 1;
@@ -560,7 +622,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             self.micro_index = 0;
             epoch = self.epoch as f64;
         }
-        self.tokens_seen += input_tokens as u64;
+        self.tokens_seen += totals.input_tokens as u64;
         self.target_tokens_seen += denom as u64;
         let secs = t0.elapsed().as_secs_f64();
         let metrics = StepMetrics {
@@ -570,124 +632,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             lr,
             grad_norm,
             tokens: denom,
-            input_tokens,
-            padded_tokens: padded,
-            sequences,
+            input_tokens: totals.input_tokens,
+            padded_tokens: totals.padded,
+            sequences: totals.sequences,
             micro_batches: members.len(),
-            tokens_per_s: input_tokens as f64 / secs.max(1e-9),
+            tokens_per_s: totals.input_tokens as f64 / secs.max(1e-9),
             step_time_s: secs,
             peak_memory_bytes: peak_rss_bytes(),
         };
         self.last = Some(metrics.clone());
         Ok(Some(metrics))
-    }
-
-    /// Forward and staged backward of one micro-batch into `acc`; returns its summed NLL.
-    fn micro_batch(
-        &self,
-        model: &TrainModel<B>,
-        batch: &Batch,
-        denom: f64,
-        dropout_seed: u64,
-        acc: &mut GradientsAccumulator<TrainModel<B>>,
-    ) -> f64 {
-        let cfg = &self.config;
-        let dtype = compute_dtype(cfg);
-        let dropout = cfg.lora.as_ref().map_or(0.0, |l| l.dropout);
-        let device = &self.device;
-        let mc = &model.base.config;
-        let ids_data = TensorData::new(batch.ids.clone(), [batch.rows, batch.width]);
-        let scored = || {
-            Tensor::<B, 1, Int>::from_data(
-                TensorData::new(batch.scored.clone(), [batch.scored.len()]),
-                device,
-            )
-        };
-        let f = Fwd::<B>::new(mc, batch.width, dtype, dropout, dropout_seed, device);
-        let n_layers = model.num_layers();
-        if !cfg.recompute {
-            let mut x = model.embed(Tensor::from_data(ids_data, device), &f);
-            for i in 0..n_layers {
-                x = model.layer(i, x, &f, None);
-            }
-            let h = select_rows(model.final_norm(x, &f), scored());
-            let (g, nll) = self.head_stage(model, h.clone().inner(), batch, denom, dtype, acc);
-            backprop::<B, 2, 2>(model, h, g, None, acc);
-            return nll;
-        }
-        let chunk =
-            (batch.width > cfg.attention_chunk_tokens).then_some(cfg.attention_chunk_tokens);
-        let inner = model.valid();
-        let fi = Fwd::<B::InnerBackend>::new(mc, batch.width, dtype, dropout, dropout_seed, device);
-        let mut x = inner.embed(Tensor::from_data(ids_data.clone(), device), &fi);
-        let mut inputs = Vec::with_capacity(n_layers);
-        for i in 0..n_layers {
-            inputs.push(x.clone());
-            x = inner.layer(i, x, &fi, chunk);
-        }
-        let leaf = Tensor::<B, 3>::from_inner(x).require_grad();
-        let h = select_rows(model.final_norm(leaf.clone(), &f), scored());
-        let (g, nll) = self.head_stage(model, h.clone().inner(), batch, denom, dtype, acc);
-        let mut g = backprop(model, h, g, Some(&leaf), acc).expect("hidden-state gradient");
-        for i in (0..n_layers).rev() {
-            let x = inputs.pop().expect("one input per layer");
-            g = match chunk {
-                None => {
-                    let leaf = Tensor::<B, 3>::from_inner(x).require_grad();
-                    let out = model.layer(i, leaf.clone(), &f, None);
-                    backprop(model, out, g, Some(&leaf), acc)
-                }
-                Some(c) => layer_backward_chunked(model, &inner, i, x, g, &f, &fi, c, acc),
-            }
-            .expect("layer input gradient");
-        }
-        if model.lora.is_none() {
-            let e = model.embed(Tensor::from_data(ids_data, device), &f);
-            backprop::<B, 3, 3>(model, e, g, None, acc);
-        }
-        nll
-    }
-
-    /// LM head + f32 log-softmax + NLL on chunks of scored rows, each chunk its own graph.
-    /// Returns the gradient of `loss` w.r.t. the rows and the summed NLL.
-    fn head_stage(
-        &self,
-        model: &TrainModel<B>,
-        rows: Tensor<B::InnerBackend, 2>,
-        batch: &Batch,
-        denom: f64,
-        dtype: DType,
-        acc: &mut GradientsAccumulator<TrainModel<B>>,
-    ) -> (Tensor<B::InnerBackend, 2>, f64) {
-        let n = batch.targets.len();
-        let chunk = self.config.loss_chunk_tokens;
-        let mut grads_in = Vec::with_capacity(n.div_ceil(chunk));
-        let mut nll_parts = Vec::with_capacity(n.div_ceil(chunk));
-        let mut start = 0;
-        while start < n {
-            let len = chunk.min(n - start);
-            let leaf =
-                Tensor::<B, 2>::from_inner(rows.clone().narrow(0, start, len)).require_grad();
-            let targets = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(batch.targets[start..start + len].to_vec(), [len]),
-                &self.device,
-            );
-            let logp = log_softmax(model.head(leaf.clone(), dtype), 1);
-            let nll = logp.gather(1, targets.unsqueeze_dim(1)).sum().neg();
-            nll_parts.push(nll.clone().inner());
-            let grads = nll.div_scalar(denom).backward();
-            grads_in.push(leaf.grad(&grads).expect("head input gradient"));
-            acc.accumulate(model, GradientsParams::from_grads(grads, model));
-            start += len;
-        }
-        let nll: f64 = Tensor::cat(nll_parts, 0)
-            .into_data()
-            .to_vec::<f32>()
-            .expect("f32 loss")
-            .iter()
-            .map(|&v| f64::from(v))
-            .sum();
-        (Tensor::cat(grads_in, 0), nll)
     }
 
     /// Writes a checkpoint (weights in HF or PEFT layout, optimizer record, trainer state)
@@ -809,9 +763,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             .sum();
         let model = self.model.take().expect("model is present between steps");
         let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
+        let worker = Worker::<B> {
+            config: &self.config,
+            seqs: &self.seqs,
+            device: &self.device,
+            denom: denom as f64,
+            step_seed: 0,
+        };
         for idx in &members {
             let batch = data::build_batch(&self.seqs, idx);
-            self.micro_batch(&model, &batch, denom as f64, 0, &mut acc);
+            worker.micro_batch(&model, &batch, 0, &mut acc);
         }
         let grads = acc.grads();
         let mut list = ParamList::default();
@@ -848,6 +809,207 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.model = Some(model);
         Ok(c.out)
     }
+}
+
+/// What one device computes for a step: the gradient of its share of the micro-batches.
+struct ShareOut<B: AutodiffBackend> {
+    grads: GradientsParams,
+    totals: Totals,
+    /// Summed NLL of each loss chunk, still on the device (read once every share is launched).
+    nll_parts: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+/// Loss and token counts of some micro-batches.
+#[derive(Default)]
+struct Totals {
+    nll: f64,
+    input_tokens: usize,
+    padded: usize,
+    sequences: usize,
+}
+
+impl Totals {
+    fn add(&mut self, o: &Totals) {
+        self.nll += o.nll;
+        self.input_tokens += o.input_tokens;
+        self.padded += o.padded;
+        self.sequences += o.sequences;
+    }
+}
+
+/// Forward and backward of micro-batches on one device.
+struct Worker<'a, B: AutodiffBackend> {
+    config: &'a TrainConfig,
+    seqs: &'a [Sequence],
+    device: &'a B::Device,
+    /// Target tokens of the whole step (every device's share), the loss denominator.
+    denom: f64,
+    step_seed: u64,
+}
+
+impl<B: AutodiffBackend> Worker<'_, B> {
+    /// Gradients and totals of the step's micro-batches `share` (index in the step, members).
+    fn run(&self, model: &TrainModel<B>, share: &[(usize, &[usize])]) -> ShareOut<B> {
+        let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
+        let mut totals = Totals::default();
+        let mut nll_parts = Vec::new();
+        for &(m, idx) in share {
+            let batch = data::build_batch(self.seqs, idx);
+            totals.input_tokens += batch.tokens;
+            totals.padded += batch.rows * batch.width;
+            totals.sequences += batch.rows;
+            let seed = data::mix(self.step_seed, m as u64);
+            nll_parts.push(self.micro_batch(model, &batch, seed, &mut acc));
+        }
+        ShareOut {
+            grads: acc.grads(),
+            totals,
+            nll_parts,
+        }
+    }
+
+    /// Forward and staged backward of one micro-batch into `acc`; returns the NLL of each of
+    /// its loss chunks (on the device, unread).
+    fn micro_batch(
+        &self,
+        model: &TrainModel<B>,
+        batch: &Batch,
+        dropout_seed: u64,
+        acc: &mut GradientsAccumulator<TrainModel<B>>,
+    ) -> Tensor<B::InnerBackend, 1> {
+        let cfg = self.config;
+        let dtype = compute_dtype(cfg);
+        let dropout = cfg.lora.as_ref().map_or(0.0, |l| l.dropout);
+        let device = self.device;
+        let mc = &model.base.config;
+        let ids_data = TensorData::new(batch.ids.clone(), [batch.rows, batch.width]);
+        let scored = || {
+            Tensor::<B, 1, Int>::from_data(
+                TensorData::new(batch.scored.clone(), [batch.scored.len()]),
+                device,
+            )
+        };
+        let f = Fwd::<B>::new(mc, batch.width, dtype, dropout, dropout_seed, device);
+        let n_layers = model.num_layers();
+        if !cfg.recompute {
+            let mut x = model.embed(Tensor::from_data(ids_data, device), &f);
+            for i in 0..n_layers {
+                x = model.layer(i, x, &f, None);
+            }
+            let h = select_rows(model.final_norm(x, &f), scored());
+            let (g, nll) = self.head_stage(model, h.clone().inner(), batch, dtype, acc);
+            backprop::<B, 2, 2>(model, h, g, None, acc);
+            return nll;
+        }
+        let chunk =
+            (batch.width > cfg.attention_chunk_tokens).then_some(cfg.attention_chunk_tokens);
+        let inner = model.valid();
+        let fi = Fwd::<B::InnerBackend>::new(mc, batch.width, dtype, dropout, dropout_seed, device);
+        let mut x = inner.embed(Tensor::from_data(ids_data.clone(), device), &fi);
+        let mut inputs = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            inputs.push(x.clone());
+            x = inner.layer(i, x, &fi, chunk);
+        }
+        let leaf = Tensor::<B, 3>::from_inner(x).require_grad();
+        let h = select_rows(model.final_norm(leaf.clone(), &f), scored());
+        let (g, nll) = self.head_stage(model, h.clone().inner(), batch, dtype, acc);
+        let mut g = backprop(model, h, g, Some(&leaf), acc).expect("hidden-state gradient");
+        for i in (0..n_layers).rev() {
+            let x = inputs.pop().expect("one input per layer");
+            g = match chunk {
+                None => {
+                    let leaf = Tensor::<B, 3>::from_inner(x).require_grad();
+                    let out = model.layer(i, leaf.clone(), &f, None);
+                    backprop(model, out, g, Some(&leaf), acc)
+                }
+                Some(c) => layer_backward_chunked(model, &inner, i, x, g, &f, &fi, c, acc),
+            }
+            .expect("layer input gradient");
+        }
+        if model.lora.is_none() {
+            let e = model.embed(Tensor::from_data(ids_data, device), &f);
+            backprop::<B, 3, 3>(model, e, g, None, acc);
+        }
+        nll
+    }
+
+    /// LM head + f32 log-softmax + NLL on chunks of scored rows, each chunk its own graph.
+    /// Returns the gradient of `loss` w.r.t. the rows and each chunk's summed NLL.
+    fn head_stage(
+        &self,
+        model: &TrainModel<B>,
+        rows: Tensor<B::InnerBackend, 2>,
+        batch: &Batch,
+        dtype: DType,
+        acc: &mut GradientsAccumulator<TrainModel<B>>,
+    ) -> (Tensor<B::InnerBackend, 2>, Tensor<B::InnerBackend, 1>) {
+        let n = batch.targets.len();
+        let chunk = self.config.loss_chunk_tokens;
+        let mut grads_in = Vec::with_capacity(n.div_ceil(chunk));
+        let mut nll_parts = Vec::with_capacity(n.div_ceil(chunk));
+        let mut start = 0;
+        while start < n {
+            let len = chunk.min(n - start);
+            let leaf =
+                Tensor::<B, 2>::from_inner(rows.clone().narrow(0, start, len)).require_grad();
+            let targets = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(batch.targets[start..start + len].to_vec(), [len]),
+                self.device,
+            );
+            let logp = log_softmax(model.head(leaf.clone(), dtype), 1);
+            let nll = logp.gather(1, targets.unsqueeze_dim(1)).sum().neg();
+            nll_parts.push(nll.clone().inner());
+            let grads = nll.div_scalar(self.denom).backward();
+            grads_in.push(leaf.grad(&grads).expect("head input gradient"));
+            acc.accumulate(model, GradientsParams::from_grads(grads, model));
+            start += len;
+        }
+        (Tensor::cat(grads_in, 0), Tensor::cat(nll_parts, 0))
+    }
+}
+
+/// Sum in f64 of f32 values still on the device (one read-back).
+fn sum_f64<B: Backend>(parts: Vec<Tensor<B, 1>>) -> f64 {
+    if parts.is_empty() {
+        return 0.0;
+    }
+    Tensor::cat(parts, 0)
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32 loss")
+        .iter()
+        .map(|&v| f64::from(v))
+        .sum()
+}
+
+/// Clips (`factor`) and applies one AdamW update, decayed and plain groups apart.
+fn update<B: AutodiffBackend>(
+    model: TrainModel<B>,
+    grads: GradientsParams,
+    factor: Option<f64>,
+    decay_ids: &HashSet<ParamId>,
+    lr: f64,
+    opt_decay: &mut Adam<B>,
+    opt_plain: &mut Adam<B>,
+) -> TrainModel<B> {
+    let mut split = ScaleAndSplit::<B> {
+        all: grads,
+        factor,
+        decay_ids,
+        decay: GradientsParams::new(),
+        plain: GradientsParams::new(),
+        _b: std::marker::PhantomData,
+    };
+    model.visit(&mut split);
+    let mut model = model;
+    if !split.decay.is_empty() {
+        model = opt_decay.step(lr, model, split.decay);
+    }
+    if !split.plain.is_empty() {
+        model = opt_plain.step(lr, model, split.plain);
+    }
+    model
 }
 
 /// Burn path and `[in, out]` values → HF name and `[out, in]` values (linear weights only).

@@ -61,3 +61,50 @@ fn cuda_logits_greedy_and_bf16_match_transformers() {
         assert!(diff < 0.05 * scale, "{name}: {diff}");
     }
 }
+
+/// Data parallelism on CUDA: replicas on the devices `DISTILL_TEST_CUDA_DEVICES` names (default
+/// `0,0`: two replicas sharing GPU 0, which runs the threads, the reduce and the replicated
+/// updates on one GPU) train like one device.
+#[test]
+fn cuda_data_parallel_matches_one_device() {
+    use burn::backend::Autodiff;
+    use burn::backend::cuda::CudaDevice;
+    use distill_student::SaveOptions;
+    use distill_student::train::{TrainConfig, Trainer};
+
+    use crate::train::{assert_close, random_examples, resume_config, tensors};
+
+    type T = Autodiff<C>;
+    let ordinals: Vec<usize> = std::env::var("DISTILL_TEST_CUDA_DEVICES")
+        .unwrap_or_else(|_| "0,0".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("a CUDA ordinal"))
+        .collect();
+    let devices: Vec<CudaDevice> = ordinals.iter().map(|&i| CudaDevice::new(i)).collect();
+    let dir = fixture("llama-bias-tied");
+    let examples = random_examples(13, 512, 8);
+    let config = TrainConfig {
+        grad_accum: 2 * devices.len(),
+        ..resume_config(false)
+    };
+    let mut one = Trainer::<T>::new(&dir, &examples, config.clone(), &devices[0]).unwrap();
+    let mut many = Trainer::<T>::new(&dir, &examples, config, &devices[0]).unwrap();
+    many.replicate_on(&devices[1..]).unwrap();
+    while let Some(a) = one.step().unwrap() {
+        let b = many.step().unwrap().expect("same number of steps");
+        println!("step {}: loss {:.6} vs {:.6}", a.step, a.loss, b.loss);
+        assert!((a.loss - b.loss).abs() <= 1e-3 * a.loss, "{a:?} vs {b:?}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let export = |t: &Trainer<T>, name: &str| {
+        let d = tmp.path().join(name);
+        t.export(&d, SaveOptions::default()).unwrap();
+        tensors(&d.join("model.safetensors"))
+    };
+    let (a, b) = (export(&one, "one"), export(&many, "many"));
+    let mut worst = 0f32;
+    for (name, (_, v)) in &a {
+        worst = worst.max(assert_close(name, &b[name].1, v, TF32_TOL));
+    }
+    println!("cuda data parallel over {ordinals:?}: max |weight diff| {worst:.2e}");
+}

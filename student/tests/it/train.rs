@@ -53,7 +53,7 @@ fn examples_json(path: &Path) -> Vec<SftExample> {
 }
 
 /// Every f32 tensor of a safetensors file, by name.
-fn tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+pub(crate) fn tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
@@ -78,7 +78,7 @@ fn exported(trainer: &Trainer<T>) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     tensors(&dir.join("model.safetensors"))
 }
 
-fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
+pub(crate) fn assert_close(name: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
     assert_eq!(got.len(), want.len(), "{name}");
     let d = max_abs_diff(got, want);
     assert!(d <= tol, "{name}: max |diff| {d:.3e} > {tol:.0e}");
@@ -243,7 +243,7 @@ fn sft_lowers_loss_and_greedy_decoding_recalls_answers() {
     }
 }
 
-fn random_examples(n: usize, vocab: u32, seed: u64) -> Vec<SftExample> {
+pub(crate) fn random_examples(n: usize, vocab: u32, seed: u64) -> Vec<SftExample> {
     let mut x = seed;
     let mut next = move |m: u32| {
         x = x
@@ -340,7 +340,7 @@ fn lora_trains_with_frozen_base_and_merges_exactly() {
     assert_close("merged logits", &to_vec(reloaded.forward(ids)), &want, 1e-4);
 }
 
-fn resume_config(lora: bool) -> TrainConfig {
+pub(crate) fn resume_config(lora: bool) -> TrainConfig {
     TrainConfig {
         learning_rate: 3e-3,
         schedule: LrSchedule::Cosine,
@@ -538,4 +538,70 @@ fn bf16_compute_tracks_f32() {
     );
     assert!((a.loss - b.loss).abs() < 0.02 * a.loss);
     assert!((a.grad_norm - b.grad_norm).abs() < 0.05 * a.grad_norm);
+}
+
+#[test]
+fn data_parallel_matches_one_device() {
+    let dir = fixture("llama-bias-tied");
+    let examples = random_examples(13, 512, 8);
+    for (lora, devices) in [(false, 2), (true, 2), (false, 3)] {
+        let config = TrainConfig {
+            grad_accum: if devices == 3 { 3 } else { 4 },
+            ..resume_config(lora)
+        };
+        let mut one = Trainer::<T>::new(&dir, &examples, config.clone(), &device()).unwrap();
+        let mut many = Trainer::<T>::new(&dir, &examples, config.clone(), &device()).unwrap();
+        // Replicas on the same CPU device exercise the whole path: threads, reduce, updates.
+        many.replicate_on(&vec![device(); devices - 1]).unwrap();
+        assert_eq!(many.devices().len(), devices);
+        let n = one.total_steps();
+        assert!(n >= 3, "{n}");
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("checkpoint");
+        while let Some(a) = one.step().unwrap() {
+            let b = many.step().unwrap().expect("same number of steps");
+            assert_eq!(
+                (a.step, a.tokens, a.input_tokens),
+                (b.step, b.tokens, b.input_tokens)
+            );
+            assert_eq!(
+                (a.sequences, a.micro_batches),
+                (b.sequences, b.micro_batches)
+            );
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-5 * a.loss,
+                "step {}: {a:?} vs {b:?}",
+                a.step
+            );
+            assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm);
+            if a.step == n / 2 {
+                many.save_checkpoint(&ckpt).unwrap();
+            }
+        }
+        assert!(many.step().unwrap().is_none());
+        let (a, b) = (exported(&one), exported(&many));
+        let mut worst = 0f32;
+        for (name, (_, v)) in &a {
+            worst = worst.max(assert_close(name, &b[name].1, v, 1e-5));
+        }
+        // A data-parallel checkpoint resumes on one device and ends where the others did.
+        let mut resumed = Trainer::<T>::resume(&ckpt, &examples, &device()).unwrap();
+        while resumed.step().unwrap().is_some() {}
+        let c = exported(&resumed);
+        for (name, (_, v)) in &a {
+            worst = worst.max(assert_close(name, &c[name].1, v, 1e-5));
+        }
+        println!("lora={lora}, {devices} devices: {n} steps, max |weight diff| {worst:.1e}");
+    }
+    let config = TrainConfig {
+        grad_accum: 3,
+        ..resume_config(false)
+    };
+    let mut t = Trainer::<T>::new(&dir, &examples, config, &device()).unwrap();
+    let err = t.replicate_on(&[device()]).unwrap_err();
+    assert!(
+        matches!(&err, TrainError::Config { field, .. } if field == "grad_accum"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("multiple of 2"), "{err}");
 }
