@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use distill_db::training::{self, StepMetrics as StepRow};
-use distill_student::train::{Precision, SftRecord, TrainConfig, Trainer, examples_from_records};
+use distill_student::train::{
+    Precision, SftRecord, TrainConfig, TrainError, Trainer, examples_from_records,
+};
 use distill_student::{ChatMessage, SaveOptions, Tokenizer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -185,17 +187,10 @@ fn check_devices(stage: &TrainStageParams, config: &TrainConfig) -> Result<(), P
             ));
         }
     }
-    let n = devices.len();
-    if config.grad_accum % n != 0 {
-        return Err(ParamError::new(
-            "grad_accum",
-            format!(
-                "{} micro-batches per step cannot be shared evenly by {n} devices (make it a multiple of {n})",
-                config.grad_accum
-            ),
-        ));
-    }
-    Ok(())
+    config.check_devices(devices.len()).map_err(|e| match e {
+        TrainError::Config { field, message } => ParamError::new(field, message),
+        other => ParamError::new("devices", other.to_string()),
+    })
 }
 
 /// Refuses a GPU run the memory planner says cannot fit, naming what would. Data parallelism

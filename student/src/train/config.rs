@@ -231,6 +231,21 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks that `devices` data-parallel devices can share each step's `grad_accum`
+    /// micro-batches evenly.
+    pub fn check_devices(&self, devices: usize) -> TrainResult<()> {
+        if devices > 0 && !self.grad_accum.is_multiple_of(devices) {
+            return Err(TrainError::config(
+                "grad_accum",
+                format!(
+                    "{} micro-batches per step cannot be shared evenly by {devices} devices (make it a multiple of {devices})",
+                    self.grad_accum
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks every field, naming the first one out of range.
     pub fn validate(&self) -> TrainResult<()> {
         let bad = |field: &str, message: String| Err(TrainError::config(field, message));

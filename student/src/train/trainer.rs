@@ -474,16 +474,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// it must be a multiple of the device count. Checkpoints and exports come from the
     /// trainer's own device, so a run may resume on a different number of devices.
     pub fn replicate_on(&mut self, devices: &[B::Device]) -> TrainResult<()> {
-        let n = 1 + self.replicas.len() + devices.len();
-        if self.config.grad_accum % n != 0 {
-            return Err(TrainError::Config {
-                field: "grad_accum".into(),
-                message: format!(
-                    "{} micro-batches per step cannot be shared evenly by {n} devices (make it a multiple of {n})",
-                    self.config.grad_accum
-                ),
-            });
-        }
+        self.config
+            .check_devices(1 + self.replicas.len() + devices.len())?;
         let model = self.model();
         let mut added = Vec::with_capacity(devices.len());
         for device in devices {
