@@ -72,7 +72,9 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
     /// Wall time of the step (forward, backward, clipping, optimizer).
     pub step_time_s: f64,
-    /// Peak resident memory of the process so far (Linux `VmHWM`; host memory, also on CUDA).
+    /// Peak memory: on the CPU the process's peak resident set (Linux `VmHWM`); on CUDA the
+    /// bytes the GPU allocator holds after the step (its pool, which grows to the step's peak
+    /// and is kept), the largest over the run's devices.
     pub peak_memory_bytes: u64,
 }
 
@@ -220,6 +222,30 @@ pub fn peak_rss_bytes() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Bytes the CUDA allocator reserves, the largest over `devices`; `None` off CUDA.
+fn gpu_reserved_bytes<B: Backend>(devices: &[B::Device]) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        use cubecl::Runtime;
+        let mut most = None;
+        for device in devices {
+            let any: &dyn std::any::Any = device;
+            if let Some(cuda) = any.downcast_ref::<burn::backend::cuda::CudaDevice>() {
+                let usage = cubecl::cuda::CudaRuntime::client(cuda)
+                    .memory_usage()
+                    .ok()?;
+                most = Some(most.unwrap_or(0).max(usage.bytes_reserved));
+            }
+        }
+        most
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = devices;
+        None
+    }
 }
 
 fn adam<B: AutodiffBackend>(config: &TrainConfig, weight_decay: f64) -> Adam<B> {
@@ -630,7 +656,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             micro_batches: members.len(),
             tokens_per_s: totals.input_tokens as f64 / secs.max(1e-9),
             step_time_s: secs,
-            peak_memory_bytes: peak_rss_bytes(),
+            peak_memory_bytes: gpu_reserved_bytes::<B>(&self.devices())
+                .unwrap_or_else(peak_rss_bytes),
         };
         self.last = Some(metrics.clone());
         Ok(Some(metrics))
