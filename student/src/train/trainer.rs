@@ -584,18 +584,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             parts: vec![],
         };
         model.visit(&mut norms);
-        let sq: f64 = if norms.parts.is_empty() {
-            0.0
-        } else {
-            Tensor::cat(norms.parts, 0)
-                .into_data()
-                .to_vec::<f32>()
-                .expect("f32 norms")
-                .iter()
-                .map(|&v| f64::from(v))
-                .sum()
-        };
-        let grad_norm = sq.sqrt();
+        let grad_norm = sum_f64(norms.parts).sqrt();
         let loss = totals.nll / denom as f64;
         if !(loss.is_finite() && grad_norm.is_finite()) {
             self.model = Some(model);
@@ -988,7 +977,7 @@ impl<B: AutodiffBackend> Worker<'_, B> {
     }
 }
 
-/// Sum in f64 of f32 values still on the device (one read-back).
+/// Sum in f64 of f32 values still on the device (one read-back; 0 for none).
 fn sum_f64<B: Backend>(parts: Vec<Tensor<B, 1>>) -> f64 {
     if parts.is_empty() {
         return 0.0;
@@ -996,7 +985,7 @@ fn sum_f64<B: Backend>(parts: Vec<Tensor<B, 1>>) -> f64 {
     Tensor::cat(parts, 0)
         .into_data()
         .to_vec::<f32>()
-        .expect("f32 loss")
+        .expect("f32 values")
         .iter()
         .map(|&v| f64::from(v))
         .sum()
