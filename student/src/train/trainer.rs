@@ -559,7 +559,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         // One host thread launches every device's share in turn. Burn queues device work
         // asynchronously and nothing below reads a value back until all shares are launched, so
-        // the devices compute at the same time. (Threads per replica were tried first: CubeCL
+        // the devices can compute at the same time (not yet measured on several GPUs). (Threads per replica were tried first: CubeCL
         // 0.10 then shares tensors between per-thread streams, which failed on the 1.5B model
         // with "Memory page 0 doesn't exist" even with both replicas on one GPU.)
         let mut outs = vec![worker(&self.device).run(&model, &shares[0])];
