@@ -426,6 +426,17 @@ async fn data_parallel_replicas_train_like_one_device_and_bad_devices_are_refuse
         assert!(d <= 1e-5, "{name}: max |diff| {d:.2e}");
     }
 
+    // The devices are not part of the stage's identity: the same run on one device reuses
+    // the two-replica training instead of paying for it again.
+    two.write(
+        "pipeline.toml",
+        &config(&server.url(), 12, 0, "grad_accum = 2"),
+    );
+    let out = run(&two, &["run", "pipeline.toml"]).await;
+    out.ok();
+    assert_eq!(devices(&two), serde_json::json!(2), "{}", out.stderr());
+    assert_eq!(losses(two.db().await).await, b);
+
     let base = config(&server.url(), 4, 0, "");
     let cases = [
         (
