@@ -13,6 +13,7 @@ mod error;
 pub mod evaluate;
 pub mod export;
 pub mod generate;
+mod gpus;
 pub mod hash;
 pub mod load;
 mod params;

@@ -272,12 +272,7 @@ impl Stage for Train {
             }
         }
         if self.stage.device == Device::Cuda {
-            if !cfg!(feature = "cuda") {
-                return Err(StageError::Input(
-                    "device: this distill was built without CUDA (cargo build --release --features cuda)"
-                        .into(),
-                ));
-            }
+            crate::gpus::check_cuda_devices(self.stage.devices.as_deref().unwrap_or(&[0]))?;
             let config = match &self.base {
                 Base::Folder(dir) => dir.as_path(),
                 Base::Init(init) => init.config.as_path(),

@@ -34,3 +34,23 @@ pub type CpuBackend = burn::backend::Flex;
 /// The CUDA backend (`--features cuda`).
 #[cfg(feature = "cuda")]
 pub type CudaBackend = burn::backend::Cuda;
+
+/// How many GPUs the CUDA driver reports, or why none can be used (no driver library, a driver
+/// error). Checked before a run starts, so a bad `devices` list fails with a message instead of
+/// a panic deep inside the backend.
+#[cfg(feature = "cuda")]
+pub fn cuda_device_count() -> std::result::Result<usize, String> {
+    use cudarc::driver::result;
+    // cudarc loads libcuda lazily and panics when it is missing; that panic is the answer
+    // "no driver", so it is caught, with the default hook's message silenced meanwhile.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let count = std::panic::catch_unwind(|| {
+        result::init().map_err(|e| format!("CUDA driver: {e}"))?;
+        result::device::get_count()
+            .map(|n| n.max(0) as usize)
+            .map_err(|e| format!("CUDA driver: {e}"))
+    });
+    std::panic::set_hook(hook);
+    count.unwrap_or_else(|_| Err("no CUDA driver library (libcuda) on this machine".into()))
+}

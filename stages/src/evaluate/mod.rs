@@ -446,11 +446,8 @@ impl Stage for Evaluate {
             )));
         }
         let local = !matches!(self.target, Target::Teacher(..));
-        if local && self.params.device == Device::Cuda && !cfg!(feature = "cuda") {
-            return Err(StageError::Input(
-                "device: this distill was built without CUDA (cargo build --release --features cuda)"
-                    .into(),
-            ));
+        if local && self.params.device == Device::Cuda {
+            crate::gpus::check_cuda_devices(&[0])?;
         }
         Ok(())
     }

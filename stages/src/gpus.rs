@@ -1,0 +1,26 @@
+//! Whether a stage that asks for CUDA GPUs can have them, checked before anything runs.
+
+use crate::StageError;
+
+/// Fails unless this build has CUDA and every ordinal in `devices` is a GPU the driver reports.
+pub(crate) fn check_cuda_devices(devices: &[usize]) -> Result<(), StageError> {
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = devices;
+        Err(StageError::Input(
+            "device: this distill was built without CUDA (cargo build --release --features cuda)"
+                .into(),
+        ))
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let count = distill_student::cuda_device_count()
+            .map_err(|e| StageError::Input(format!("device: cuda: {e}")))?;
+        match devices.iter().find(|&&d| d >= count) {
+            Some(d) => Err(StageError::Input(format!(
+                "devices: GPU {d} is named, but the CUDA driver reports {count} GPU(s)"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
