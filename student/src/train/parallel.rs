@@ -13,8 +13,8 @@
 //! The reduce is written here, centralised on the primary device through Burn's device-to-device
 //! copies, rather than taken from `burn-collective` or `burn`'s `distributed` feature: the former
 //! does the same centralised reduce for local peers but pulls in axum and websockets for the
-//! multi-node case, and the latter (NCCL on CUDA) does not compile for the CPU backend the tests
-//! run on, and could not be verified here without a multi-GPU machine.
+//! multi-node case; the latter (NCCL all-reduce on CUDA; it does build beside `flex`) could not
+//! be run here, since NCCL refuses two ranks on one GPU and only one-GPU machines were available.
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
