@@ -9,11 +9,11 @@
 
 mod context;
 pub mod curation;
+pub mod device;
 mod error;
 pub mod evaluate;
 pub mod export;
 pub mod generate;
-mod gpus;
 pub mod hash;
 pub mod load;
 mod params;

@@ -30,16 +30,7 @@ use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, pa
 /// The `train` stage kind.
 pub struct TrainKind;
 
-/// Where training runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    /// Burn's CPU backend.
-    #[default]
-    Cpu,
-    /// The first CUDA GPU (a build with `--features cuda`).
-    Cuda,
-}
+pub use crate::device::Device;
 
 /// The stage's own parameters; every other key is a [`TrainConfig`] field
 /// (`learning_rate`, `schedule`, `epochs`, `max_steps`, `micro_batch`, `grad_accum`,
@@ -272,7 +263,7 @@ impl Stage for Train {
             }
         }
         if self.stage.device == Device::Cuda {
-            crate::gpus::check_cuda_devices(self.stage.devices.as_deref().unwrap_or(&[0]))?;
+            crate::device::check_cuda_devices(self.stage.devices.as_deref().unwrap_or(&[0]))?;
             let config = match &self.base {
                 Base::Folder(dir) => dir.as_path(),
                 Base::Init(init) => init.config.as_path(),

@@ -36,16 +36,7 @@ use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, pa
 /// The `evaluate` stage kind.
 pub struct EvaluateKind;
 
-/// Where the evaluated model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    /// Burn's CPU backend.
-    #[default]
-    Cpu,
-    /// The first CUDA GPU (a build with `--features cuda`).
-    Cuda,
-}
+pub use crate::device::Device;
 
 /// Parameters of an `evaluate` stage.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -447,7 +438,7 @@ impl Stage for Evaluate {
         }
         let local = !matches!(self.target, Target::Teacher(..));
         if local && self.params.device == Device::Cuda {
-            crate::gpus::check_cuda_devices(&[0])?;
+            crate::device::check_cuda_devices(&[0])?;
         }
         Ok(())
     }

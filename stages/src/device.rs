@@ -1,6 +1,20 @@
-//! Whether a stage that asks for CUDA GPUs can have them, checked before anything runs.
+//! Where a stage runs its model (`device = "cpu" | "cuda"`), and whether a stage that asks for
+//! CUDA GPUs can have them, checked before anything runs.
+
+use serde::{Deserialize, Serialize};
 
 use crate::StageError;
+
+/// Where a stage runs its model (training, local evaluation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// Burn's CPU backend.
+    #[default]
+    Cpu,
+    /// CUDA GPUs (a build with `--features cuda`): the first, or those a stage's `devices` names.
+    Cuda,
+}
 
 /// Fails unless this build has CUDA and every ordinal in `devices` is a GPU the driver reports.
 pub(crate) fn check_cuda_devices(devices: &[usize]) -> Result<(), StageError> {
