@@ -10,19 +10,6 @@ use distill_student::{
 
 use crate::common::*;
 
-/// The tied Qwen2 fixture (minimind vocabulary) with the minimind tokenizer beside it.
-fn student_dir() -> tempfile::TempDir {
-    let dir = copy_dir(&fixture("qwen2-tied"));
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(
-            repo_fixture("tokenizers/minimind").join(f),
-            dir.path().join(f),
-        )
-        .unwrap();
-    }
-    dir
-}
-
 #[test]
 fn info_reports_shape_and_memory() {
     let info = model_info(fixture("llama3-scaled")).unwrap();
@@ -49,7 +36,7 @@ fn info_reports_shape_and_memory() {
     assert_eq!(info.memory_bf16_bytes, 2 * info.num_parameters);
     assert!(info.weights_file_bytes > info.memory_f32_bytes);
     assert!(!info.has_tokenizer);
-    let tied = model_info(student_dir().path()).unwrap();
+    let tied = model_info(chat_model_dir().path()).unwrap();
     assert!(tied.tie_word_embeddings && tied.has_tokenizer && tied.has_chat_template);
     assert_eq!(
         tied.num_parameters,
@@ -84,7 +71,7 @@ fn sequence_nll_matches_transformers_logits() {
 
 #[test]
 fn nll_over_jsonl_text_and_messages() {
-    let dir = student_dir();
+    let dir = chat_model_dir();
     let student = Student::<B>::load(dir.path(), &device(), DType::F32).unwrap();
     let data = dir.path().join("data.jsonl");
     let mut f = std::fs::File::create(&data).unwrap();
@@ -125,7 +112,7 @@ fn nll_over_jsonl_text_and_messages() {
 
 #[test]
 fn generate_chat_prompt_matches_transformers_greedy() {
-    let dir = student_dir();
+    let dir = chat_model_dir();
     let student = Student::<B>::load(dir.path(), &device(), DType::F32).unwrap();
     let r = reference("qwen2-tied");
     let mut streamed = String::new();
@@ -158,7 +145,7 @@ fn generate_chat_prompt_matches_transformers_greedy() {
 
 #[test]
 fn sampling_is_seeded_and_stops() {
-    let dir = student_dir();
+    let dir = chat_model_dir();
     let student = Student::<B>::load(dir.path(), &device(), DType::F32).unwrap();
     let tok = student.tokenizer().unwrap();
     let prompt = tok.encode("Once upon a time", true).unwrap();

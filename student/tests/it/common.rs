@@ -137,3 +137,17 @@ pub fn copy_dir(src: &Path) -> tempfile::TempDir {
     }
     tmp
 }
+
+/// The tied Qwen2 parity model (minimind vocabulary) with the minimind tokenizer and chat
+/// template beside it, in a temporary copy.
+pub fn chat_model_dir() -> tempfile::TempDir {
+    let dir = copy_dir(&fixture("qwen2-tied"));
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(
+            repo_fixture("tokenizers/minimind").join(f),
+            dir.path().join(f),
+        )
+        .unwrap();
+    }
+    dir
+}

@@ -176,19 +176,6 @@ fn training_forward_matches_inference_forward() {
     }
 }
 
-/// The tied Qwen2 parity model with the minimind tokenizer and chat template beside it.
-fn chat_model_dir() -> tempfile::TempDir {
-    let dir = copy_dir(&fixture("qwen2-tied"));
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(
-            repo_fixture("tokenizers/minimind").join(f),
-            dir.path().join(f),
-        )
-        .unwrap();
-    }
-    dir
-}
-
 #[test]
 fn sft_lowers_loss_and_greedy_decoding_recalls_answers() {
     let dir = chat_model_dir();
