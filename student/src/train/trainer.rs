@@ -567,11 +567,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             let m = rep.model.as_ref().expect("replica model between steps");
             outs.push(worker(&rep.device).run(m, share));
         }
-        let mut totals = Totals::default();
+        let (mut totals, mut nll) = (Totals::default(), 0.0);
         let mut parts = Vec::with_capacity(n);
         for out in outs {
             totals.add(&out.totals);
-            totals.nll += sum_f64(out.nll_parts);
+            nll += sum_f64(out.nll_parts);
             parts.push(out.grads);
         }
         let mut grads = if self.replicas.is_empty() {
@@ -585,7 +585,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         model.visit(&mut norms);
         let grad_norm = sum_f64(norms.parts).sqrt();
-        let loss = totals.nll / denom as f64;
+        let loss = nll / denom as f64;
         if !(loss.is_finite() && grad_norm.is_finite()) {
             self.model = Some(model);
             return Err(TrainError::NonFinite {
@@ -827,10 +827,9 @@ struct ShareOut<B: AutodiffBackend> {
     nll_parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
-/// Loss and token counts of some micro-batches.
+/// Token counts of some micro-batches.
 #[derive(Default)]
 struct Totals {
-    nll: f64,
     input_tokens: usize,
     padded: usize,
     sequences: usize,
@@ -838,7 +837,6 @@ struct Totals {
 
 impl Totals {
     fn add(&mut self, o: &Totals) {
-        self.nll += o.nll;
         self.input_tokens += o.input_tokens;
         self.padded += o.padded;
         self.sequences += o.sequences;
