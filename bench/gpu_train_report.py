@@ -20,13 +20,14 @@ DATASHEET_BF16_TFLOPS = 989.4  # H100/H200 SXM dense bf16, NVIDIA's datasheet
 WARMUP = 3  # steps left out of each median (autotuning, allocator growth)
 
 
-def peak():
+def matmul_tflops(m, k, n):
+    """bf16 [m, k] x [k, n] in PyTorch: TFLOP/s over 20 products after 3 warm-ups."""
     import time
 
     import torch
 
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
     torch.cuda.synchronize()
@@ -34,29 +35,21 @@ def peak():
     for _ in range(20):
         a @ b
     torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / 20
-    print(json.dumps({"gpu": torch.cuda.get_device_name(), "matmul_bf16_tflops": 2 * 8192**3 / dt / 1e12}))
+    return 2 * m * k * n / ((time.perf_counter() - t0) / 20) / 1e12
+
+
+def peak():
+    import torch
+
+    print(json.dumps({"gpu": torch.cuda.get_device_name(),
+                      "matmul_bf16_tflops": matmul_tflops(8192, 8192, 8192)}))
 
 
 def matmul_shapes():
     """The shapes `matmul_bench` (student/examples) times, in PyTorch bf16."""
-    import time
-
-    import torch
-
     for m, k, n in [(4096, 1536, 1536), (4096, 1536, 8960), (4096, 8960, 1536), (4096, 1536, 151936)]:
-        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ b
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / 20
         print(json.dumps({"device": "torch", "dtype": "BF16", "m": m, "k": k, "n": n,
-                          "tflops": 2 * m * k * n / dt / 1e12}))
+                          "tflops": matmul_tflops(m, k, n)}))
 
 
 def flops_per_token(cfg, seq):
