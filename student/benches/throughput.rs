@@ -12,6 +12,9 @@ use std::time::Instant;
 use burn::prelude::*;
 use distill_student::{CausalLm, CpuBackend, ModelConfig, SaveOptions, save_pretrained};
 
+#[path = "support/synthetic.rs"]
+mod synthetic;
+
 type B = CpuBackend;
 
 const BATCH: usize = 4;
@@ -26,15 +29,9 @@ fn best(v: Vec<f64>) -> f64 {
 }
 
 fn ids(rows: usize, len: usize, vocab: usize, seed: u64) -> Tensor<B, 2, Int> {
-    // Small LCG: the ids only need to be spread over the vocabulary.
-    let mut x = seed;
-    let data: Vec<i64> = (0..rows * len)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) % vocab as u64) as i64
-        })
+    let data: Vec<i64> = synthetic::token_ids(rows * len, vocab, seed)
+        .into_iter()
+        .map(i64::from)
         .collect();
     Tensor::from_data(TensorData::new(data, [rows, len]), &Default::default())
 }

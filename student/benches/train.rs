@@ -12,9 +12,10 @@ use std::process::Command;
 
 use burn::backend::Autodiff;
 use distill_student::train::{MicroBatch, TrainConfig, Trainer};
-use distill_student::{
-    CausalLm, CpuBackend, ModelConfig, SaveOptions, SftExample, save_pretrained,
-};
+use distill_student::{CausalLm, CpuBackend, ModelConfig, SaveOptions, save_pretrained};
+
+#[path = "support/synthetic.rs"]
+mod synthetic;
 
 type B = Autodiff<CpuBackend>;
 
@@ -22,28 +23,6 @@ const BATCH: usize = 4;
 const SEQ: usize = 256;
 const PROMPT: usize = 32;
 const REPS: usize = 5;
-
-/// Same sequences as the baseline's shapes: the ids only need to be spread over the vocabulary.
-fn examples(vocab: usize) -> Vec<SftExample> {
-    let mut x = 7u64;
-    (0..BATCH)
-        .map(|_| {
-            // SEQ + 1 tokens: the last one is only a label, so the model reads SEQ.
-            let ids: Vec<u32> = (0..=SEQ)
-                .map(|_| {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((x >> 33) % vocab as u64) as u32
-                })
-                .collect();
-            SftExample {
-                prompt_ids: ids[..PROMPT].to_vec(),
-                target_ids: ids[PROMPT..].to_vec(),
-            }
-        })
-        .collect()
-}
 
 /// Best step time of `REPS` steps after one warm-up step.
 fn burn_step_secs(model: &CausalLm<B>, recompute: bool) -> (f64, u64) {
@@ -60,7 +39,7 @@ fn burn_step_secs(model: &CausalLm<B>, recompute: bool) -> (f64, u64) {
     let device = Default::default();
     let mut trainer = Trainer::<B>::from_model(
         model.clone(),
-        &examples(model.config.vocab_size),
+        &synthetic::sft_examples(BATCH, SEQ, PROMPT, model.config.vocab_size, 7),
         config,
         &device,
     )

@@ -17,28 +17,10 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use distill_student::plan::{Method, PlanSettings, plan};
 use distill_student::train::{LoraConfig, MicroBatch, Precision, TrainConfig, Trainer};
-use distill_student::{CausalLm, ModelConfig, SftExample};
+use distill_student::{CausalLm, ModelConfig};
 
-fn examples(n: usize, seq: usize, vocab: usize) -> Vec<SftExample> {
-    let mut x = 11u64;
-    (0..n)
-        .map(|_| {
-            let ids: Vec<u32> = (0..=seq)
-                .map(|_| {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((x >> 33) % vocab as u64) as u32
-                })
-                .collect();
-            let prompt = seq / 8;
-            SftExample {
-                prompt_ids: ids[..prompt].to_vec(),
-                target_ids: ids[prompt..].to_vec(),
-            }
-        })
-        .collect()
-}
+#[path = "../benches/support/synthetic.rs"]
+mod synthetic;
 
 fn run<B: AutodiffBackend>(device_of: impl Fn(usize) -> B::Device, args: &[String]) {
     let [_, model, seq, batch, steps, precision, mode, method] = args else {
@@ -77,7 +59,7 @@ fn run<B: AutodiffBackend>(device_of: impl Fn(usize) -> B::Device, args: &[Strin
         ..TrainConfig::default()
     };
     let mc = ModelConfig::from_file(model).expect("config.json");
-    let data = examples(batch * devices.len(), seq, mc.vocab_size);
+    let data = synthetic::sft_examples(batch * devices.len(), seq, seq / 8, mc.vocab_size, 11);
     let path = std::path::Path::new(model);
     let mut trainer = if path.join("model.safetensors").is_file()
         || path.join("model.safetensors.index.json").is_file()
