@@ -190,23 +190,37 @@ pub async fn mark_running(db: &Db, id: i64) -> Result<i64> {
     Ok(attempts)
 }
 
-/// Ends the current attempt with `status`, adding its duration to `elapsed_ms`.
+/// A stage's item counts: `(total, done, failed)`, total `None` until known.
+pub type Counts = (Option<i64>, i64, i64);
+
+/// Ends the current attempt with `status` and its final item `counts`, adding its
+/// duration to `elapsed_ms`.
+///
+/// Counts and status go in one statement: a progress write still in flight from the
+/// attempt (see [`set_progress`]) either lands before it and is overwritten, or lands
+/// after it and changes nothing, because it only touches a `running` stage.
 pub async fn finish(
     db: &Db,
     id: i64,
     status: StageStatus,
+    counts: Counts,
     error: Option<&str>,
     summary: Option<&str>,
 ) -> Result<()> {
     let now = now_ms();
+    let (total, done, failed) = counts;
     sqlx::query(
         "UPDATE stages SET status = ?, error = ?, summary = COALESCE(?, summary),
+             items_total = COALESCE(?, items_total), items_done = ?, items_failed = ?,
              finished_at = ?, elapsed_ms = elapsed_ms + (? - COALESCE(started_at, ?))
          WHERE id = ?",
     )
     .bind(status)
     .bind(error)
     .bind(summary)
+    .bind(total)
+    .bind(done)
+    .bind(failed)
     .bind(now)
     .bind(now)
     .bind(now)
@@ -216,17 +230,14 @@ pub async fn finish(
     Ok(())
 }
 
-/// Stores a stage's item counts, for `status` while it runs.
-pub async fn set_progress(
-    db: &Db,
-    id: i64,
-    total: Option<i64>,
-    done: i64,
-    failed: i64,
-) -> Result<()> {
+/// Stores a running stage's item counts, for `status` while it runs. A stage that is
+/// no longer `running` is left alone: its counts are [`finish`]'s to set, and a late
+/// write must not overtake them.
+pub async fn set_progress(db: &Db, id: i64, counts: Counts) -> Result<()> {
+    let (total, done, failed) = counts;
     sqlx::query(
         "UPDATE stages SET items_total = COALESCE(?, items_total), items_done = ?, items_failed = ?
-         WHERE id = ?",
+         WHERE id = ? AND status = 'running'",
     )
     .bind(total)
     .bind(done)
@@ -235,4 +246,71 @@ pub async fn set_progress(
     .execute(db.pool())
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn one_stage(db: &Db) -> i64 {
+        let mut tx = db.write().await.unwrap();
+        let run = crate::runs::upsert(&mut tx, "r", "p.toml", "", ".")
+            .await
+            .unwrap();
+        let spec = StageSpec {
+            name: "s".into(),
+            kind: "k".into(),
+            position: 0,
+            needs: "[]".into(),
+            params: "{}".into(),
+            fingerprint: "f".into(),
+        };
+        sync(&mut tx, run.id, &[spec]).await.unwrap();
+        tx.commit().await.unwrap();
+        list(db.pool(), run.id).await.unwrap()[0].id
+    }
+
+    /// The race behind a done stage shown at 14682/16010: a progress write handed to
+    /// SQLite before the stage ended lands after its final write.
+    #[tokio::test]
+    async fn a_progress_write_landing_after_finish_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let id = one_stage(&db).await;
+        mark_running(&db, id).await.unwrap();
+        set_progress(&db, id, (Some(16010), 100, 0)).await.unwrap();
+        finish(
+            &db,
+            id,
+            StageStatus::Done,
+            (Some(16010), 16010, 0),
+            None,
+            Some("{}"),
+        )
+        .await
+        .unwrap();
+        set_progress(&db, id, (Some(16010), 14682, 0))
+            .await
+            .unwrap();
+        let row = get(db.pool(), id).await.unwrap();
+        assert_eq!(row.status, StageStatus::Done);
+        assert_eq!(
+            (row.items_total, row.items_done, row.items_failed),
+            (Some(16010), 16010, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn progress_is_recorded_while_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let id = one_stage(&db).await;
+        mark_running(&db, id).await.unwrap();
+        set_progress(&db, id, (None, 7, 1)).await.unwrap();
+        let row = get(db.pool(), id).await.unwrap();
+        assert_eq!(
+            (row.items_total, row.items_done, row.items_failed),
+            (None, 7, 1)
+        );
+    }
 }

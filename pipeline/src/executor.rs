@@ -315,11 +315,11 @@ impl StageJob {
                 cancel: self.cancel.clone(),
                 progress: progress.clone(),
             };
-            let flusher = spawn_flusher(self.db.clone(), self.row.id, progress.clone());
+            let flusher = Flusher::spawn(self.db.clone(), self.row.id, progress.clone());
             let result = self.stage.run(&ctx).await;
-            flusher.abort();
-            let (total, done, failed) = progress.snapshot();
-            stages::set_progress(&self.db, self.row.id, total, done, failed).await?;
+            // Joined, not aborted: a write it already handed to SQLite finishes first.
+            flusher.stop().await;
+            let counts = progress.snapshot();
             let secs = started.elapsed().as_secs_f64();
             match result {
                 Ok(summary) => {
@@ -328,6 +328,7 @@ impl StageJob {
                         &self.db,
                         self.row.id,
                         StageStatus::Done,
+                        counts,
                         None,
                         Some(&summary),
                     )
@@ -337,15 +338,30 @@ impl StageJob {
                     return Ok(StageResult::Done);
                 }
                 Err(StageError::Interrupted) => {
-                    stages::finish(&self.db, self.row.id, StageStatus::Pending, None, None).await?;
+                    stages::finish(
+                        &self.db,
+                        self.row.id,
+                        StageStatus::Pending,
+                        counts,
+                        None,
+                        None,
+                    )
+                    .await?;
                     self.bar.abandon();
                     info!(stage = %name, "stage interrupted after {secs:.1}s; `distill resume` continues it");
                     return Ok(StageResult::Interrupted);
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    stages::finish(&self.db, self.row.id, StageStatus::Failed, Some(&msg), None)
-                        .await?;
+                    stages::finish(
+                        &self.db,
+                        self.row.id,
+                        StageStatus::Failed,
+                        counts,
+                        Some(&msg),
+                        None,
+                    )
+                    .await?;
                     if e.is_retryable()
                         && tries < policy.max_attempts
                         && !self.cancel.is_cancelled()
@@ -371,14 +387,37 @@ impl StageJob {
 
 /// Writes a running stage's counters to the database every heartbeat, so that
 /// `distill status` from another process sees progress.
-fn spawn_flusher(db: Db, stage_id: i64, progress: Progress) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(HEARTBEAT).await;
-            let (total, done, failed) = progress.snapshot();
-            if let Err(e) = stages::set_progress(&db, stage_id, total, done, failed).await {
-                warn!("cannot record progress: {e}");
+struct Flusher {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Flusher {
+    fn spawn(db: Db, stage_id: i64, progress: Progress) -> Self {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                loop {
+                    // Only the wait is cancellable; a write, once started, completes.
+                    tokio::select! {
+                        _ = tokio::time::sleep(HEARTBEAT) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    if let Err(e) = stages::set_progress(&db, stage_id, progress.snapshot()).await {
+                        warn!("cannot record progress: {e}");
+                    }
+                }
             }
+        });
+        Flusher { stop, task }
+    }
+
+    /// Stops the flusher and waits for any write in progress to complete.
+    async fn stop(self) {
+        self.stop.cancel();
+        if let Err(e) = self.task.await {
+            warn!("progress flusher ended abnormally: {e}");
         }
-    })
+    }
 }
