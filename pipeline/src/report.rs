@@ -655,6 +655,9 @@ pub struct PlanStage {
     pub kind: String,
     /// Stages it needs.
     pub needs: Vec<String>,
+    /// What the stage chose that the config does not say ([`distill_stages::Stage::notes`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl Plan {
@@ -670,6 +673,7 @@ impl Plan {
                     name: s.name.clone(),
                     kind: s.kind.clone(),
                     needs: s.needs.clone(),
+                    notes: s.stage.notes(),
                 })
                 .collect(),
         }
@@ -689,6 +693,9 @@ impl Plan {
                 format!("  ← {}", s.needs.join(", "))
             };
             let _ = writeln!(out, "  {}. {} ({}){}", i + 1, s.name, s.kind, needs);
+            for note in &s.notes {
+                let _ = writeln!(out, "     note: {note}");
+            }
         }
         out
     }

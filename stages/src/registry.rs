@@ -83,6 +83,12 @@ pub trait Stage: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Things a user should know about how the stage will run that the config does not
+    /// spell out (a default it chose, say); `validate` prints them.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// How the executor retries it; stages declare themselves retryable.
     fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy::NONE

@@ -394,3 +394,94 @@ fn curation_stages_reject_bad_parameters_and_inputs() {
     ];
     assert_invalid_configs(&w, &cases);
 }
+
+/// A gsm8k test question, copied into a prompt below: the shipped default benchmarks must catch it.
+const GSM8K_FIRST: &str = "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her friends every day with four.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decontaminate_without_benchmarks_protects_the_shipped_math_benchmarks() {
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let w = Workdir::new();
+    w.write(
+        "prompts.jsonl",
+        &format!(
+            "{{\"problem\": \"What is 1 + 1? {GSM8K_FIRST}\", \"answer\": \"2\", \"id\": \"q1\"}}\n\
+             {{\"problem\": \"What is 2 + 2?\", \"answer\": \"4\", \"id\": \"q2\"}}\n"
+        ),
+    );
+    let url = server.url();
+    w.write(
+        "pipeline.toml",
+        &format!(
+            r#"
+[run]
+name = "defaults"
+
+[teacher.fake]
+base_url = "{url}"
+model = "fake-r1"
+
+[[stage]]
+name = "prompts"
+kind = "load"
+path = "prompts.jsonl"
+id_field = "id"
+
+[[stage]]
+name = "traces"
+kind = "generate"
+needs = ["prompts"]
+teacher = "fake"
+prompt_template = "{{prompt}}"
+
+[[stage]]
+name = "clean"
+kind = "decontaminate"
+needs = ["traces"]
+"#
+        ),
+    );
+    let validate = run(&w, &["validate", "pipeline.toml"]).await;
+    assert!(
+        validate.ok().stdout().contains(
+            "note: no `benchmarks` listed: protecting the shipped math benchmarks \
+             (math500, aime24, aime25, amc23, gsm8k_test)"
+        ),
+        "{}",
+        validate.stdout()
+    );
+    run(&w, &["run", "pipeline.toml"]).await.ok();
+
+    let funnel: Value = serde_json::from_str(
+        &run(&w, &["funnel", "defaults", "--json"])
+            .await
+            .ok()
+            .stdout(),
+    )
+    .unwrap();
+    let clean = funnel_row(&funnel, "clean");
+    assert_eq!(
+        (clean["in"].as_i64(), clean["kept"].as_i64()),
+        (Some(2), Some(1))
+    );
+    let rejected = run(&w, &["traces", "defaults", "--rejected", "--json"]).await;
+    let rejected: Value = serde_json::from_str(&rejected.ok().stdout()).unwrap();
+    assert_eq!(rejected[0]["source_id"], "q1");
+    assert!(
+        rejected[0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("matches gsm8k_test item 1:"),
+        "{rejected:#}"
+    );
+    let status = w.status(Some("defaults"));
+    let summary = &stage(&status, "clean")["summary"];
+    assert_eq!(summary["default_benchmarks"], true, "{summary:#}");
+    assert_eq!(
+        summary["benchmarks"],
+        serde_json::json!(["math500", "aime24", "aime25", "amc23", "gsm8k_test"])
+    );
+    server.shutdown().await;
+}

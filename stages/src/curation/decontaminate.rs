@@ -1,5 +1,7 @@
 //! The `decontaminate` stage: drops items whose prompt shares a word n-gram (default
 //! 8, as open-r1) with a benchmark problem, recording which benchmark item matched.
+//! Without a `benchmarks` list it protects the standard math benchmarks shipped in
+//! `data/benchmarks/`, compiled into the binary so the default works from any folder.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,6 +17,33 @@ use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, pa
 
 /// Fields tried, in order, for a benchmark's problem text when none is named.
 const PROBLEM_FIELDS: &[&str] = &["problem", "question", "prompt"];
+
+/// The benchmarks protected when a stage names none: every evaluation set in
+/// `data/benchmarks/` (open-r1 decontaminates against the standard math benchmarks by
+/// default too). Embedded rather than read from the repository, which an installed
+/// binary does not have.
+const DEFAULT_BENCHMARKS: &[(&str, &[u8])] = &[
+    (
+        "math500",
+        include_bytes!("../../../data/benchmarks/math500.jsonl"),
+    ),
+    (
+        "aime24",
+        include_bytes!("../../../data/benchmarks/aime24.jsonl"),
+    ),
+    (
+        "aime25",
+        include_bytes!("../../../data/benchmarks/aime25.jsonl"),
+    ),
+    (
+        "amc23",
+        include_bytes!("../../../data/benchmarks/amc23.jsonl"),
+    ),
+    (
+        "gsm8k_test",
+        include_bytes!("../../../data/benchmarks/gsm8k_test.jsonl"),
+    ),
+];
 
 /// The `decontaminate` stage kind.
 pub struct DecontaminateKind;
@@ -45,8 +74,10 @@ pub enum BenchmarkSpec {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecontaminateParams {
-    /// Benchmark JSONL files to protect.
-    pub benchmarks: Vec<BenchmarkSpec>,
+    /// Benchmark JSONL files to protect; absent: the shipped math benchmarks
+    /// ([`DEFAULT_BENCHMARKS`]).
+    #[serde(default)]
+    pub benchmarks: Option<Vec<BenchmarkSpec>>,
     /// Words per n-gram.
     #[serde(default = "default_ngram")]
     pub ngram: usize,
@@ -69,44 +100,30 @@ impl StageKind for DecontaminateKind {
     fn build(&self, params: toml::Table, env: &BuildEnv) -> Result<Arc<dyn Stage>, ParamError> {
         let p: DecontaminateParams = parse_params(params)?;
         check_needs(env)?;
-        if p.benchmarks.is_empty() {
-            return Err(ParamError::new(
-                "benchmarks",
-                "list at least one benchmark file",
-            ));
-        }
         NgramIndex::new(p.ngram).map_err(|e| ParamError::new("ngram", e.to_string()))?;
-        let mut files = Vec::new();
-        for (i, b) in p.benchmarks.iter().enumerate() {
-            let (path, name, field, id_field) = match b {
-                BenchmarkSpec::Path(p) => (p, None, None, None),
-                BenchmarkSpec::Table {
-                    path,
-                    name,
-                    field,
-                    id_field,
-                } => (path, name.clone(), field.clone(), id_field.clone()),
-            };
-            let resolved = env.resolve(path);
-            if !resolved.is_file() {
+        let files = match &p.benchmarks {
+            None => DEFAULT_BENCHMARKS
+                .iter()
+                .map(|&(name, bytes)| BenchmarkFile {
+                    source: Source::Embedded(bytes),
+                    name: name.to_string(),
+                    field: None,
+                    id_field: None,
+                })
+                .collect(),
+            Some(list) if list.is_empty() => {
                 return Err(ParamError::new(
-                    format!("benchmarks[{i}]"),
-                    format!("no such file: {}", resolved.display()),
+                    "benchmarks",
+                    "list at least one benchmark file, or leave `benchmarks` out for the \
+                     shipped math benchmarks",
                 ));
             }
-            let name = name.unwrap_or_else(|| {
-                resolved
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| format!("benchmark{i}"))
-            });
-            files.push(BenchmarkFile {
-                path: resolved,
-                name,
-                field,
-                id_field,
-            });
-        }
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, b)| benchmark_file(i, b, env))
+                .collect::<Result<_, _>>()?,
+        };
         Ok(Arc::new(Decontaminate {
             params: p,
             files,
@@ -115,9 +132,53 @@ impl StageKind for DecontaminateKind {
     }
 }
 
+fn benchmark_file(
+    i: usize,
+    b: &BenchmarkSpec,
+    env: &BuildEnv,
+) -> Result<BenchmarkFile, ParamError> {
+    let (path, name, field, id_field) = match b {
+        BenchmarkSpec::Path(p) => (p, None, None, None),
+        BenchmarkSpec::Table {
+            path,
+            name,
+            field,
+            id_field,
+        } => (path, name.clone(), field.clone(), id_field.clone()),
+    };
+    let resolved = env.resolve(path);
+    if !resolved.is_file() {
+        return Err(ParamError::new(
+            format!("benchmarks[{i}]"),
+            format!("no such file: {}", resolved.display()),
+        ));
+    }
+    let name = name.unwrap_or_else(|| {
+        resolved
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| format!("benchmark{i}"))
+    });
+    Ok(BenchmarkFile {
+        source: Source::File(resolved),
+        name,
+        field,
+        id_field,
+    })
+}
+
+/// Where a benchmark's lines come from.
+#[derive(Debug)]
+enum Source {
+    /// A file named in the config.
+    File(PathBuf),
+    /// One of [`DEFAULT_BENCHMARKS`].
+    Embedded(&'static [u8]),
+}
+
 #[derive(Debug)]
 struct BenchmarkFile {
-    path: PathBuf,
+    source: Source,
     name: String,
     field: Option<String>,
     id_field: Option<String>,
@@ -142,16 +203,26 @@ impl Decontaminate {
             NgramIndex::new(self.params.ngram).map_err(|e| StageError::Input(e.to_string()))?;
         let mut hashes = Vec::new();
         for f in &self.files {
-            let bytes = std::fs::read(&f.path)
-                .map_err(|e| StageError::Input(format!("cannot read {}: {e}", f.path.display())))?;
+            let (bytes, origin) = match &f.source {
+                Source::File(path) => (
+                    std::borrow::Cow::Owned(std::fs::read(path).map_err(|e| {
+                        StageError::Input(format!("cannot read {}: {e}", path.display()))
+                    })?),
+                    path.display().to_string(),
+                ),
+                Source::Embedded(bytes) => (
+                    std::borrow::Cow::Borrowed(*bytes),
+                    format!("(shipped benchmark {})", f.name),
+                ),
+            };
             hashes.push(crate::hash::hex128(&bytes));
-            let text = String::from_utf8(bytes)
-                .map_err(|e| StageError::Input(format!("{}: not UTF-8: {e}", f.path.display())))?;
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|e| StageError::Input(format!("{origin}: not UTF-8: {e}")))?;
             for (n, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let at = || format!("{}:{}", f.path.display(), n + 1);
+                let at = || format!("{origin}:{}", n + 1);
                 let v: Value = serde_json::from_str(line)
                     .map_err(|e| StageError::Input(format!("{}: malformed JSON: {e}", at())))?;
                 let field = match &f.field {
@@ -223,6 +294,23 @@ impl Stage for Decontaminate {
             })
             .collect();
         write_verdicts(ctx, &verdicts).await?;
-        summary(ctx).await
+        let mut out = summary(ctx).await?;
+        out["benchmarks"] = self.files.iter().map(|f| f.name.clone()).collect();
+        if self.params.benchmarks.is_none() {
+            out["default_benchmarks"] = true.into();
+        }
+        Ok(out)
+    }
+
+    fn notes(&self) -> Vec<String> {
+        if self.params.benchmarks.is_some() {
+            return Vec::new();
+        }
+        let names: Vec<&str> = DEFAULT_BENCHMARKS.iter().map(|(n, _)| *n).collect();
+        vec![format!(
+            "no `benchmarks` listed: protecting the shipped math benchmarks ({}); list files in \
+             `benchmarks` to choose others",
+            names.join(", ")
+        )]
     }
 }
