@@ -219,7 +219,8 @@ pub struct FaultRule {
 }
 
 /// Server behaviour. Defaults: `reasoning_content` format, [`default_reply`],
-/// 8 chunks per choice, `n` supported, no faults, no latency, any port.
+/// 8 chunks per choice, `n` supported, streams ending with `[DONE]`, no faults,
+/// no latency, any port.
 #[derive(Clone)]
 pub struct FakeConfig {
     /// How reasoning is delivered.
@@ -233,6 +234,11 @@ pub struct FakeConfig {
     pub chunks: usize,
     /// Whether `n > 1` is accepted (DeepSeek rejects it).
     pub supports_n: bool,
+    /// Answers `n > 1` with a single choice instead, as `transformers serve` does;
+    /// takes precedence over `supports_n`.
+    pub ignores_n: bool,
+    /// Whether a stream ends with `data: [DONE]` (`transformers serve` omits it).
+    pub done: bool,
     /// Fault schedule; the first matching rule applies.
     pub faults: Vec<FaultRule>,
     /// Model name reported; `None` echoes the request's.
@@ -259,6 +265,8 @@ impl Default for FakeConfig {
             response_bytes: None,
             chunks: 8,
             supports_n: true,
+            ignores_n: false,
+            done: true,
             faults: Vec::new(),
             model: None,
             system_fingerprint: Some("fp_fake".into()),
@@ -278,6 +286,8 @@ impl fmt::Debug for FakeConfig {
             .field("response_bytes", &self.response_bytes)
             .field("chunks", &self.chunks)
             .field("supports_n", &self.supports_n)
+            .field("ignores_n", &self.ignores_n)
+            .field("done", &self.done)
             .field("faults", &self.faults)
             .field("model", &self.model)
             .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
@@ -335,6 +345,18 @@ impl FakeConfig {
     /// Sets whether `n > 1` is accepted.
     pub fn supports_n(mut self, yes: bool) -> Self {
         self.supports_n = yes;
+        self
+    }
+
+    /// Answers `n > 1` with one choice, as `transformers serve` does.
+    pub fn ignore_n(mut self) -> Self {
+        self.ignores_n = true;
+        self
+    }
+
+    /// Ends streams without `data: [DONE]`, as `transformers serve` does.
+    pub fn without_done(mut self) -> Self {
+        self.done = false;
         self
     }
 
@@ -640,13 +662,14 @@ async fn chat(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
         }
     };
     let n = body.n.unwrap_or(1);
-    if n == 0 || (n > 1 && !config.supports_n) {
+    if n == 0 || (n > 1 && !config.supports_n && !config.ignores_n) {
         shared.rejected.fetch_add(1, Ordering::SeqCst);
         return error_response(
             400,
             &format!("invalid n: {n}; this server only supports n = 1"),
         );
     }
+    let n = if config.ignores_n { 1 } else { n };
     if !config.latency.is_zero() {
         tokio::time::sleep(config.latency).await;
     }
@@ -716,6 +739,7 @@ async fn chat(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Body> {
         format: config.format,
         finish: if cut { "length" } else { "stop" },
         prompt_tokens,
+        done: config.done,
     };
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
@@ -788,6 +812,8 @@ struct Render<'a> {
     format: ReasoningFormat,
     finish: &'static str,
     prompt_tokens: u32,
+    /// Whether a stream ends with `[DONE]`.
+    done: bool,
 }
 
 impl Render<'_> {
@@ -947,8 +973,10 @@ impl Render<'_> {
             buf.extend_from_slice(b"}\n\n");
             ends.push(buf.len());
         }
-        buf.extend_from_slice(b"data: [DONE]\n\n");
-        ends.push(buf.len());
+        if self.done {
+            buf.extend_from_slice(b"data: [DONE]\n\n");
+            ends.push(buf.len());
+        }
 
         let all = Bytes::from(buf);
         let mut frames = Vec::with_capacity(ends.len());

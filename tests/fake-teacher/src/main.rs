@@ -38,6 +38,12 @@ struct Args {
     /// Reject n > 1 like the DeepSeek API.
     #[arg(long)]
     no_n: bool,
+    /// Answer n > 1 with a single choice like `transformers serve`.
+    #[arg(long)]
+    ignore_n: bool,
+    /// End streams without `data: [DONE]` like `transformers serve`.
+    #[arg(long)]
+    no_done: bool,
     /// Model name to report (default: echo the request's).
     #[arg(long)]
     model: Option<String>,
@@ -65,6 +71,8 @@ async fn main() -> std::io::Result<()> {
         },
         response_bytes: args.response_bytes,
         supports_n: !args.no_n,
+        ignores_n: args.ignore_n,
+        done: !args.no_done,
         model: args.model,
         api_key: args.api_key,
         latency: Duration::from_millis(args.latency_ms),
