@@ -1,6 +1,7 @@
 //! The OpenAI-compatible [`ChatModel`] over reqwest.
 
 use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -247,6 +248,12 @@ impl OpenAiClient {
             endpoints: self.inner.pool.status(),
         }
     }
+}
+
+/// The completions of one request body and the endpoint that served them.
+struct Served {
+    endpoint: usize,
+    completions: Vec<Completion>,
 }
 
 fn check_request(req: &ChatRequest) -> Result<(), TeacherError> {
@@ -585,7 +592,7 @@ impl Inner {
     }
 
     /// One request (a single HTTP request body) with retries and failover.
-    async fn chat_once(&self, req: &ChatRequest) -> Result<Vec<Completion>, TeacherError> {
+    async fn chat_once(&self, req: &ChatRequest) -> Result<Served, TeacherError> {
         let body =
             Bytes::from(serde_json::to_vec(&self.request_body(req)).expect("body serialises"));
         let prompt_tokens = prompt_estimate(req);
@@ -635,7 +642,10 @@ impl Inner {
                     if let Some(l) = &self.limiter {
                         l.settle(reserve, used_tokens(&completions, prompt_tokens));
                     }
-                    return Ok(completions);
+                    return Ok(Served {
+                        endpoint: idx,
+                        completions,
+                    });
                 }
                 Err(err) => {
                     self.counters.failures.fetch_add(1, Ordering::Relaxed);
@@ -679,6 +689,23 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Choices `indices` of `req`, each its own single-sample request, concurrently.
+    async fn chat_each(
+        &self,
+        req: &ChatRequest,
+        indices: Range<u32>,
+    ) -> Result<Vec<Completion>, TeacherError> {
+        let parts = indices.map(|i| async move {
+            let mut v = self.chat_once(&req.single(i)).await?.completions;
+            for c in &mut v {
+                c.index = i;
+            }
+            Ok::<_, TeacherError>(v)
+        });
+        let parts = futures::future::try_join_all(parts).await?;
+        Ok(parts.into_iter().flatten().collect())
     }
 
     fn completions(
@@ -799,18 +826,34 @@ impl ChatModel for OpenAiClient {
     async fn chat(&self, request: &ChatRequest) -> Result<Vec<Completion>, TeacherError> {
         check_request(request)?;
         let inner = &self.inner;
-        if request.n > 1 && !inner.config.supports_n {
-            let parts = (0..request.n).map(|i| async move {
-                let mut v = inner.chat_once(&request.single(i)).await?;
-                for c in &mut v {
-                    c.index = i;
-                }
-                Ok::<_, TeacherError>(v)
-            });
-            let parts = futures::future::try_join_all(parts).await?;
-            return Ok(parts.into_iter().flatten().collect());
+        if request.n > 1 && (!inner.config.supports_n || inner.pool.all_ignore_n()) {
+            return inner.chat_each(request, 0..request.n).await;
         }
-        inner.chat_once(request).await
+        let Served {
+            endpoint,
+            mut completions,
+        } = inner.chat_once(request).await?;
+        // A server that ignores `n` (`transformers serve`) answers with choice 0
+        // alone, every time: a protocol mismatch, not a fault to retry. Keep that
+        // choice, ask for the others one by one, and from now on send that endpoint
+        // one request per sample.
+        if request.n > 1 && completions.len() == 1 && completions[0].index == 0 {
+            if inner.pool.mark_ignores_n(endpoint) {
+                tracing::warn!(
+                    endpoint = %inner.pool.endpoints[endpoint].label,
+                    n = request.n,
+                    "teacher endpoint ignores `n` (it answered a request for several \
+                     choices with one); sending it one request per sample from now on. \
+                     Set `supports_n = false` on this teacher to skip this check"
+                );
+            }
+            completions.extend(inner.chat_each(request, 1..request.n).await?);
+        }
+        Ok(completions)
+    }
+
+    fn endpoints_without_n(&self) -> Vec<String> {
+        self.inner.pool.ignoring_n()
     }
 
     fn request_body(&self, request: &ChatRequest) -> Value {

@@ -136,7 +136,9 @@ pub struct TeacherConfig {
     #[serde(default = "default_true")]
     pub stream: bool,
     /// Whether the server accepts `n > 1`; the DeepSeek API does not, so set false
-    /// there and the client sends `n` single-sample requests instead.
+    /// there and the client sends `n` single-sample requests instead. An endpoint
+    /// that silently ignores `n` (answering with one choice) is detected on its first
+    /// such answer and sent single-sample requests from then on.
     #[serde(default = "default_true")]
     pub supports_n: bool,
     /// Retries after the first attempt for transient failures (429, 5xx, timeouts,

@@ -51,9 +51,16 @@ pub trait ChatModel: Send + Sync + std::fmt::Debug {
 
     /// The JSON body sent for `request`, for hashing into a response-cache key;
     /// it never contains credentials. When `n > 1` goes to a server without `n`
-    /// support, each choice `i` is sent as `request_body(&request.single(i))`.
+    /// support, each choice `i` is sent as `request_body(&request.single(i))`
+    /// (but for choice 0 of the request that found a server ignoring `n`).
     fn request_body(&self, request: &ChatRequest) -> serde_json::Value;
 
     /// Model name requested from the server.
     fn model(&self) -> &str;
+
+    /// Endpoints found to ignore `n` (answering `n > 1` with one choice), which
+    /// therefore get one request per sample; for run summaries.
+    fn endpoints_without_n(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -2,7 +2,7 @@
 //! and resting of endpoints that keep failing.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -25,6 +25,9 @@ pub struct EndpointStatus {
     pub rests: u32,
     /// Time left in the current rest, if resting.
     pub resting_for: Option<Duration>,
+    /// Whether it answered `n > 1` with a single choice, so it now gets one request
+    /// per sample.
+    pub ignores_n: bool,
 }
 
 #[derive(Debug, Default)]
@@ -43,6 +46,8 @@ pub(crate) struct Endpoint {
     load: AtomicUsize,
     successes: AtomicU64,
     failures: AtomicU64,
+    /// Set for good once it answers `n > 1` with a single choice.
+    ignores_n: AtomicBool,
     health: Mutex<Health>,
 }
 
@@ -87,6 +92,7 @@ impl Pool {
                 load: AtomicUsize::new(0),
                 successes: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
+                ignores_n: AtomicBool::new(false),
                 health: Mutex::new(Health::default()),
             })
             .collect();
@@ -164,6 +170,28 @@ impl Pool {
         Some(rest)
     }
 
+    /// Records that endpoint `i` ignores `n`; true only the first time, so the
+    /// caller says it once.
+    pub(crate) fn mark_ignores_n(&self, i: usize) -> bool {
+        !self.endpoints[i].ignores_n.swap(true, Ordering::Relaxed)
+    }
+
+    /// Whether every endpoint is known to ignore `n`, so asking for it is pointless.
+    pub(crate) fn all_ignore_n(&self) -> bool {
+        self.endpoints
+            .iter()
+            .all(|e| e.ignores_n.load(Ordering::Relaxed))
+    }
+
+    /// Labels of the endpoints known to ignore `n`, in `base_url` order.
+    pub(crate) fn ignoring_n(&self) -> Vec<String> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.ignores_n.load(Ordering::Relaxed))
+            .map(|e| e.label.clone())
+            .collect()
+    }
+
     pub(crate) fn status(&self) -> Vec<EndpointStatus> {
         let now = Instant::now();
         self.endpoints
@@ -178,6 +206,7 @@ impl Pool {
                     consecutive_failures: h.consecutive_failures,
                     rests: h.rests,
                     resting_for: h.resting_until.filter(|u| *u > now).map(|u| u - now),
+                    ignores_n: ep.ignores_n.load(Ordering::Relaxed),
                 }
             })
             .collect()

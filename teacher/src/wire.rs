@@ -339,10 +339,20 @@ impl StreamAcc {
         Ok(())
     }
 
-    /// Ends the stream. Without `[DONE]` it counts as complete only if every
-    /// choice got a `finish_reason`, since some proxies drop the sentinel.
+    /// Whether a stream that closed without `[DONE]` still ended cleanly: every
+    /// choice got a `finish_reason` (some proxies drop the sentinel), or only choice 0
+    /// came and it finished, which is how a server that ignores `n` (`transformers
+    /// serve`) answers `n > 1`; the client then asks for the other choices itself.
+    fn ended_cleanly(&self) -> bool {
+        self.choices.iter().all(|c| c.finish_reason.is_some())
+            || (self.choices[0].finish_reason.is_some()
+                && self.choices[1..].iter().all(|c| !c.seen))
+    }
+
+    /// Ends the stream: complete with `[DONE]`, or as [`ended_cleanly`](Self::ended_cleanly)
+    /// says without it.
     pub(crate) fn finish(self) -> Result<RawResponse, WireError> {
-        if !self.done && !self.choices.iter().all(|c| c.finish_reason.is_some()) {
+        if !self.done && !self.ended_cleanly() {
             let unfinished = self
                 .choices
                 .iter()
@@ -501,6 +511,23 @@ mod tests {
             let r = stream(1, &[&e1, e2, "[DONE]"]).unwrap();
             assert_eq!(r.choices[0].reasoning, "step \"1\"");
             assert_eq!(r.choices[0].answer, "\\boxed{3}");
+        }
+    }
+
+    #[test]
+    fn a_lone_finished_first_choice_of_several_ends_a_stream() {
+        let part = r#"{"choices":[{"index":0,"delta":{"content":"x"}}]}"#;
+        let fin = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+        // A server that ignores `n`: one finished choice, with or without `[DONE]`.
+        for events in [&[part, fin][..], &[part, fin, "[DONE]"][..]] {
+            let r = stream(3, events).unwrap();
+            assert_eq!(r.choices.len(), 1);
+            assert_eq!((r.choices[0].index, r.choices[0].answer.as_str()), (0, "x"));
+        }
+        // Cut before choice 0 finished, or after another choice began: truncated.
+        let other = r#"{"choices":[{"index":1,"delta":{"content":"y"}}]}"#;
+        for events in [&[part][..], &[part, other, fin][..]] {
+            assert!(matches!(stream(3, events), Err(WireError::Truncated(_))));
         }
     }
 
