@@ -301,6 +301,8 @@ impl Generate {
             "prompt_tokens": totals.prompt_tokens,
             "completion_tokens": totals.completion_tokens,
             "reasoning_tokens": totals.reasoning_tokens,
+            // Endpoints that ignored `n` and were sent one request per sample instead.
+            "endpoints_without_n": model.endpoints_without_n(),
         });
         if totals.failed as f64 > self.params.max_failed_fraction * total as f64 {
             let first: Option<(String, String)> = sqlx::query_as(

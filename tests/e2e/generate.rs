@@ -207,6 +207,43 @@ async fn every_transient_fault_is_retried_to_an_exact_outcome() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teacher_ignoring_n_is_sent_one_request_per_sample_without_retries() {
+    // `transformers serve` answers `n > 1` with one choice, and streams without `[DONE]`.
+    for stream in [true, false] {
+        let server = FakeTeacher::start(FakeConfig::default().ignore_n().without_done())
+            .await
+            .unwrap();
+        let w = setup(&config(&server.url(), 2, &format!("stream = {stream}"), ""));
+        let out = run(&w, &["run", "pipeline.toml"]).await;
+        out.ok();
+        // The fake answers every request as choice 0 of an unseeded one.
+        assert_complete(&w, N_PROMPTS, 2, false).await;
+        // Nothing retried, nothing generated twice: a probe's choice 0 is kept.
+        let stats = server.stats();
+        assert_eq!(stats.requests, 2 * N_PROMPTS as u64, "stream={stream}");
+        assert_eq!(stats.completions, 2 * N_PROMPTS as u64, "stream={stream}");
+        assert_eq!(
+            out.stderr().matches("ignores `n`").count(),
+            1,
+            "said once: {}",
+            out.stderr()
+        );
+        assert!(
+            out.stderr().contains("supports_n = false"),
+            "{}",
+            out.stderr()
+        );
+        let status = w.status(None);
+        assert_eq!(
+            stage(&status, "traces")["summary"]["endpoints_without_n"],
+            serde_json::json!([server.url()]),
+            "stream={stream}"
+        );
+        server.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_that_exhaust_retries_are_recorded_and_completed_on_resume() {
     // The first 6 requests fail with 503 and the client gives up after one retry.
     let server = FakeTeacher::start(
