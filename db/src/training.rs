@@ -1,6 +1,6 @@
 //! Training metrics and checkpoints.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, SqliteExecutor};
 
 use crate::{Result, WriteTx, now_ms};
@@ -72,24 +72,55 @@ pub struct Checkpoint {
     pub path: String,
     /// Whether it is the end of training.
     pub r#final: bool,
+    /// What the folder held when saved (JSON array of [`CheckpointFile`]); `None` for a
+    /// checkpoint recorded before files were (it cannot be verified). See [`Self::files`].
+    #[serde(skip)]
+    pub files: Option<String>,
 }
 
-/// Records a checkpoint.
+impl Checkpoint {
+    /// The files the folder held when it was saved, or `None` where that was not recorded.
+    pub fn files(&self) -> Result<Option<Vec<CheckpointFile>>> {
+        Ok(self
+            .files
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()?)
+    }
+}
+
+/// One file of a saved checkpoint folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointFile {
+    /// Path relative to the checkpoint folder, `/`-separated.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// xxh3-128 of the contents, 32 hex digits.
+    pub xxh3: String,
+}
+
+/// Records a checkpoint with the files its folder held (`None`: not known).
 pub async fn record_checkpoint(
     tx: &mut WriteTx,
     stage_id: i64,
     step: i64,
     path: &str,
     is_final: bool,
+    files: Option<&[CheckpointFile]>,
 ) -> Result<()> {
+    let files = files.map(serde_json::to_string).transpose()?;
     sqlx::query(
-        "INSERT INTO checkpoints (stage_id, step, path, final, created_at) VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (stage_id, step) DO UPDATE SET path = excluded.path, final = excluded.final",
+        "INSERT INTO checkpoints (stage_id, step, path, final, files, created_at)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (stage_id, step) DO UPDATE
+         SET path = excluded.path, final = excluded.final, files = excluded.files",
     )
     .bind(stage_id)
     .bind(step)
     .bind(path)
     .bind(is_final)
+    .bind(files)
     .bind(now_ms())
     .execute(&mut **tx)
     .await?;
@@ -102,7 +133,8 @@ pub async fn checkpoints<'e>(
     stage_id: i64,
 ) -> Result<Vec<Checkpoint>> {
     Ok(sqlx::query_as(
-        "SELECT id, stage_id, step, path, final FROM checkpoints WHERE stage_id = ? ORDER BY step",
+        "SELECT id, stage_id, step, path, final, files FROM checkpoints
+         WHERE stage_id = ? ORDER BY step",
     )
     .bind(stage_id)
     .fetch_all(ex)
@@ -116,4 +148,39 @@ pub async fn delete_checkpoint(tx: &mut WriteTx, id: i64) -> Result<()> {
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Db;
+
+    #[tokio::test]
+    async fn checkpoint_files_round_trip_and_old_rows_have_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        sqlx::query(
+            "INSERT INTO runs (id, name, config_path, config, workdir, status, created_at, updated_at)
+             VALUES (1, 'r', 'p.toml', '', '.', 'running', 0, 0);
+             INSERT INTO stages (id, run_id, name, kind, position, needs, params, fingerprint, status)
+             VALUES (1, 1, 'train', 'train', 0, '[]', '{}', 'f', 'running');
+             INSERT INTO checkpoints (stage_id, step, path, created_at) VALUES (1, 10, 'c10', 0);",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let files = [CheckpointFile {
+            path: "model.safetensors".into(),
+            size: 12,
+            xxh3: "0".repeat(32),
+        }];
+        let mut tx = db.write().await.unwrap();
+        record_checkpoint(&mut tx, 1, 20, "c20", false, Some(&files))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let rows = checkpoints(db.pool(), 1).await.unwrap();
+        assert_eq!(rows[0].files().unwrap(), None);
+        assert_eq!(rows[1].files().unwrap().as_deref(), Some(&files[..]));
+    }
 }
