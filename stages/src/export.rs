@@ -163,6 +163,14 @@ pub async fn export(
             source.display()
         )));
     }
+    let damage = crate::checkpoint_files::verify_recorded(chosen).await?;
+    if !damage.is_empty() {
+        return Err(StageError::Input(format!(
+            "checkpoint {} is damaged: {}",
+            source.display(),
+            crate::checkpoint_files::list(&damage)
+        )));
+    }
     if !chosen.r#final && source.join(distill_student::train::ADAPTER_FILE).exists() {
         return Err(StageError::Input(format!(
             "{} is an intermediate LoRA checkpoint (adapters only): export the final model, which has them merged",

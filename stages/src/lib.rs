@@ -7,6 +7,7 @@
 //! [`StageContext`]. A stage writes one row per item of work inside a transaction,
 //! so an interrupted stage resumes by doing only the missing items.
 
+pub mod checkpoint_files;
 mod context;
 pub mod curation;
 pub mod device;

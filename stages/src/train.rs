@@ -4,9 +4,10 @@
 //! Every optimizer step's metrics become a row; checkpoints (model in Hugging Face
 //! layout plus optimizer, scheduler, data-order and RNG state) are written atomically
 //! every `checkpoint_every` steps, on Ctrl-C, and at the end, and recorded in the job
-//! database. After a kill, the stage resumes from the last recorded checkpoint and,
-//! because data order and randomness are functions of the seed and step, reaches the
-//! same weights as an uninterrupted run.
+//! database with each file's size and xxh3-128. After a kill, the stage resumes from the
+//! newest recorded checkpoint whose files are still as saved (a damaged newer one is
+//! warned about, removed and redone) and, because data order and randomness are functions
+//! of the seed and step, reaches the same weights as an uninterrupted run.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use distill_db::training::{self, StepMetrics as StepRow};
+use distill_db::training::{self, CheckpointFile, StepMetrics as StepRow};
 use distill_student::train::{
     Precision, SftRecord, TrainConfig, TrainError, Trainer, examples_from_records,
 };
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::checkpoint_files;
 use crate::curation::{CURATION_KINDS, output_items};
 use crate::generate::rendered_messages;
 use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, parse_params};
@@ -245,6 +247,7 @@ enum Event {
         step: usize,
         path: PathBuf,
         last: bool,
+        files: Vec<CheckpointFile>,
     },
 }
 
@@ -335,12 +338,7 @@ impl Stage for Train {
             })
             .collect();
 
-        let checkpoints = training::checkpoints(ctx.db.pool(), ctx.stage_id).await?;
-        let resume_from = checkpoints
-            .iter()
-            .filter(|c| !c.r#final && Path::new(&c.path).is_dir())
-            .max_by_key(|c| c.step)
-            .map(|c| PathBuf::from(&c.path));
+        let resume_from = resume_point(ctx).await?;
 
         let base = match &self.base {
             Base::Folder(dir) => dir.clone(),
@@ -397,7 +395,12 @@ impl Stage for Train {
                     last_step = m.step;
                     last_loss = m.loss;
                 }
-                Event::Checkpoint { step, path, last } => {
+                Event::Checkpoint {
+                    step,
+                    path,
+                    last,
+                    files,
+                } => {
                     let mut tx = ctx.db.write().await?;
                     training::record_checkpoint(
                         &mut tx,
@@ -405,6 +408,7 @@ impl Stage for Train {
                         step as i64,
                         &path.display().to_string(),
                         last,
+                        Some(&files),
                     )
                     .await?;
                     tx.commit().await?;
@@ -467,6 +471,56 @@ async fn init_base(init: &InitModel, artifacts: &Path) -> Result<PathBuf, StageE
     .map_err(|e| StageError::Failed(format!("init: {e}")))??;
     tracing::info!("initialised a random base model in {}", dir.display());
     Ok(dir)
+}
+
+/// The newest recorded intermediate checkpoint whose files are as saved, or `None` when
+/// none was recorded (a fresh start). Damaged newer ones are warned about and forgotten,
+/// rows and folders (their steps are trained again, so neither pruning nor evaluation may
+/// see them). When every recorded checkpoint is damaged the stage fails naming each
+/// damaged file, rather than silently training from scratch.
+async fn resume_point(ctx: &StageContext) -> Result<Option<PathBuf>, StageError> {
+    let recorded = training::checkpoints(ctx.db.pool(), ctx.stage_id).await?;
+    let mut damaged = Vec::new();
+    let mut intact = None;
+    for c in recorded.iter().rev().filter(|c| !c.r#final) {
+        let damage = checkpoint_files::verify_recorded(c).await?;
+        if damage.is_empty() {
+            intact = Some(c);
+            break;
+        }
+        tracing::warn!(
+            "checkpoint {} (step {}) is damaged: {}",
+            c.path,
+            c.step,
+            checkpoint_files::list(&damage)
+        );
+        damaged.push((c, damage));
+    }
+    let Some(intact) = intact else {
+        if damaged.is_empty() {
+            return Ok(None);
+        }
+        let all: Vec<_> = damaged.into_iter().flat_map(|(_, d)| d).collect();
+        return Err(StageError::Input(format!(
+            "no intact checkpoint to resume from; damaged: {} (restore them and resume)",
+            checkpoint_files::list(&all)
+        )));
+    };
+    for (c, _) in &damaged {
+        let mut tx = ctx.db.write().await?;
+        training::delete_checkpoint(&mut tx, c.id).await?;
+        tx.commit().await?;
+        let _ = std::fs::remove_dir_all(&c.path);
+    }
+    if !damaged.is_empty() {
+        tracing::warn!(
+            "resuming from {} (step {}); removed the damaged checkpoint{} after it",
+            intact.path,
+            intact.step,
+            if damaged.len() == 1 { "" } else { "s" }
+        );
+    }
+    Ok(Some(PathBuf::from(&intact.path)))
 }
 
 /// Drops the oldest intermediate checkpoints beyond `keep`, folders and rows alike.
@@ -576,9 +630,15 @@ impl TrainJob {
             } else {
                 trainer.save_checkpoint(&path).map_err(|e| fail(&e))?;
             }
-            let _ = self
-                .tx
-                .blocking_send(Event::Checkpoint { step, path, last });
+            // Hashed right after the save, while the files are likely still cached.
+            let files = checkpoint_files::manifest(&path)
+                .map_err(|e| fail(&format!("hashing {}: {e}", path.display())))?;
+            let _ = self.tx.blocking_send(Event::Checkpoint {
+                step,
+                path,
+                last,
+                files,
+            });
             Ok(())
         };
         loop {

@@ -504,14 +504,30 @@ impl Stage for Evaluate {
                 }
                 for c in distill_db::training::checkpoints(ctx.db.pool(), input.stage_id).await? {
                     let wanted = c.r#final || self.params.checkpoints == CheckpointChoice::All;
-                    if wanted && Path::new(&c.path).is_dir() {
-                        targets.push((
-                            format!("checkpoint:{name}@{}", c.step),
-                            format!("{name}@{}", c.step),
-                            Some(c.step),
-                            Some(PathBuf::from(&c.path)),
-                        ));
+                    if !wanted || !Path::new(&c.path).is_dir() {
+                        continue;
                     }
+                    let damage = crate::checkpoint_files::verify_recorded(&c).await?;
+                    if !damage.is_empty() {
+                        let files = crate::checkpoint_files::list(&damage);
+                        if c.r#final {
+                            return Err(StageError::Input(format!(
+                                "the final model of train stage `{name}` is damaged: {files}"
+                            )));
+                        }
+                        tracing::warn!(
+                            "not evaluating checkpoint {} (step {}): damaged: {files}",
+                            c.path,
+                            c.step
+                        );
+                        continue;
+                    }
+                    targets.push((
+                        format!("checkpoint:{name}@{}", c.step),
+                        format!("{name}@{}", c.step),
+                        Some(c.step),
+                        Some(PathBuf::from(&c.path)),
+                    ));
                 }
                 if !targets.iter().any(|t| t.0.starts_with("checkpoint:")) {
                     return Err(StageError::Input(format!(
