@@ -455,3 +455,133 @@ async fn data_parallel_replicas_train_like_one_device_and_bad_devices_are_refuse
     assert_invalid_configs(&one, &cases);
     server.shutdown().await;
 }
+
+/// A run of `steps` steps SIGKILLed once two checkpoints (`every` apart, `keep_last = 2`)
+/// are recorded, with the folders of its recorded intermediate checkpoints, newest last.
+async fn killed_after_two_checkpoints(
+    url: &str,
+    steps: usize,
+    every: usize,
+) -> (Workdir, Vec<std::path::PathBuf>) {
+    let w = setup(url, steps, every, "");
+    let mut child = w.spawn(&["run", "pipeline.toml"]);
+    wait_until(Duration::from_secs(60), || async { w.db_path().exists() }).await;
+    let db = w.db().await;
+    // Checkpoint events follow their step's metrics on one channel, so once step
+    // 2 * every + 1 is recorded, so are the checkpoints at every and 2 * every.
+    wait_until(Duration::from_secs(120), || async {
+        poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await > (2 * every) as i64
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let done = poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await;
+    assert!(done < steps as i64, "training finished before the kill");
+    let paths: Vec<String> =
+        sqlx::query_scalar("SELECT path FROM checkpoints WHERE NOT final ORDER BY step")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(paths.len(), 2, "keep_last = 2 leaves two checkpoints");
+    (w, paths.into_iter().map(Into::into).collect())
+}
+
+/// Cuts a file to half its length, as a crash before the data reached the disk leaves it.
+fn truncate_half(path: &Path) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len / 2).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_newest_checkpoint_is_skipped_and_training_resumes_from_the_one_before() {
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let (steps, every) = (100, 20);
+    let straight = setup(&server.url(), steps, every, "");
+    run(&straight, &["run", "pipeline.toml"]).await.ok();
+    let expected = final_weights(&straight);
+
+    let (w, checkpoints) = killed_after_two_checkpoints(&server.url(), steps, every).await;
+    let newest = checkpoints.last().unwrap();
+    let model = newest.join("model.safetensors");
+    truncate_half(&model);
+
+    let out = run(&w, &["resume", "sft"]).await;
+    out.ok();
+    let stderr = out.stderr();
+    assert!(
+        stderr.contains(&format!("checkpoint {} (step", newest.display()))
+            && stderr.contains(&format!("{}: ", model.display()))
+            && stderr.contains("damaged"),
+        "no warning naming the damaged checkpoint and file:\n{stderr}"
+    );
+    assert!(
+        final_weights(&w) == expected,
+        "weights resumed past a damaged checkpoint differ from an uninterrupted run"
+    );
+    // Every step has one metrics row (the redone ones replaced), and the checkpoints are
+    // those of an uninterrupted run: the damaged one was redone, not left for pruning or
+    // evaluation to find.
+    let db = w.db().await;
+    let metrics: Vec<i64> = sqlx::query_scalar("SELECT step FROM train_metrics ORDER BY step")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(metrics, (1..=steps as i64).collect::<Vec<_>>());
+    let ckpts: Vec<(i64, bool)> =
+        sqlx::query_as("SELECT step, final FROM checkpoints ORDER BY step")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(ckpts, [(60, false), (80, false), (100, true)]);
+    let folders = |w: &Workdir| {
+        let mut names: Vec<String> = std::fs::read_dir(w.path().join("runs/sft/train"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(folders(&w), folders(&straight));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_fails_naming_every_damaged_file_when_no_checkpoint_is_intact() {
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let (steps, every) = (100, 20);
+    let (w, checkpoints) = killed_after_two_checkpoints(&server.url(), steps, every).await;
+    let (older, newest) = (&checkpoints[0], &checkpoints[1]);
+    truncate_half(&newest.join("model.safetensors"));
+    std::fs::remove_file(older.join("trainer_state.json")).unwrap();
+    let db = w.db().await;
+    let metrics_before = poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await;
+
+    let out = run(&w, &["resume", "sft"]).await;
+    assert_ne!(out.code(), 0, "resume succeeded with no intact checkpoint");
+    let stderr = out.stderr();
+    for damaged in [
+        newest.join("model.safetensors"),
+        older.join("trainer_state.json"),
+    ] {
+        assert!(
+            stderr.contains(&format!("{}: ", damaged.display())),
+            "the error does not name {}:\n{stderr}",
+            damaged.display()
+        );
+    }
+    assert!(stderr.contains("no intact checkpoint"), "{stderr}");
+    // Nothing was trained again from scratch, and the damaged checkpoints are left for
+    // the user to restore.
+    assert_eq!(
+        poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await,
+        metrics_before
+    );
+    assert_eq!(poll_count(&db, "SELECT COUNT(*) FROM checkpoints").await, 2);
+    assert!(older.is_dir() && newest.is_dir());
+    server.shutdown().await;
+}
