@@ -585,3 +585,24 @@ async fn resume_fails_naming_every_damaged_file_when_no_checkpoint_is_intact() {
     assert!(older.is_dir() && newest.is_dir());
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_refuses_a_damaged_final_model_naming_the_file() {
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let w = setup(&server.url(), 2, 0, "");
+    run(&w, &["run", "pipeline.toml"]).await.ok();
+    let model = w.path().join("runs/sft/train/final/model.safetensors");
+    truncate_half(&model);
+    let out = w.run(&["export", "sft", "--student", "train", "--out", "x"]);
+    assert_ne!(out.code(), 0, "exported a damaged model");
+    assert!(
+        out.stderr().contains("is damaged")
+            && out.stderr().contains(&format!("{}: ", model.display())),
+        "{}",
+        out.stderr()
+    );
+    assert!(!w.path().join("x/model.safetensors").exists());
+    server.shutdown().await;
+}
