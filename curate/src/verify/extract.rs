@@ -65,6 +65,31 @@ pub fn extract_answer(text: &str) -> Option<Extracted> {
     extract_from(text)
 }
 
+/// The part of a whole response (reasoning and answer) that holds the answer: the
+/// text after the last `</think>`, or all of it when the model did not think.
+///
+/// `None` when generation stopped on the length limit (`length_stop`) inside the
+/// reasoning: after a `<think>` with no `</think>` behind it, or, when the prompt
+/// itself opened the reasoning (`think_open`, as R1 chat templates do by ending the
+/// generation prompt with `<think>\n`), with no `</think>` at all. Such a response
+/// never answered, whatever its drafts box along the way.
+pub fn answer_section(response: &str, think_open: bool, length_stop: bool) -> Option<&str> {
+    let close = response.rfind("</think>");
+    let unclosed = match (response.rfind("<think>"), close) {
+        (Some(open), Some(close)) => open > close,
+        (Some(_), None) => true,
+        (None, Some(_)) => false,
+        (None, None) => think_open,
+    };
+    if length_stop && unclosed {
+        return None;
+    }
+    Some(match close {
+        Some(i) => &response[i + "</think>".len()..],
+        None => response,
+    })
+}
+
 fn extract_from(text: &str) -> Option<Extracted> {
     if let Some(e) = last_boxed(text) {
         return Some(e);
@@ -247,6 +272,32 @@ mod tests {
             Some(("(B)".into(), Method::AnswerLabel))
         );
         assert_eq!(ex("I pick\n(D)"), Some(("D".into(), Method::Choice)));
+    }
+
+    #[test]
+    fn a_response_cut_inside_its_reasoning_has_no_answer_section() {
+        // The prompt opened <think> (R1 templates): no </think> means still thinking.
+        let cut = "Okay, 3 + 4 is \\boxed{7}, but wait";
+        assert_eq!(answer_section(cut, true, true), None);
+        // The same text stopped by the model itself, or from a model that does not think,
+        // is graded whole as before.
+        assert_eq!(answer_section(cut, true, false), Some(cut));
+        assert_eq!(answer_section(cut, false, true), Some(cut));
+        // An opened and never closed <think> in the output itself.
+        assert_eq!(answer_section("<think>so \\boxed{7}", false, true), None);
+        assert_eq!(
+            answer_section("<think>a</think> then <think>b \\boxed{7}", false, true),
+            None
+        );
+        // Closed reasoning: the answer is what follows, even if the answer was cut.
+        assert_eq!(
+            answer_section("r \\boxed{3}</think>\n\nSo \\boxed{4", true, true),
+            Some("\n\nSo \\boxed{4")
+        );
+        assert_eq!(
+            answer_section("<think>r</think>\\boxed{4}", false, true),
+            Some("\\boxed{4}")
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod value;
 
 use serde::{Deserialize, Serialize};
 
-pub use extract::{Extracted, Method, extract_answer};
+pub use extract::{Extracted, Method, answer_section, extract_answer};
 pub use normalize::normalize;
 
 use normalize::matching_brace;
@@ -140,6 +140,21 @@ pub fn verify(gold: &str, response: &str) -> Outcome {
                 extracted: Some(e),
             }
         }
+    }
+}
+
+/// Grades a whole response (reasoning, `</think>`, answer) against `gold`: the answer
+/// is looked for only after the reasoning (see [`answer_section`]), and a response
+/// that stopped on the length limit inside its reasoning is `Incorrect` with nothing
+/// extracted, like any response without an answer.
+pub fn verify_response(gold: &str, response: &str, think_open: bool, length_stop: bool) -> Outcome {
+    match answer_section(response, think_open, length_stop) {
+        Some(answer) => verify(gold, answer),
+        None => Outcome {
+            verdict: Verdict::Incorrect,
+            detail: "cut off by the length limit inside the reasoning".into(),
+            extracted: None,
+        },
     }
 }
 
@@ -285,6 +300,27 @@ mod tests {
         assert_eq!(v("C", "\\boxed{C}"), Verdict::Correct);
         assert_eq!(v("\\text{(C)}", "C"), Verdict::Correct);
         assert_eq!(v("B", "(C)"), Verdict::Incorrect);
+    }
+
+    #[test]
+    fn a_response_cut_inside_its_reasoning_is_graded_as_no_answer() {
+        // A draft box in unfinished reasoning is not an answer.
+        let cut = "Ava has 7, doubled is 14, so \\boxed{19}? Let me check: 14 + 5";
+        let o = verify_response("19", cut, true, true);
+        assert_eq!(o.verdict, Verdict::Incorrect);
+        assert_eq!(o.extracted, None);
+        assert!(o.detail.contains("length limit"), "{}", o.detail);
+        // Finished reasoning followed by the answer is graded on the answer.
+        let done = "so \\boxed{3}?\n</think>\n\n\\boxed{19}";
+        assert_eq!(
+            verify_response("19", done, true, true).verdict,
+            Verdict::Correct
+        );
+        // A model that stopped by itself is graded as before.
+        assert_eq!(
+            verify_response("19", cut, true, false).verdict,
+            Verdict::Correct
+        );
     }
 
     #[test]
