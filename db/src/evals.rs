@@ -80,6 +80,10 @@ pub struct SampleOutcome {
     pub verdict: String,
     /// Normalised answer.
     pub vote_key: Option<String>,
+    /// Tokens generated.
+    pub tokens: Option<i64>,
+    /// Why generation stopped.
+    pub finish_reason: Option<String>,
 }
 
 /// Every sample of a target, by question then sample.
@@ -89,7 +93,7 @@ pub async fn outcomes<'e>(
     target: &str,
 ) -> Result<Vec<SampleOutcome>> {
     Ok(sqlx::query_as(
-        "SELECT item_id, sample_index, verdict, vote_key FROM eval_samples
+        "SELECT item_id, sample_index, verdict, vote_key, tokens, finish_reason FROM eval_samples
          WHERE stage_id = ? AND target = ? ORDER BY item_id, sample_index",
     )
     .bind(stage_id)
@@ -121,18 +125,24 @@ pub struct NewScore {
     pub protocol: String,
     /// Hash of the protocol.
     pub protocol_hash: String,
+    /// Share of the samples that stopped on the token budget, of those whose finish
+    /// reason is known.
+    pub truncated: Option<f64>,
+    /// Mean tokens generated per sample, of those whose count is known.
+    pub mean_tokens: Option<f64>,
 }
 
 /// Records (or replaces) a score.
 pub async fn upsert_score(tx: &mut WriteTx, stage_id: i64, s: &NewScore) -> Result<()> {
     sqlx::query(
         "INSERT INTO scores (stage_id, target, label, step, benchmark, metric, value, stderr,
-             questions, protocol, protocol_hash, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             questions, protocol, protocol_hash, truncated, mean_tokens, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (stage_id, target, metric) DO UPDATE SET label = excluded.label,
              step = excluded.step, benchmark = excluded.benchmark, value = excluded.value,
              stderr = excluded.stderr, questions = excluded.questions,
              protocol = excluded.protocol, protocol_hash = excluded.protocol_hash,
+             truncated = excluded.truncated, mean_tokens = excluded.mean_tokens,
              created_at = excluded.created_at",
     )
     .bind(stage_id)
@@ -146,6 +156,8 @@ pub async fn upsert_score(tx: &mut WriteTx, stage_id: i64, s: &NewScore) -> Resu
     .bind(s.questions)
     .bind(&s.protocol)
     .bind(&s.protocol_hash)
+    .bind(s.truncated)
+    .bind(s.mean_tokens)
     .bind(now_ms())
     .execute(&mut **tx)
     .await?;
@@ -177,13 +189,17 @@ pub struct ScoreRow {
     pub protocol: String,
     /// Protocol hash.
     pub protocol_hash: String,
+    /// Share of samples stopped by the token budget (`None`: not known).
+    pub truncated: Option<f64>,
+    /// Mean tokens generated per sample (`None`: not known).
+    pub mean_tokens: Option<f64>,
 }
 
 /// Every score of a run.
 pub async fn scores_of_run<'e>(ex: impl SqliteExecutor<'e>, run_id: i64) -> Result<Vec<ScoreRow>> {
     Ok(sqlx::query_as(
         "SELECT s.name AS stage, c.target, c.label, c.step, c.benchmark, c.metric, c.value,
-             c.stderr, c.questions, c.protocol, c.protocol_hash
+             c.stderr, c.questions, c.protocol, c.protocol_hash, c.truncated, c.mean_tokens
          FROM scores c JOIN stages s ON s.id = c.stage_id
          WHERE s.run_id = ? ORDER BY c.benchmark, c.protocol_hash, s.position, c.step, c.label, c.metric",
     )

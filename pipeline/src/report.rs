@@ -450,12 +450,22 @@ pub struct ScoreLine {
     pub step: Option<i64>,
     /// metric → (value, standard error), values in [0, 1].
     pub metrics: std::collections::BTreeMap<String, (f64, f64)>,
+    /// Share of the samples behind every metric that stopped on the token budget, in
+    /// [0, 1] (a sample cut inside its reasoning counts as no answer); `None`: not known.
+    pub truncated: Option<f64>,
+    /// Mean tokens generated per sample; `None`: not known.
+    pub mean_tokens: Option<f64>,
 }
 
 impl Scores {
     /// Reads and groups a run's scores.
     pub async fn load(db: &Db, run: &Run) -> distill_db::Result<Self> {
         let rows = distill_db::evals::scores_of_run(db.pool(), run.id).await?;
+        Ok(Self::from_rows(&run.name, rows))
+    }
+
+    /// Groups score rows (in [`distill_db::evals::scores_of_run`] order).
+    pub fn from_rows(run: &str, rows: Vec<distill_db::evals::ScoreRow>) -> Self {
         let mut groups: Vec<ScoreGroup> = Vec::new();
         for r in rows {
             let gi = match groups
@@ -486,16 +496,18 @@ impl Scores {
                         stage: r.stage.clone(),
                         step: r.step,
                         metrics: Default::default(),
+                        truncated: r.truncated,
+                        mean_tokens: r.mean_tokens,
                     });
                     g.rows.len() - 1
                 }
             };
             g.rows[li].metrics.insert(r.metric, (r.value, r.stderr));
         }
-        Ok(Scores {
-            run: run.name.clone(),
+        Scores {
+            run: run.to_string(),
             groups,
-        })
+        }
     }
 
     /// Tables for people, one per benchmark and protocol.
@@ -534,6 +546,7 @@ impl Scores {
                 .iter()
                 .map(|s| s.to_string())
                 .chain(metric_names.iter().map(|m| m.to_uppercase()))
+                .chain(["TRUNCATED".to_string(), "MEAN TOKENS".to_string()])
                 .collect();
             let rows: Vec<Vec<String>> = g
                 .rows
@@ -550,6 +563,14 @@ impl Scores {
                             None => "-".into(),
                         });
                     }
+                    row.push(match r.truncated {
+                        Some(t) => format!("{:.1}%", 100.0 * t),
+                        None => "-".into(),
+                    });
+                    row.push(match r.mean_tokens {
+                        Some(t) => format!("{t:.0}"),
+                        None => "-".into(),
+                    });
                     row
                 })
                 .collect();
@@ -763,6 +784,7 @@ fn ago(t: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use distill_db::evals::ScoreRow;
 
     #[test]
     fn durations_read_naturally() {
@@ -770,6 +792,55 @@ mod tests {
         assert_eq!(duration(12_340.0), "12.3s");
         assert_eq!(duration(245_000.0), "4m05s");
         assert_eq!(duration(7_380_000.0), "2h03m");
+    }
+
+    fn score_row(label: &str, step: Option<i64>, metric: &str, value: f64) -> ScoreRow {
+        ScoreRow {
+            stage: "eval".into(),
+            target: format!("target:{label}"),
+            label: label.into(),
+            step,
+            benchmark: "bench".into(),
+            metric: metric.into(),
+            value,
+            stderr: 0.01,
+            questions: 100,
+            protocol: r#"{"questions":100,"samples":4,"temperature":0.6,"top_p":0.95,"max_tokens":4096,"template_hash":"ab12cd34"}"#.into(),
+            protocol_hash: "h".into(),
+            truncated: Some(0.25),
+            mean_tokens: Some(3071.6),
+        }
+    }
+
+    #[test]
+    fn scores_show_the_truncated_share_and_mean_tokens_beside_the_metrics() {
+        let mut old = score_row("old", None, "pass@1", 0.5);
+        (old.truncated, old.mean_tokens) = (None, None);
+        let scores = Scores::from_rows(
+            "r",
+            vec![
+                score_row("student@10", Some(10), "pass@1", 0.4),
+                score_row("student@10", Some(10), "pass@4", 0.7),
+                old,
+            ],
+        );
+        let text = scores.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[3].ends_with("PASS@4      TRUNCATED  MEAN TOKENS"),
+            "{text}"
+        );
+        assert!(lines[4].ends_with("70.0 ± 1.0  25.0%      3072"), "{text}");
+        assert!(
+            lines[5].ends_with("50.0 ± 1.0  -           -          -"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&scores).unwrap();
+        let row = &json["groups"][0]["rows"][0];
+        assert_eq!(row["truncated"], 0.25);
+        assert_eq!(row["mean_tokens"], 3071.6);
+        assert_eq!(row["metrics"]["pass@4"][0], 0.7);
+        assert!(json["groups"][0]["rows"][1]["truncated"].is_null());
     }
 
     #[test]

@@ -277,6 +277,40 @@ pub fn ensure_think_generation_prompt(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The card's scores section (empty without scores): each score with the share of its
+/// samples cut by the token budget and their mean length, which explain a low score.
+fn scores_table(scores: &[evals::ScoreRow]) -> String {
+    if scores.is_empty() {
+        return String::new();
+    }
+    let mut table = String::from(
+        "\n## Scores\n\n| model | step | benchmark | metric | score | truncated | mean tokens | protocol |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    let known = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_else(|| "-".into());
+    for r in scores {
+        let p: Value = serde_json::from_str(&r.protocol).unwrap_or(Value::Null);
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} | {} | {:.1} ± {:.1} | {} | {} | k={} T={} top-p={} max_tokens={} template {} |",
+            r.label,
+            r.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+            r.benchmark,
+            r.metric,
+            100.0 * r.value,
+            100.0 * r.stderr,
+            known(r.truncated, &|t| format!("{:.1}%", 100.0 * t)),
+            known(r.mean_tokens, &|t| format!("{t:.0}")),
+            p["samples"],
+            p["temperature"],
+            p["top_p"],
+            p["max_tokens"],
+            p["template_hash"].as_str().unwrap_or("?")
+        );
+    }
+    table
+}
+
 /// The model card: base model, teacher, data funnel, hyperparameters, scores.
 async fn model_card(
     db: &Db,
@@ -349,28 +383,9 @@ async fn model_card(
         "\n## Training\n\nSupervised fine-tuning on the kept traces (loss on `<think>\\n…\\n</think>\\n\\n` + answer only):\n\n```json\n{}\n```\n",
         serde_json::to_string_pretty(&identity["config"]).unwrap_or_default()
     );
-    let scores = evals::scores_of_run(db.pool(), run_id).await?;
-    if !scores.is_empty() {
-        card.push_str("\n## Scores\n\n| model | step | benchmark | metric | score | protocol |\n|---|---|---|---|---|---|\n");
-        for r in &scores {
-            let p: Value = serde_json::from_str(&r.protocol).unwrap_or(Value::Null);
-            let _ = writeln!(
-                card,
-                "| {} | {} | {} | {} | {:.1} ± {:.1} | k={} T={} top-p={} max_tokens={} template {} |",
-                r.label,
-                r.step.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
-                r.benchmark,
-                r.metric,
-                100.0 * r.value,
-                100.0 * r.stderr,
-                p["samples"],
-                p["temperature"],
-                p["top_p"],
-                p["max_tokens"],
-                p["template_hash"].as_str().unwrap_or("?")
-            );
-        }
-    }
+    card.push_str(&scores_table(
+        &evals::scores_of_run(db.pool(), run_id).await?,
+    ));
     card.push_str(
         "\n## Use\n\nSample with temperature 0.6 and top-p 0.95 (the defaults in `generation_config.json`); \
          the chat template opens the assistant turn with `<think>\\n`.\n\n\
@@ -379,4 +394,45 @@ async fn model_card(
          or `vllm serve PATH`.\n",
     );
     Ok(card)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_card_scores_table_carries_the_truncated_share_and_mean_tokens() {
+        let row = |label: &str, truncated: Option<f64>, mean_tokens: Option<f64>| {
+            evals::ScoreRow {
+            stage: "eval".into(),
+            target: format!("checkpoint:{label}"),
+            label: label.into(),
+            step: Some(40),
+            benchmark: "math500".into(),
+            metric: "pass@1".into(),
+            value: 0.412,
+            stderr: 0.021,
+            questions: 500,
+            protocol: r#"{"samples":4,"temperature":0.6,"top_p":0.95,"max_tokens":32768,"template_hash":"ab12cd34"}"#.into(),
+            protocol_hash: "h".into(),
+            truncated,
+            mean_tokens,
+        }
+        };
+        let table = scores_table(&[
+            row("sft@40", Some(0.187), Some(11234.4)),
+            row("old", None, None),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[3],
+            "| model | step | benchmark | metric | score | truncated | mean tokens | protocol |"
+        );
+        assert_eq!(
+            lines[5],
+            "| sft@40 | 40 | math500 | pass@1 | 41.2 ± 2.1 | 18.7% | 11234 | k=4 T=0.6 top-p=0.95 max_tokens=32768 template ab12cd34 |"
+        );
+        assert!(lines[6].contains("| 41.2 ± 2.1 | - | - |"), "{table}");
+        assert_eq!(scores_table(&[]), "");
+    }
 }

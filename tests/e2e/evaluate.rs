@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use distill_fake_teacher::{FakeConfig, FakeTeacher, Reply, ReplyInput};
+use distill_fake_teacher::{FakeConfig, FakeTeacher, Fault, Reply, ReplyInput, When};
 use serde_json::Value;
 
 use crate::common::*;
@@ -105,6 +105,95 @@ max_tokens = 64
     assert!(table.contains("k=4 · temperature 0.6"), "{table}");
     // One request per question with n = 4.
     assert_eq!(server.stats().requests, 4);
+    server.shutdown().await;
+}
+
+/// Every question answered right, after reasoning of exactly 40 bytes (10 tokens as the
+/// fake counts them) that drafts the right answer too; the answer is 3 tokens.
+fn right_after_a_draft(input: &ReplyInput<'_>) -> Reply {
+    let i: i64 = input
+        .prompt
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    Reply {
+        reasoning: format!("{:<40}", format!("{i} + {i} is \\boxed{{{}}}", 2 * i)),
+        answer: format!("\\boxed{{{}}}", 2 * i),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scores_show_the_share_cut_by_the_token_budget_and_the_mean_tokens() {
+    // One response in four runs out of tokens halfway through its reasoning (5 tokens,
+    // no answer): it has not answered, whatever its draft says.
+    let server = FakeTeacher::start(
+        FakeConfig::default()
+            .responder(right_after_a_draft)
+            .fault(When::Request(2), Fault::FinishLength),
+    )
+    .await
+    .unwrap();
+    let w = Workdir::new();
+    w.write("bench.jsonl", &benchmark(4));
+    w.write(
+        "eval.toml",
+        &format!(
+            r#"
+[run]
+name = "eval"
+
+[teacher.endpoint]
+base_url = "{}"
+model = "fake-distill"
+max_retries = 0
+
+[[stage]]
+name = "score"
+kind = "evaluate"
+benchmark = "bench.jsonl"
+id_field = "id"
+teacher = "endpoint"
+max_tokens = 64
+"#,
+            server.url()
+        ),
+    );
+    let mut cmd = w.cmd(&["run", "eval.toml"]);
+    tokio::task::spawn_blocking(move || Out(cmd.output().unwrap()))
+        .await
+        .unwrap()
+        .ok();
+
+    let scores: Value = serde_json::from_str(&w.run(&["scores", "--json"]).ok().stdout()).unwrap();
+    let row = &scores["groups"][0]["rows"][0];
+    assert_eq!(row["metrics"]["pass@1"][0], 0.75, "{scores:#}");
+    assert_eq!(row["truncated"], 0.25, "{scores:#}");
+    assert_eq!(row["mean_tokens"], (3.0 * 13.0 + 5.0) / 4.0, "{scores:#}");
+    let cut: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT verdict, extracted, output FROM eval_samples WHERE finish_reason = 'length'",
+    )
+    .fetch_all(&w.db().await)
+    .await
+    .unwrap();
+    assert_eq!(cut.len(), 1);
+    assert_eq!(
+        (cut[0].0.as_str(), cut[0].1.as_deref()),
+        ("incorrect", None)
+    );
+    assert!(
+        !cut[0].2.as_deref().unwrap_or("").contains("</think>"),
+        "a cut response is recorded as never having closed its reasoning: {cut:?}"
+    );
+
+    let table = w.run(&["scores"]).ok().stdout();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[3].ends_with("PASS@1       TRUNCATED  MEAN TOKENS"),
+        "{table}"
+    );
+    assert!(lines[4].ends_with("75.0 ± 25.0  25.0%      11"), "{table}");
     server.shutdown().await;
 }
 

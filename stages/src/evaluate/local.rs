@@ -117,9 +117,13 @@ fn run<B: burn::prelude::Backend>(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let ids = tok
-            .encode_chat(&[ChatMessage::user(&q.message)], true)
+        let prompt = tok
+            .apply_chat_template(&[ChatMessage::user(&q.message)], true)
             .map_err(fail)?;
+        // R1-style templates open the reasoning in the prompt, so the output is inside
+        // it from its first token.
+        let think_open = prompt.trim_end().ends_with("<think>");
+        let ids = tok.encode(&prompt, false).map_err(fail)?;
         let mut rows = Vec::with_capacity(missing.len());
         for i in missing {
             let config = GenerationConfig {
@@ -153,6 +157,7 @@ fn run<B: burn::prelude::Backend>(
                         }
                         .into(),
                     ),
+                    think_open,
                 },
             ));
         }

@@ -120,6 +120,29 @@ pub fn score(questions: &[Question]) -> Vec<Score> {
     out
 }
 
+/// How a target's samples ended: the share that stopped on the token budget
+/// (`finish_reason` "length") and the mean tokens generated, each over the samples
+/// whose finish reason or token count is known (`None` when none is).
+pub fn lengths<'a>(
+    samples: impl IntoIterator<Item = (Option<&'a str>, Option<i64>)>,
+) -> (Option<f64>, Option<f64>) {
+    let (mut finished, mut cut, mut counted, mut tokens) = (0usize, 0usize, 0usize, 0i64);
+    for (finish, n) in samples {
+        if let Some(f) = finish {
+            finished += 1;
+            cut += usize::from(f == "length");
+        }
+        if let Some(n) = n {
+            counted += 1;
+            tokens += n;
+        }
+    }
+    (
+        (finished > 0).then(|| cut as f64 / finished as f64),
+        (counted > 0).then(|| tokens as f64 / counted as f64),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +161,19 @@ mod tests {
         assert_eq!(pass_at_k(8, 6, 4), 1.0);
         // k = n: correct iff any sample is
         assert_eq!(pass_at_k(3, 1, 3), 1.0);
+    }
+
+    #[test]
+    fn lengths_count_only_what_is_known() {
+        let samples = [
+            (Some("length"), Some(100)),
+            (Some("stop"), Some(20)),
+            (None, None),
+            (Some("length"), Some(90)),
+            (Some("stop"), None),
+        ];
+        assert_eq!(lengths(samples), (Some(0.5), Some(70.0)));
+        assert_eq!(lengths([(None, None)]), (None, None));
     }
 
     #[test]

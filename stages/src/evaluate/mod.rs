@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use distill_curate::verify::{Verdict, normalize, verify};
+use distill_curate::verify::{Verdict, normalize, verify_response};
 pub use distill_db::evals::NewEvalSample;
 use distill_db::evals::{self, NewScore};
 use distill_teacher::{ChatModel, ChatRequest, Message, TeacherConfig};
@@ -131,6 +131,10 @@ pub enum CheckpointChoice {
     /// Only the final model.
     Final,
 }
+
+/// Version of the grading of local samples, part of their stages' identity: 2 grades
+/// a sample cut by the token budget inside its reasoning as no answer.
+const LOCAL_GRADING: u32 = 2;
 
 /// What a stage evaluates.
 #[derive(Debug, Clone)]
@@ -392,16 +396,16 @@ pub struct Sampled {
     pub tokens: Option<i64>,
     /// Why it stopped.
     pub finish_reason: Option<String>,
+    /// Whether the reasoning was already open where `output` begins (the prompt ended
+    /// with `<think>`, or the endpoint's reasoning was split out of its content).
+    pub think_open: bool,
 }
 
-/// Scores a sample against its question's reference.
+/// Scores a sample against its question's reference: the answer follows the
+/// reasoning, and a sample cut by the token budget inside its reasoning has none.
 pub fn score_sample(question: &Question, s: Sampled) -> NewEvalSample {
-    // The answer follows the reasoning; a model that does not think answers directly.
-    let answer = match s.output.rfind("</think>") {
-        Some(i) => &s.output[i + "</think>".len()..],
-        None => s.output.as_str(),
-    };
-    let outcome = verify(&question.gold, answer);
+    let length_stop = s.finish_reason.as_deref() == Some("length");
+    let outcome = verify_response(&question.gold, &s.output, s.think_open, length_stop);
     let extracted = outcome.extracted.map(|e| e.text);
     NewEvalSample {
         item_id: question.id.clone(),
@@ -417,6 +421,28 @@ pub fn score_sample(question: &Question, s: Sampled) -> NewEvalSample {
         output: s.output,
         tokens: s.tokens,
         finish_reason: s.finish_reason,
+    }
+}
+
+/// An endpoint's completion as one output beginning inside the reasoning the client
+/// split out: `reasoning</think>answer`, or the bare reasoning when the token budget
+/// ran out before any answer, so that no `</think>` is invented for it.
+fn endpoint_sample(sample_index: i64, c: distill_teacher::Completion) -> Sampled {
+    let cut = c.is_truncated() && c.answer.is_empty();
+    let think_open = !c.reasoning.is_empty();
+    let output = if !think_open {
+        c.answer
+    } else if cut {
+        c.reasoning
+    } else {
+        format!("{}\n</think>\n\n{}", c.reasoning, c.answer)
+    };
+    Sampled {
+        sample_index,
+        output,
+        tokens: c.completion_tokens.map(i64::from),
+        finish_reason: c.finish_reason,
+        think_open,
     }
 }
 
@@ -462,11 +488,19 @@ impl Stage for Evaluate {
                 json!({ "student": name, "checkpoints": self.params.checkpoints })
             }
         };
-        Ok(json!({
+        let mut identity = json!({
             "protocol": self.protocol()?,
             "seed": self.params.seed,
             "target": target,
-        }))
+        });
+        // Local samples cut inside the reasoning a chat template opened used to be
+        // graded on their drafts; the marker reruns evaluations recorded that way.
+        // Endpoint samples already were graded as no answer (the client splits their
+        // reasoning out), so their fingerprints, and their paid-for samples, are kept.
+        if !matches!(self.target, Target::Teacher(..)) {
+            identity["grading"] = json!(LOCAL_GRADING);
+        }
+        Ok(identity)
     }
 
     async fn run(&self, ctx: &StageContext) -> Result<Value, StageError> {
@@ -640,22 +674,7 @@ impl Evaluate {
                 result.map_err(|e| StageError::Failed(format!("evaluating: {e}")))?;
             let rows: Vec<NewEvalSample> = completions
                 .into_iter()
-                .map(|(i, c)| {
-                    let output = if c.reasoning.is_empty() {
-                        c.answer.clone()
-                    } else {
-                        format!("{}\n</think>\n\n{}", c.reasoning, c.answer)
-                    };
-                    score_sample(
-                        &q,
-                        Sampled {
-                            sample_index: i,
-                            output,
-                            tokens: c.completion_tokens.map(i64::from),
-                            finish_reason: c.finish_reason,
-                        },
-                    )
-                })
+                .map(|(i, c)| score_sample(&q, endpoint_sample(i, c)))
                 .collect();
             write_samples(ctx, target, &rows).await?;
             if ctx.cancel.is_cancelled() {
@@ -706,6 +725,12 @@ impl Evaluate {
         let protocol_text = protocol.to_string();
         let protocol_hash = crate::hash::hex128(protocol_text.as_bytes());
         let scores = metrics::score(&scored);
+        let (truncated, mean_tokens) = metrics::lengths(
+            outcomes
+                .iter()
+                .filter(|o| asked.contains(o.item_id.as_str()))
+                .map(|o| (o.finish_reason.as_deref(), o.tokens)),
+        );
         let mut tx = ctx.db.write().await?;
         for s in &scores {
             evals::upsert_score(
@@ -722,6 +747,8 @@ impl Evaluate {
                     questions: s.questions as i64,
                     protocol: protocol_text.clone(),
                     protocol_hash: protocol_hash.clone(),
+                    truncated,
+                    mean_tokens,
                 },
             )
             .await?;
@@ -784,6 +811,7 @@ mod tests {
             output: out.into(),
             tokens: None,
             finish_reason: None,
+            think_open: true,
         };
         // A boxed 3 in the reasoning does not count; the answer's 4 does.
         let r = score_sample(&q, s("maybe \\boxed{3}?</think>\n\nSo \\boxed{4}."));
@@ -792,5 +820,59 @@ mod tests {
         let r = score_sample(&q, s("\\boxed{5}"));
         assert_eq!(r.verdict, "incorrect");
         assert_ne!(sample_seed(0, "1", 0), sample_seed(0, "1", 1));
+    }
+
+    #[test]
+    fn a_sample_cut_inside_its_reasoning_is_graded_as_no_answer() {
+        let q = Question {
+            id: "1".into(),
+            message: "m".into(),
+            gold: "4".into(),
+        };
+        // A local student whose template opened <think>: the budget ran out mid-thought,
+        // after a draft that happens to box the right number.
+        let local = |finish: &str| Sampled {
+            sample_index: 0,
+            output: "2 + 2 = \\boxed{4}, or is it".into(),
+            tokens: Some(12),
+            finish_reason: Some(finish.into()),
+            think_open: true,
+        };
+        let r = score_sample(&q, local("length"));
+        assert_eq!(
+            (r.verdict.as_str(), r.extracted, r.vote_key),
+            ("incorrect", None, None)
+        );
+        assert_eq!(r.finish_reason.as_deref(), Some("length"));
+        assert_eq!(score_sample(&q, local("stop")).verdict, "correct");
+
+        // An endpoint cut in its reasoning: the client split the reasoning out and
+        // there is no answer; the stored output invents no `</think>`.
+        let completion =
+            |reasoning: &str, answer: &str, finish: &str| distill_teacher::Completion {
+                index: 0,
+                reasoning: reasoning.into(),
+                answer: answer.into(),
+                finish_reason: Some(finish.into()),
+                prompt_tokens: None,
+                completion_tokens: Some(40),
+                reasoning_tokens: None,
+                latency_ms: 0,
+                first_token_ms: None,
+                attempts: 1,
+                endpoint: String::new(),
+                model: None,
+                system_fingerprint: None,
+            };
+        let cut = endpoint_sample(0, completion("so \\boxed{4} maybe", "", "length"));
+        assert_eq!(cut.output, "so \\boxed{4} maybe");
+        let r = score_sample(&q, cut);
+        assert_eq!((r.verdict.as_str(), r.tokens), ("incorrect", Some(40)));
+        let done = endpoint_sample(0, completion("so \\boxed{3}", "\\boxed{4}", "stop"));
+        assert_eq!(done.output, "so \\boxed{3}\n</think>\n\n\\boxed{4}");
+        assert_eq!(score_sample(&q, done).verdict, "correct");
+        // A model that does not think and ran out mid-answer keeps its complete box.
+        let plain = endpoint_sample(0, completion("", "\\boxed{4} because", "length"));
+        assert_eq!(score_sample(&q, plain).verdict, "correct");
     }
 }
