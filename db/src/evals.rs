@@ -207,3 +207,72 @@ pub async fn scores_of_run<'e>(ex: impl SqliteExecutor<'e>, run_id: i64) -> Resu
     .fetch_all(ex)
     .await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+
+    use crate::Db;
+
+    /// A database made before migration 0006 gets the truncated share and mean tokens
+    /// of its existing scores from their samples.
+    #[tokio::test]
+    async fn scores_recorded_before_0006_are_backfilled_from_their_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("migrations");
+        std::fs::create_dir(&old).unwrap();
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        for entry in std::fs::read_dir(&here).unwrap() {
+            let name = entry.unwrap().file_name();
+            if name.to_string_lossy().as_ref() < "0006" {
+                std::fs::copy(here.join(&name), old.join(&name)).unwrap();
+            }
+        }
+        let path = dir.path().join("t.db");
+        let pool = SqlitePoolOptions::new()
+            .connect_with(
+                SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+                    .unwrap()
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO runs (id, name, config_path, config, workdir, status, created_at, updated_at)
+             VALUES (1, 'r', 'r.toml', '', '.', 'done', 0, 0);
+             INSERT INTO stages (id, run_id, name, kind, position, needs, params, fingerprint, status)
+             VALUES (1, 1, 'eval', 'evaluate', 0, '[]', '{}', 'f', 'done');
+             INSERT INTO eval_samples (stage_id, target, item_id, sample_index, output, verdict,
+                 tokens, finish_reason, created_at)
+             VALUES (1, 'a', 'q1', 0, '', 'incorrect', 160, 'length', 0),
+                    (1, 'a', 'q2', 0, '', 'correct', 40, 'stop', 0),
+                    (1, 'a', 'q3', 0, '', 'correct', 40, 'stop', 0),
+                    (1, 'a', 'q4', 0, '', 'correct', 40, 'stop', 0),
+                    (1, 'b', 'q1', 0, '', 'correct', NULL, NULL, 0);
+             INSERT INTO scores (stage_id, target, label, step, benchmark, metric, value, stderr,
+                 questions, protocol, protocol_hash, created_at)
+             VALUES (1, 'a', 'a', NULL, 'bench', 'pass@1', 0.75, 0.25, 4, '{}', 'h', 0),
+                    (1, 'b', 'b', NULL, 'bench', 'pass@1', 1.0, 0.0, 1, '{}', 'h', 0);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let db = Db::open(&path).await.unwrap();
+        let rows = super::scores_of_run(db.pool(), 1).await.unwrap();
+        let got: Vec<(&str, Option<f64>, Option<f64>)> = rows
+            .iter()
+            .map(|r| (r.target.as_str(), r.truncated, r.mean_tokens))
+            .collect();
+        assert_eq!(got, [("a", Some(0.25), Some(70.0)), ("b", None, None)]);
+    }
+}
