@@ -216,17 +216,17 @@ mod tests {
 
     use crate::Db;
 
-    /// A database made before migration 0006 gets the truncated share and mean tokens
+    /// A database made before migration 0007 gets the truncated share and mean tokens
     /// of its existing scores from their samples.
     #[tokio::test]
-    async fn scores_recorded_before_0006_are_backfilled_from_their_samples() {
+    async fn scores_recorded_before_0007_are_backfilled_from_their_samples() {
         let dir = tempfile::tempdir().unwrap();
         let old = dir.path().join("migrations");
         std::fs::create_dir(&old).unwrap();
         let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
         for entry in std::fs::read_dir(&here).unwrap() {
             let name = entry.unwrap().file_name();
-            if name.to_string_lossy().as_ref() < "0006" {
+            if name.to_string_lossy().as_ref() < "0007" {
                 std::fs::copy(here.join(&name), old.join(&name)).unwrap();
             }
         }
