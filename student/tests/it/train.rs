@@ -592,3 +592,62 @@ fn data_parallel_matches_one_device() {
     );
     assert!(err.to_string().contains("multiple of 2"), "{err}");
 }
+
+/// The quickstart's figures differ between CPUs (README, "Machine dependence"), but not with
+/// the thread count: the parallel kernels on this path (gemm's, Burn's row-parallel ops)
+/// split work by rows and columns, never inside a dot product or a reduction. Shapes are the
+/// quickstart student's, large enough that gemm really runs on both threads.
+#[test]
+fn training_is_bit_identical_on_one_and_two_threads() {
+    let config = distill_student::ModelConfig::qwen2(512, 192, 512, 4, 6, 2, true);
+    // Saved and loaded, so that both runs start from the same weights (Burn initialises
+    // parameters lazily: each clone of a fresh model would draw its own).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("base");
+    let fresh = distill_student::CausalLm::<B>::init(&config, &device());
+    distill_student::save_pretrained(&fresh, &dir, &SaveOptions::default()).unwrap();
+    let mut x = 5u64;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        3 + ((x >> 33) as u32) % 509
+    };
+    let examples: Vec<SftExample> = (0..16)
+        .map(|_| SftExample {
+            prompt_ids: (0..24).map(|_| next()).collect(),
+            target_ids: (0..104).map(|_| next()).collect(),
+        })
+        .collect();
+    let train = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let config = TrainConfig {
+                learning_rate: 2e-3,
+                micro_batch: MicroBatch::Sequences(8),
+                max_steps: Some(2),
+                max_grad_norm: Some(1.0),
+                ..TrainConfig::default()
+            };
+            let mut trainer = Trainer::<T>::new(&dir, &examples, config, &device()).unwrap();
+            let mut losses = Vec::new();
+            while let Some(m) = trainer.step().unwrap() {
+                losses.push((m.loss, m.grad_norm));
+            }
+            (losses, exported(&trainer))
+        })
+    };
+    let ((l1, one), (l2, two)) = (train(1), train(2));
+    assert_eq!((l1.len(), &l1), (2, &l2), "losses and gradient norms");
+    assert_eq!(one.len(), two.len());
+    for (name, (_, v)) in &one {
+        let same = v
+            .iter()
+            .zip(&two[name].1)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{name} differs between 1 and 2 threads");
+    }
+}
