@@ -4,34 +4,12 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
-use common::{client, fake, fast_config};
+use common::{Captured, client, fake, fast_config};
 use distill_fake_teacher::{FakeConfig, ReplyInput, approx_tokens, default_reply};
 use distill_teacher::{BaseUrls, ChatModel, ChatRequest};
 
 const PROMPT: &str = "What is 2 + 2?";
 const WARNING: &str = "ignores `n`";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_server_ignoring_n_gets_one_request_per_sample_after_its_first_answer() {

@@ -2,27 +2,11 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
-use common::{closed_url, fake, fast_config};
+use common::{Captured, closed_url, fake, fast_config};
 use distill_fake_teacher::{FakeConfig, Fault, When};
 use distill_teacher::{ChatModel, ChatRequest, OpenAiClient, TeacherError};
 
 const KEY: &str = "sk-live-0123456789abcdef";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 fn assert_clean(what: &str, text: &str) {
     assert!(!text.contains(KEY), "{what} leaks the key: {text}");

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
 use distill_fake_teacher::{FakeConfig, FakeTeacher};
 use distill_teacher::{BaseUrls, OpenAiClient, TeacherConfig};
 
@@ -33,4 +36,25 @@ pub fn closed_url() -> String {
     let port = l.local_addr().unwrap().port();
     drop(l);
     format!("http://127.0.0.1:{port}/v1")
+}
+
+/// A log sink for a test's tracing subscriber (`with_writer(move || sink.clone())`).
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
