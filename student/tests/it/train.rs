@@ -594,9 +594,10 @@ fn data_parallel_matches_one_device() {
 }
 
 /// The quickstart's figures differ between CPUs (README, "Machine dependence"), but not with
-/// the thread count: the parallel kernels on this path (gemm's, Burn's row-parallel ops)
-/// split work by rows and columns, never inside a dot product or a reduction. Shapes are the
-/// quickstart student's, large enough that gemm really runs on both threads.
+/// the thread count: on these shapes the parallel kernels (gemm's, Burn's row-parallel ops)
+/// split work by rows and columns, never inside a dot product or a reduction (Burn splits a
+/// sum across threads only from 4M elements). Shapes are the quickstart student's, large
+/// enough that gemm really runs on both threads.
 #[test]
 fn training_is_bit_identical_on_one_and_two_threads() {
     let config = distill_student::ModelConfig::qwen2(512, 192, 512, 4, 6, 2, true);
