@@ -801,14 +801,12 @@ impl Converter<'_> {
                         finish_reason,
                     });
                 }
-            } else if let Some(a) = answer {
-                if let Some(text) = a.get(i) {
-                    row.samples.push(Sample {
-                        reasoning: reasoning.and_then(|r| r.get(i)),
-                        text,
-                        finish_reason: finish_text.and_then(|f| f.get(i)),
-                    });
-                }
+            } else if let Some(text) = answer.and_then(|a| a.get(i)) {
+                row.samples.push(Sample {
+                    reasoning: reasoning.and_then(|r| r.get(i)),
+                    text,
+                    finish_reason: finish_text.and_then(|f| f.get(i)),
+                });
             }
             for &(c, per_sample) in &plan.extra {
                 let name = schema.field(c).name().as_str();
