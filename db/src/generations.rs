@@ -40,6 +40,8 @@ pub struct NewGeneration {
     pub cached: bool,
     /// HTTP attempts made.
     pub attempts: i64,
+    /// Other recorded fields of the sample (an imported dataset's own flags), as JSON text.
+    pub extra: Option<String>,
 }
 
 /// A row of `generations`.
@@ -87,6 +89,8 @@ pub struct Generation {
     pub error: Option<String>,
     /// When recorded.
     pub created_at: i64,
+    /// Other recorded fields (an imported dataset's own flags), as JSON text.
+    pub extra: Option<String>,
 }
 
 /// Records a sample, replacing a failed attempt at the same (prompt, sample).
@@ -99,8 +103,8 @@ pub async fn upsert(tx: &mut WriteTx, stage_id: i64, g: &NewGeneration) -> Resul
         "INSERT INTO generations (stage_id, prompt_id, sample_index, status, reasoning, answer,
              finish_reason, prompt_tokens, completion_tokens, reasoning_tokens, latency_ms,
              endpoint, model, system_fingerprint, request_hash, cached, attempts, error_kind,
-             error, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             error, created_at, extra)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (stage_id, prompt_id, sample_index) DO UPDATE SET
              status = excluded.status, reasoning = excluded.reasoning, answer = excluded.answer,
              finish_reason = excluded.finish_reason, prompt_tokens = excluded.prompt_tokens,
@@ -111,7 +115,7 @@ pub async fn upsert(tx: &mut WriteTx, stage_id: i64, g: &NewGeneration) -> Resul
              request_hash = excluded.request_hash, cached = excluded.cached,
              attempts = generations.attempts + excluded.attempts,
              error_kind = excluded.error_kind, error = excluded.error,
-             created_at = excluded.created_at
+             created_at = excluded.created_at, extra = excluded.extra
          WHERE generations.status = 'failed'",
     )
     .bind(stage_id)
@@ -134,8 +138,55 @@ pub async fn upsert(tx: &mut WriteTx, stage_id: i64, g: &NewGeneration) -> Resul
     .bind(kind)
     .bind(message)
     .bind(now_ms())
+    .bind(&g.extra)
     .execute(&mut **tx)
     .await?;
+    Ok(())
+}
+
+/// Rows per multi-row INSERT: 21 parameters each stays far below SQLite's 32766.
+const INSERT_CHUNK: usize = 500;
+
+/// Records successful samples of a stage that has none yet (an import), many rows per
+/// statement: per-statement overhead, not SQLite, bounds single-row inserts.
+pub async fn insert_many(tx: &mut WriteTx, stage_id: i64, rows: &[NewGeneration]) -> Result<()> {
+    let now = now_ms();
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO generations (stage_id, prompt_id, sample_index, status, reasoning, answer,
+                 finish_reason, prompt_tokens, completion_tokens, reasoning_tokens, latency_ms,
+                 endpoint, model, system_fingerprint, request_hash, cached, attempts, error_kind,
+                 error, created_at, extra) ",
+        );
+        q.push_values(chunk, |mut b, g| {
+            let (status, kind, message) = match &g.error {
+                None => ("ok", None, None),
+                Some((k, m)) => ("failed", Some(k.as_str()), Some(m.as_str())),
+            };
+            b.push_bind(stage_id)
+                .push_bind(g.prompt_id)
+                .push_bind(g.sample_index)
+                .push_bind(status)
+                .push_bind(g.reasoning.as_deref())
+                .push_bind(g.answer.as_deref())
+                .push_bind(g.finish_reason.as_deref())
+                .push_bind(g.prompt_tokens)
+                .push_bind(g.completion_tokens)
+                .push_bind(g.reasoning_tokens)
+                .push_bind(g.latency_ms)
+                .push_bind(g.endpoint.as_deref())
+                .push_bind(g.model.as_deref())
+                .push_bind(g.system_fingerprint.as_deref())
+                .push_bind(g.request_hash.as_str())
+                .push_bind(g.cached)
+                .push_bind(g.attempts)
+                .push_bind(kind)
+                .push_bind(message)
+                .push_bind(now)
+                .push_bind(g.extra.as_deref());
+        });
+        q.build().persistent(false).execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
@@ -217,7 +268,7 @@ pub async fn traces<'e>(
         "SELECT g.id, g.stage_id, g.prompt_id, g.sample_index, g.status, g.reasoning, g.answer,
              g.finish_reason, g.prompt_tokens, g.completion_tokens, g.reasoning_tokens,
              g.latency_ms, g.endpoint, g.model, g.system_fingerprint, g.request_hash, g.cached,
-             g.attempts, g.error_kind, g.error, g.created_at,
+             g.attempts, g.error_kind, g.error, g.created_at, g.extra,
              s.name AS stage, p.prompt, p.source_id, p.answer AS reference
          FROM generations g
          JOIN stages s ON s.id = g.stage_id

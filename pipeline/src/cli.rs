@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use distill_db::{Db, generations, runs, verdicts};
 use distill_stages::Registry;
@@ -75,18 +75,27 @@ enum SynthTask {
 
 #[derive(Debug, Subcommand)]
 enum DatasetCommand {
-    /// Write the traces a stage kept (after it and every stage before it) as JSONL.
+    /// Write the traces a stage kept (after it and every stage before it) as JSONL, or
+    /// as a Hugging Face dataset folder of Parquet shards with a dataset card.
     Export {
         /// The run's name or id.
         run: String,
-        /// A generate or curation stage of the run.
+        /// A generate, import or curation stage of the run.
         stage: String,
-        /// The output file.
+        /// The output file (a folder for `parquet`).
         #[arg(long)]
         out: PathBuf,
-        /// `messages` (chat SFT format) or `sft` (the trainer's input form).
+        /// `messages` (chat SFT format, JSONL), `sft` (the trainer's input form, JSONL)
+        /// or `parquet` (`data/train-*.parquet` and `README.md`).
         #[arg(long, value_enum, default_value = "messages")]
         format: dataset::Format,
+        /// Columns of a Parquet export: `messages`, or `sft` for TRL's `prompt` and
+        /// `completion`.
+        #[arg(long, value_enum)]
+        form: Option<dataset::Form>,
+        /// Start a new Parquet shard above this many MB of text.
+        #[arg(long, default_value_t = 500.0)]
+        max_shard_mb: f64,
     },
 }
 
@@ -113,11 +122,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show generated traces: prompt, reasoning, answer, finish reason, tokens.
+    /// Show generated or imported traces: prompt, reasoning, answer, finish reason, tokens.
     Traces {
         /// The run's name or id.
         run: String,
-        /// Only this generate stage.
+        /// Only this generate or import stage.
         #[arg(long)]
         stage: Option<String>,
         /// At most this many traces.
@@ -482,10 +491,27 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
                     stage,
                     out: path,
                     format,
+                    form,
+                    max_shard_mb,
                 },
         } => {
+            if form.is_some() && format != dataset::Format::Parquet {
+                bail!("--form applies to --format parquet only");
+            }
+            if !(max_shard_mb.is_finite() && max_shard_mb > 0.0) {
+                bail!("--max-shard-mb must be a positive number");
+            }
             let db = open_existing(cli.db).await?;
-            let n = dataset::export(&db, &run, &stage, &path, format).await?;
+            let n = dataset::export(
+                &db,
+                &run,
+                &stage,
+                &path,
+                format,
+                form.unwrap_or_default(),
+                (max_shard_mb * 1e6) as u64,
+            )
+            .await?;
             eprintln!("wrote {n} examples to {}", path.display());
             Ok(ExitCode::SUCCESS)
         }

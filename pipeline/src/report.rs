@@ -6,6 +6,7 @@ use std::fmt::Write;
 use distill_db::runs::Run;
 use distill_db::stages::{self, StageRow, StageStatus};
 use distill_db::{Db, generations, now_ms, runs};
+use distill_stages::generate::GENERATION_KINDS;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -134,7 +135,7 @@ impl RunStatusReport {
         for row in stages::list(db.pool(), run.id).await? {
             let id = row.id;
             let mut info = StageInfo::from_row(row, now);
-            if info.kind == "generate" {
+            if GENERATION_KINDS.contains(&info.kind.as_str()) {
                 let t = generations::totals(db.pool(), id).await?;
                 info.detail = Some(serde_json::to_value(t).unwrap_or(Value::Null));
             }
@@ -306,7 +307,7 @@ impl Funnel {
     pub async fn load(db: &Db, run: &Run) -> distill_db::Result<Self> {
         let mut out = Vec::new();
         for s in stages::list(db.pool(), run.id).await? {
-            let row = if s.kind == "generate" {
+            let row = if GENERATION_KINDS.contains(&s.kind.as_str()) {
                 let t = generations::totals(db.pool(), s.id).await?;
                 let mut dropped = std::collections::BTreeMap::new();
                 if t.failed > 0 {

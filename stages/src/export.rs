@@ -351,9 +351,32 @@ async fn model_card(
             id["max_tokens"]
         );
     }
+    for g in stages.iter().filter(|s| s.kind == "import") {
+        let id: Value = serde_json::from_str(&g.params).unwrap_or(Value::Null);
+        let files = id["files"].as_array().map_or(0, Vec::len);
+        let _ = writeln!(
+            card,
+            "- **Teacher:** the published dataset `{}` (stage `{}`: imported from {files} file{}, licence {})",
+            id["model"].as_str().unwrap_or("?"),
+            g.name,
+            if files == 1 { "" } else { "s" },
+            id["params"]["license"].as_str().unwrap_or("not stated")
+        );
+    }
     card.push_str("\n## Data\n\n| stage | kind | in | kept | dropped |\n|---|---|---|---|---|\n");
     for s in &stages {
-        if s.kind == "generate" {
+        if s.kind == "import" {
+            let t = distill_db::generations::totals(db.pool(), s.id).await?;
+            let id: Value = serde_json::from_str(&s.params).unwrap_or(Value::Null);
+            let _ = writeln!(
+                card,
+                "| {} | import of `{}` | {} | {} | - |",
+                s.name,
+                id["model"].as_str().unwrap_or("?"),
+                t.ok,
+                t.ok
+            );
+        } else if s.kind == "generate" {
             let t = distill_db::generations::totals(db.pool(), s.id).await?;
             let _ = writeln!(
                 card,

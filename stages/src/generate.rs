@@ -32,6 +32,11 @@ pub const DEFAULT_TEMPLATE: &str =
 /// Stage kinds whose items are prompts a generate stage can consume.
 pub const PROMPT_KINDS: &[&str] = &["load"];
 
+/// Stage kinds that record traces (prompts and their samples) the way a generate stage
+/// does: what curation, `train` and `dataset export` accept as a source, and whose
+/// recorded identity rebuilds the prompt each sample answered.
+pub const GENERATION_KINDS: &[&str] = &["generate", "import"];
+
 /// The `generate` stage kind.
 pub struct GenerateKind;
 
@@ -522,6 +527,7 @@ fn finished_ok(job: &Job, completions: Vec<Completion>, cached: bool, use_cache:
             request_hash: job.request_hash.clone(),
             cached,
             attempts: if cached { 0 } else { c.attempts as i64 },
+            extra: None,
         });
     }
     Finished {

@@ -16,9 +16,11 @@ pub mod evaluate;
 pub mod export;
 pub mod generate;
 pub mod hash;
+pub mod import;
 pub mod load;
 mod params;
 mod registry;
+pub mod tabular;
 #[cfg(feature = "test-stages")]
 pub mod testing;
 pub mod train;

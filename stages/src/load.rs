@@ -1,4 +1,5 @@
-//! The `load` stage: prompts (and reference answers) from a JSONL file or a JSON array.
+//! The `load` stage: prompts (and reference answers) from a JSONL file, a JSON array or
+//! a Parquet file.
 //!
 //! The whole file is parsed and checked before anything is written, and written in
 //! one transaction: a malformed line is an error naming file and line, and nothing
@@ -23,9 +24,11 @@ pub struct LoadKind;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoadParams {
-    /// The file: `.jsonl` (one JSON object per line) or `.json` (an array of objects).
+    /// The file: `.jsonl` (one JSON object per line), `.json` (an array of objects) or
+    /// `.parquet`.
     pub path: PathBuf,
-    /// `auto` (by content: a leading `[` means a JSON array), `jsonl` or `json`.
+    /// `auto` (`.parquet` by extension, else by content: a leading `[` means a JSON
+    /// array), `jsonl`, `json` or `parquet`.
     #[serde(default)]
     pub format: Format,
     /// Field holding the prompt text.
@@ -56,6 +59,8 @@ pub enum Format {
     Jsonl,
     /// A JSON array of objects.
     Json,
+    /// Apache Parquet: one record per row, nested columns as JSON.
+    Parquet,
 }
 
 /// Default `prompt_field` (also of `evaluate`).
@@ -72,7 +77,7 @@ impl StageKind for LoadKind {
         "load"
     }
     fn about(&self) -> &'static str {
-        "read prompts and reference answers from a JSONL file or a JSON array"
+        "read prompts and reference answers from a JSONL file, a JSON array or a Parquet file"
     }
     fn version(&self) -> u32 {
         1
@@ -184,9 +189,21 @@ pub fn read_prompts_from(
     bytes: &[u8],
     params: &LoadParams,
 ) -> Result<Loaded, StageError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| StageError::Input(format!("{}: not UTF-8 text: {e}", file.display())))?;
-    let records = parse_records(file, text, params.format)?;
+    let parquet = params.format == Format::Parquet
+        || (params.format == Format::Auto
+            && crate::tabular::FileFormat::Auto.resolve(file)
+                == crate::tabular::FileFormat::Parquet);
+    let records = if parquet {
+        crate::tabular::parquet_records(file, bytes::Bytes::copy_from_slice(bytes))?
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (Location::Row(i + 1), Value::Object(r)))
+            .collect()
+    } else {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| StageError::Input(format!("{}: not UTF-8 text: {e}", file.display())))?;
+        parse_records(file, text, params.format)?
+    };
     let n_records = records.len();
     if n_records == 0 {
         return Err(StageError::Input(format!(
@@ -312,21 +329,24 @@ pub fn read_prompts_from(
 enum Location {
     Line(usize),
     Element(usize),
+    Row(usize),
 }
 
 impl Location {
     /// The 1-based record number, used as the default id.
     fn number(self) -> usize {
         match self {
-            Location::Line(n) | Location::Element(n) => n,
+            Location::Line(n) | Location::Element(n) | Location::Row(n) => n,
         }
     }
 
-    /// `file:LINE` for JSONL (as compilers print it), `file: record N` for an array.
+    /// `file:LINE` for JSONL (as compilers print it), `file: record N` for an array,
+    /// `file: row N` for Parquet.
     fn describe(self, file: &Path) -> String {
         match self {
             Location::Line(n) => format!("{}:{n}", file.display()),
             Location::Element(n) => format!("{}: record {n}", file.display()),
+            Location::Row(n) => format!("{}: row {n}", file.display()),
         }
     }
 }
@@ -357,7 +377,7 @@ fn parse_records(
                 .map(|(i, v)| (Location::Element(i + 1), v))
                 .collect())
         }
-        Format::Jsonl | Format::Auto => {
+        Format::Jsonl | Format::Auto | Format::Parquet => {
             let mut out = Vec::new();
             for (i, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
@@ -496,6 +516,41 @@ mod tests {
         assert_ne!(firsts, ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"]);
         p.shuffle_seed = Some(8);
         assert_ne!(read_prompts(&f, &p).unwrap().prompts, a.prompts);
+    }
+
+    #[test]
+    fn reads_parquet_rows_with_nested_columns_as_json() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let f = root.join("tests/fixtures/datasets/openr1-math/data/train-00001-of-00002.parquet");
+        let mut p = params(&f);
+        p.id_field = Some("uuid".into());
+        let got = read_prompts(&f, &p).unwrap();
+        assert_eq!(got.prompts.len(), 2);
+        assert_eq!(got.prompts[0].prompt, "What is 6 + 1?");
+        assert_eq!(got.prompts[0].answer.as_deref(), Some("7"));
+        assert_eq!(
+            got.prompts[1].source_id,
+            "00000000-0000-4000-8000-000000000005"
+        );
+        let extra: Value = serde_json::from_str(got.prompts[0].extra.as_deref().unwrap()).unwrap();
+        assert_eq!(extra["correctness_math_verify"], json!([true, true]));
+        assert_eq!(extra["messages"][0]["role"], "user");
+
+        let cut = tempfile::tempdir().unwrap();
+        let bytes = std::fs::read(&f).unwrap();
+        let g = cut.path().join("cut.parquet");
+        std::fs::write(&g, &bytes[..bytes.len() - 10]).unwrap();
+        let err = read_prompts(&g, &params(&g)).unwrap_err().to_string();
+        assert!(
+            err.contains("cut.parquet") && err.contains("Parquet"),
+            "{err}"
+        );
+        p.prompt_field = "correctness_count".into();
+        let err = read_prompts(&f, &p).unwrap_err().to_string();
+        assert!(
+            err.contains("row 1") && err.contains("`correctness_count` must be a string"),
+            "{err}"
+        );
     }
 
     #[test]

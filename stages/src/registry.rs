@@ -112,6 +112,7 @@ impl Registry {
         };
         r.register(Box::new(crate::load::LoadKind));
         r.register(Box::new(crate::generate::GenerateKind));
+        r.register(Box::new(crate::import::ImportKind));
         r.register(Box::new(crate::curation::verify::VerifyKind));
         r.register(Box::new(crate::curation::filter::FilterKind));
         r.register(Box::new(crate::curation::dedupe::DedupeKind));

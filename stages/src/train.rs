@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint_files;
 use crate::curation::{CURATION_KINDS, output_items};
-use crate::generate::rendered_messages;
+use crate::generate::{GENERATION_KINDS, rendered_messages};
 use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, parse_params};
 
 /// The `train` stage kind.
@@ -121,11 +121,13 @@ impl StageKind for TrainKind {
             .map_err(|e| ParamError::new("*", e.to_string()))?;
         check_devices(&stage, &config)?;
         match env.needs.as_slice() {
-            [(_, kind)] if kind == "generate" || CURATION_KINDS.contains(&kind.as_str()) => {}
+            [(_, kind)]
+                if GENERATION_KINDS.contains(&kind.as_str())
+                    || CURATION_KINDS.contains(&kind.as_str()) => {}
             _ => {
                 return Err(ParamError::new(
                     "needs",
-                    "a train stage needs exactly one generate or curation stage (its traces are the data)",
+                    "a train stage needs exactly one generate, import or curation stage (its traces are the data)",
                 ));
             }
         }
@@ -310,15 +312,17 @@ impl Stage for Train {
                 input.name
             )));
         }
-        // The user turns the teacher saw, rebuilt from each generate stage's identity.
-        let identities: HashMap<i64, Value> = sqlx::query_as::<_, (i64, String)>(
-            "SELECT id, params FROM stages WHERE run_id = ? AND kind = 'generate'",
+        // The user turns the teacher saw, rebuilt from each generate (or import) stage's
+        // identity.
+        let identities: HashMap<i64, Value> = sqlx::query_as::<_, (i64, String, String)>(
+            "SELECT id, kind, params FROM stages WHERE run_id = ?",
         )
         .bind(ctx.run_id)
         .fetch_all(ctx.db.pool())
         .await?
         .into_iter()
-        .map(|(id, p)| (id, serde_json::from_str(&p).unwrap_or(Value::Null)))
+        .filter(|(_, kind, _)| GENERATION_KINDS.contains(&kind.as_str()))
+        .map(|(id, _, p)| (id, serde_json::from_str(&p).unwrap_or(Value::Null)))
         .collect();
         let records: Vec<SftRecord> = items
             .iter()

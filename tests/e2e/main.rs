@@ -6,6 +6,7 @@ mod curate;
 mod evaluate;
 mod foundation;
 mod generate;
+mod import;
 mod model;
 mod quickstart;
 mod train;

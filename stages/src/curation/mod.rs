@@ -15,6 +15,7 @@ pub mod verify;
 use distill_db::Db;
 use distill_db::verdicts::{self, Item, NewVerdict};
 
+use crate::generate::GENERATION_KINDS;
 use crate::{BuildEnv, ParamError, StageContext, StageError};
 
 /// Stage kinds that write verdicts.
@@ -29,15 +30,15 @@ pub fn check_needs(env: &BuildEnv) -> Result<(), ParamError> {
     if env.needs.is_empty() {
         return Err(ParamError::new(
             "needs",
-            "a curation stage needs a generate stage or another curation stage",
+            "a curation stage needs a generate or import stage or another curation stage",
         ));
     }
     for (name, kind) in &env.needs {
-        if kind != "generate" && !CURATION_KINDS.contains(&kind.as_str()) {
+        if !GENERATION_KINDS.contains(&kind.as_str()) && !CURATION_KINDS.contains(&kind.as_str()) {
             return Err(ParamError::new(
                 "needs",
                 format!(
-                    "`{name}` is a {kind} stage; a curation stage needs generate or curation stages"
+                    "`{name}` is a {kind} stage; a curation stage needs generate, import or curation stages"
                 ),
             ));
         }
@@ -45,16 +46,16 @@ pub fn check_needs(env: &BuildEnv) -> Result<(), ParamError> {
     Ok(())
 }
 
-/// The items a stage hands downstream: a generate stage's successful samples, or
-/// what a curation stage kept (and so everything before it kept too).
+/// The items a stage hands downstream: a generate (or import) stage's successful
+/// samples, or what a curation stage kept (and so everything before it kept too).
 pub async fn output_items(db: &Db, stage_id: i64, kind: &str) -> Result<Vec<Item>, StageError> {
-    if kind == "generate" {
+    if GENERATION_KINDS.contains(&kind) {
         Ok(verdicts::items_of_generate(db.pool(), stage_id).await?)
     } else if CURATION_KINDS.contains(&kind) {
         Ok(verdicts::items_kept_by(db.pool(), stage_id).await?)
     } else {
         Err(StageError::Input(format!(
-            "a {kind} stage produces no traces: name a generate or curation stage"
+            "a {kind} stage produces no traces: name a generate, import or curation stage"
         )))
     }
 }
