@@ -263,6 +263,9 @@ enum Command {
         /// Run on the CPU or the first CUDA GPU.
         #[arg(long, value_enum, default_value = "cpu")]
         device: model_cmd::Device,
+        /// Sequences decoded at once [default: what a quarter of free memory holds, at most 32 on a CPU, 64 on a GPU].
+        #[arg(long)]
+        max_batch: Option<usize>,
     },
     /// Check a config without running it: keys, types, stage kinds, needs, cycles.
     Validate {
@@ -545,6 +548,7 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             answer_field,
             id_field,
             device,
+            max_batch,
         } => {
             let workdir = std::env::current_dir().context("cannot read the working directory")?;
             let stem = |p: &Path| {
@@ -581,6 +585,7 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             set("prompt_field", prompt_field.map(Into::into));
             set("answer_field", answer_field.map(Into::into));
             set("id_field", id_field.map(Into::into));
+            set("max_batch", max_batch.map(|v| (v as i64).into()));
             let mut run_table = toml::Table::new();
             run_table.insert("name".into(), name.clone().into());
             let mut doc = toml::Table::new();

@@ -5,6 +5,7 @@
 //! This crate knows nothing of the pipeline's database or HTTP; the CLI calls [`api`].
 
 pub mod api;
+pub mod batching;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -18,10 +19,11 @@ pub use api::{
     GenerateRequest, GenerateResult, ModelInfo, NllRecord, NllReport, Student, model_info,
     model_nll,
 };
+pub use batching::{BatchEvent, BatchGenerator, SequenceRequest};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{Result, StudentError};
 pub use generate::{FinishReason, Generation, GenerationConfig, TokenEvent, generate};
-pub use model::{CausalLm, KvCache};
+pub use model::{CausalLm, KvCache, SlotCache};
 pub use tokenizer::{ChatMessage, ChatTemplate, SftExample, Tokenizer};
 pub use weights::{SaveOptions, SavedCheckpoint, load_model, save_pretrained};
 
@@ -53,4 +55,22 @@ pub fn cuda_device_count() -> std::result::Result<usize, String> {
     });
     std::panic::set_hook(hook);
     count.unwrap_or_else(|_| Err("no CUDA driver library (libcuda) on this machine".into()))
+}
+
+/// Bytes of free memory on the first CUDA device, if the driver answers.
+#[cfg(feature = "cuda")]
+pub fn cuda_memory_free() -> Option<u64> {
+    use cudarc::driver::result;
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let free = std::panic::catch_unwind(|| {
+        result::init().ok()?;
+        let dev = result::device::get(0).ok()?;
+        // A context must be current to ask; the primary context is the one the backend uses.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }.ok()?;
+        unsafe { result::ctx::set_current(ctx) }.ok()?;
+        result::mem_get_info().ok().map(|(free, _)| free as u64)
+    });
+    std::panic::set_hook(hook);
+    free.ok().flatten()
 }

@@ -130,40 +130,120 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// Keys and values of up to `slots` sequences, each with room for `max_len` positions, allocated
+/// once: what continuous batching decodes with. A slot is reused by writing over it; positions
+/// past a sequence's length get no attention weight (the mask), so nothing is cleared.
+#[derive(Debug)]
+pub struct SlotCache<B: Backend> {
+    /// Per layer `[slots, kv_heads, max_len, head_dim]` keys and values (taken out while a
+    /// layer writes to them).
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// RoPE cos/sin for every position `< max_len`, `[1, 1, max_len, head_dim]`.
+    rope: Rope<B>,
+    slots: usize,
+    max_len: usize,
+}
+
+impl<B: Backend> SlotCache<B> {
+    /// Keeps only the slots `keep` (in that order, renumbered from 0): a batch whose queue ran
+    /// dry stops computing rows for finished sequences.
+    pub fn retain(&mut self, keep: &[usize]) {
+        assert!(!keep.is_empty() && keep.iter().all(|&s| s < self.slots));
+        let device = self.rope.cos.device();
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(
+                keep.iter().map(|&s| s as i64).collect::<Vec<_>>(),
+                [keep.len()],
+            ),
+            &device,
+        );
+        for layer in self.layers.iter_mut() {
+            let (k, v) = layer.take().expect("slot cache layer present");
+            *layer = Some((k.select(0, idx.clone()), v.select(0, idx.clone())));
+        }
+        self.slots = keep.len();
+    }
+
+    /// Sequences it holds at once.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Positions each slot has room for (prompt and generated tokens).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+}
+
 /// Rotary position tables for one forward, already broadcastable to `[b, heads, s, head_dim]`.
+#[derive(Debug, Clone)]
 struct Rope<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
 }
 
+/// cos and sin of every position in `positions`, each `[positions, head_dim]` flattened.
+/// Same arithmetic as transformers: f32 product, then cos/sin, halves duplicated.
+fn rope_values(inv_freq: &[f32], positions: impl Iterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
+    let half = inv_freq.len();
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in positions {
+        let start = cos.len();
+        for &f in inv_freq {
+            let angle = (p as f32 * f) as f64;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+        cos.extend_from_within(start..start + half);
+        sin.extend_from_within(start..start + half);
+    }
+    (cos, sin)
+}
+
 impl<B: Backend> Rope<B> {
     /// `positions[row][i]`; rows may share one table when all are equal.
     fn new(inv_freq: &[f32], positions: &[Vec<usize>], device: &B::Device, dtype: DType) -> Self {
-        let half = inv_freq.len();
-        let hd = 2 * half;
+        let hd = 2 * inv_freq.len();
         let rows = positions.len();
         let s = positions.first().map_or(0, Vec::len);
-        let mut cos = Vec::with_capacity(rows * s * hd);
-        let mut sin = Vec::with_capacity(rows * s * hd);
-        for row in positions {
-            for &p in row {
-                // Same arithmetic as transformers: f32 product, then cos/sin, halves duplicated.
-                let start = cos.len();
-                for &f in inv_freq {
-                    let angle = (p as f32 * f) as f64;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-                cos.extend_from_within(start..start + half);
-                sin.extend_from_within(start..start + half);
-            }
-        }
+        let (cos, sin) = rope_values(inv_freq, positions.iter().flatten().copied());
         let make = |v: Vec<f32>| {
             Tensor::<B, 4>::from_data(TensorData::new(v, [rows, 1, s, hd]), (device, dtype))
         };
         Self {
             cos: make(cos),
             sin: make(sin),
+        }
+    }
+
+    /// Positions `start..start + s` of a table `[max_len, head_dim]`, for one row.
+    fn span(table: &Rope<B>, start: usize, s: usize) -> Self {
+        let take = |t: &Tensor<B, 4>| t.clone().narrow(2, start, s);
+        Self {
+            cos: take(&table.cos),
+            sin: take(&table.sin),
+        }
+    }
+
+    /// One position per row (`positions[row]`) of a table, for one decoding step.
+    fn rows(table: &Rope<B>, positions: &[usize]) -> Self {
+        let device = table.cos.device();
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(
+                positions.iter().map(|&p| p as i64).collect::<Vec<_>>(),
+                [positions.len()],
+            ),
+            &device,
+        );
+        let take = |t: &Tensor<B, 4>| {
+            let [_, _, _, hd] = t.dims();
+            t.clone()
+                .select(2, idx.clone())
+                .reshape([positions.len(), 1, 1, hd])
+        };
+        Self {
+            cos: take(&table.cos),
+            sin: take(&table.sin),
         }
     }
 
@@ -177,26 +257,96 @@ impl<B: Backend> Rope<B> {
     }
 }
 
+/// Where one layer's keys and values go and where attention reads them from.
+enum Kv<'a, B: Backend> {
+    /// Nothing cached: attention over this call's tokens only (training, scoring).
+    Fresh,
+    /// A [`KvCache`] layer that grows by concatenation.
+    Concat(&'a mut Option<(Tensor<B, 4>, Tensor<B, 4>)>),
+    /// A [`SlotCache`] layer: this call's keys and values are written in place at `at`, then
+    /// attention reads the slots' first `at.read_len` positions.
+    Slots {
+        layer: &'a mut Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+        at: &'a SlotWrite,
+    },
+}
+
+/// How a call into a [`SlotCache`] writes and reads it.
+enum SlotWrite {
+    /// Prefill: the call's `s` tokens are one sequence, written to `slot` at positions
+    /// `start..start + s`; attention reads that slot's first `start + s` positions.
+    Prefill { slot: usize, start: usize },
+    /// Decoding: row `i` is slot `i`, its token written at `positions[i]` (nothing for a free
+    /// slot); attention reads every slot's whole length, the mask hiding what a row has not
+    /// reached, so the cache is read as it is stored: on Flex, reading a length prefix of
+    /// the slots would be a strided copy, far slower than attending to the rest.
+    Decode { positions: Vec<Option<usize>> },
+}
+
 impl<B: Backend> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Option<&Tensor<B, 4>>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        kv_store: Kv<'_, B>,
     ) -> Tensor<B, 3> {
-        let [b, s, _] = x.dims();
+        let x_dims = x.dims();
+        // A decoding step arrives as `[1, slots, hidden]`, one token per slot laid out as a
+        // sequence, so every projection is one matrix product (Flex runs `[slots, 1, hidden]`
+        // as `slots` separate ones); attention then treats each slot as its own sequence.
+        let (b, s) = match &kv_store {
+            Kv::Slots {
+                at: SlotWrite::Decode { .. },
+                ..
+            } => (x_dims[1], 1),
+            _ => (x_dims[0], x_dims[1]),
+        };
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
         let q = rope.apply(heads(self.q_proj.forward(x.clone()), h));
         let mut k = rope.apply(heads(self.k_proj.forward(x.clone()), kv));
         let mut v = heads(self.v_proj.forward(x), kv);
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
+        match kv_store {
+            Kv::Fresh => {}
+            Kv::Concat(slot) => {
+                if let Some((pk, pv)) = slot.take() {
+                    k = Tensor::cat(vec![pk, k], 2);
+                    v = Tensor::cat(vec![pv, v], 2);
+                }
+                *slot = Some((k.clone(), v.clone()));
             }
-            *slot = Some((k.clone(), v.clone()));
+            Kv::Slots { layer, at } => {
+                let (ck, cv) = layer.take().expect("slot cache layer present");
+                let (ck, cv) = match at {
+                    SlotWrite::Prefill { slot, start } => {
+                        let ranges = [*slot..slot + 1, 0..kv, *start..start + s, 0..hd];
+                        let ck = ck.slice_assign(ranges.clone(), k);
+                        let cv = cv.slice_assign(ranges, v);
+                        let read = |t: &Tensor<B, 4>| {
+                            t.clone().narrow(0, *slot, 1).narrow(2, 0, start + s)
+                        };
+                        k = read(&ck);
+                        v = read(&cv);
+                        (ck, cv)
+                    }
+                    SlotWrite::Decode { positions } => {
+                        // One in-place write per row (the slots sit at different positions).
+                        let (mut ck, mut cv) = (ck, cv);
+                        for (i, p) in positions.iter().enumerate() {
+                            if let Some(p) = *p {
+                                let ranges = [i..i + 1, 0..kv, p..p + 1, 0..hd];
+                                ck = ck.slice_assign(ranges.clone(), k.clone().narrow(0, i, 1));
+                                cv = cv.slice_assign(ranges, v.clone().narrow(0, i, 1));
+                            }
+                        }
+                        k = ck.clone();
+                        v = cv.clone();
+                        (ck, cv)
+                    }
+                };
+                *layer = Some((ck, cv));
+            }
         }
         // Queries of the heads sharing a KV head become one longer "sequence" against that head:
         // grouped-query attention without materialising repeated K/V.
@@ -210,7 +360,7 @@ impl<B: Backend> Attention<B> {
         let ctx = attention(q, k, v, None, mask.cloned(), options)
             .reshape([b, h, s, hd])
             .swap_dims(1, 2)
-            .reshape([b, s, h * hd]);
+            .reshape([x_dims[0], x_dims[1], h * hd]);
         self.o_proj.forward(ctx)
     }
 }
@@ -228,12 +378,12 @@ impl<B: Backend> DecoderLayer<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Option<&Tensor<B, 4>>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        kv: Kv<'_, B>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope, mask, cache);
+                .forward(self.input_layernorm.forward(x), rope, mask, kv);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -357,7 +507,7 @@ impl<B: Backend> CausalLm<B> {
             .then(|| causal_mask::<B>(&[vec![true; s]], 0, s, self.n_rep(), &device, self.dtype()));
         let mut x = self.model.embed_tokens.forward(input_ids);
         for layer in &self.model.layers {
-            x = layer.forward(x, &rope, mask.as_ref(), None);
+            x = layer.forward(x, &rope, mask.as_ref(), Kv::Fresh);
         }
         self.model.norm.forward(x)
     }
@@ -435,7 +585,7 @@ impl<B: Backend> CausalLm<B> {
         };
         let mut x = self.model.embed_tokens.forward(input_ids);
         for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, &rope, mask.as_ref(), Some(slot));
+            x = layer.forward(x, &rope, mask.as_ref(), Kv::Concat(slot));
         }
         self.model.norm.forward(x)
     }
@@ -461,6 +611,153 @@ impl<B: Backend> CausalLm<B> {
         let hidden = self.forward_cached_hidden(input_ids, valid, cache);
         let [b, s, d] = hidden.dims();
         self.logits(hidden.narrow(1, s - 1, 1).reshape([b, d]))
+    }
+
+    /// A [`SlotCache`] for `slots` sequences of up to `max_len` positions, in the model's dtype.
+    pub fn new_slot_cache(&self, slots: usize, max_len: usize) -> SlotCache<B> {
+        let c = &self.config;
+        let device = self.device();
+        let shape = [slots, c.num_key_value_heads, max_len, c.head_dim];
+        let layers = (0..self.model.layers.len())
+            .map(|_| {
+                let zeros = || Tensor::<B, 4>::zeros(shape, (&device, self.dtype()));
+                Some((zeros(), zeros()))
+            })
+            .collect();
+        let (cos, sin) = rope_values(&self.inv_freq, 0..max_len);
+        let make = |v: Vec<f32>| {
+            Tensor::<B, 4>::from_data(
+                TensorData::new(v, [1, 1, max_len, c.head_dim]),
+                (&device, self.dtype()),
+            )
+        };
+        SlotCache {
+            layers,
+            rope: Rope {
+                cos: make(cos),
+                sin: make(sin),
+            },
+            slots,
+            max_len,
+        }
+    }
+
+    /// Bytes a [`SlotCache`] takes per slot and position (keys and values of every layer).
+    pub fn slot_cache_bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        2 * self.model.layers.len() * c.num_key_value_heads * c.head_dim * self.dtype().size()
+    }
+
+    /// Prefills `tokens` of the sequence in `slot`, whose first `start` positions are already
+    /// cached, and returns the last token's logits
+    /// `[1, vocab]`. Long prompts go in chunks.
+    pub fn forward_slot_prefill(
+        &self,
+        slot: usize,
+        tokens: &[u32],
+        start: usize,
+        cache: &mut SlotCache<B>,
+    ) -> Tensor<B, 2> {
+        let s = tokens.len();
+        assert!(s > 0, "nothing to prefill");
+        assert!(slot < cache.slots, "slot {slot} out of {}", cache.slots);
+        assert!(start + s <= cache.max_len, "prefill past the slot's length");
+        let device = self.device();
+        let total = start + s;
+        let at = SlotWrite::Prefill { slot, start };
+        let rope = Rope::span(&cache.rope, start, s);
+        // Query `i` (position `start + i`) sees positions `<= start + i`; built on the device so a
+        // long context's `[s, total]` bias is never uploaded.
+        let mask = (s > 1).then(|| {
+            let rows = Tensor::<B, 1, Int>::arange(start as i64..total as i64, &device)
+                .reshape([s, 1])
+                .expand([s, total]);
+            let cols = Tensor::<B, 1, Int>::arange(0..total as i64, &device)
+                .reshape([1, total])
+                .expand([s, total]);
+            let bias = Tensor::<B, 2>::zeros([s, total], (&device, self.dtype()))
+                .mask_fill(cols.greater(rows), masked_value(self.dtype()));
+            let n_rep = self.n_rep();
+            bias.reshape([1, 1, s, total])
+                .expand([n_rep, 1, s, total])
+                .reshape([1, 1, n_rep * s, total])
+        });
+        let input = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, s]),
+            &device,
+        );
+        let mut x = self.model.embed_tokens.forward(input);
+        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            let kv = Kv::Slots {
+                layer: slot,
+                at: &at,
+            };
+            x = layer.forward(x, &rope, mask.as_ref(), kv);
+        }
+        let [_, _, d] = x.dims();
+        self.logits(
+            self.model
+                .norm
+                .forward(x.narrow(1, s - 1, 1))
+                .reshape([1, d]),
+        )
+    }
+
+    /// One decoding step of every slot: a slot holding a sequence (`positions[i] = Some(p)`, its
+    /// cached length) feeds `tokens[i]` at position `p`; a free slot (`None`) computes a row
+    /// that is ignored and writes nothing. Returns next-token logits `[slots, vocab]`.
+    pub fn forward_slots_decode(
+        &self,
+        tokens: &[u32],
+        positions: &[Option<usize>],
+        cache: &mut SlotCache<B>,
+    ) -> Tensor<B, 2> {
+        let n = cache.slots;
+        let max_len = cache.max_len;
+        assert!(
+            tokens.len() == n && positions.len() == n,
+            "one token and position per slot"
+        );
+        assert!(
+            positions.iter().flatten().all(|&p| p < max_len),
+            "decoding past the slots' length"
+        );
+        let device = self.device();
+        let at_pos: Vec<usize> = positions.iter().map(|p| p.unwrap_or(0)).collect();
+        let rope = Rope::rows(&cache.rope, &at_pos);
+        let int = |v: Vec<i64>| {
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device)
+                .reshape([n, 1])
+                .expand([n, max_len])
+        };
+        let cols = Tensor::<B, 1, Int>::arange(0..max_len as i64, &device)
+            .reshape([1, max_len])
+            .expand([n, max_len]);
+        // Each row attends to its cached positions and the new one.
+        let n_rep = self.n_rep();
+        let seen = int(at_pos.iter().map(|&p| p as i64).collect());
+        let mask = Tensor::<B, 2>::zeros([n, max_len], (&device, self.dtype()))
+            .mask_fill(cols.greater(seen), masked_value(self.dtype()))
+            .reshape([n, 1, 1, max_len])
+            .expand([n, 1, n_rep, max_len]);
+        let at = SlotWrite::Decode {
+            positions: positions.to_vec(),
+        };
+        // `[1, slots]`: the slots' tokens side by side (see `Attention::forward`).
+        let input = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, n]),
+            &device,
+        );
+        let mut x = self.model.embed_tokens.forward(input);
+        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            let kv = Kv::Slots {
+                layer: slot,
+                at: &at,
+            };
+            x = layer.forward(x, &rope, Some(&mask), kv);
+        }
+        let [_, _, d] = x.dims();
+        self.logits(self.model.norm.forward(x).reshape([n, d]))
     }
 
     fn n_rep(&self) -> usize {

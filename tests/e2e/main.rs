@@ -9,4 +9,5 @@ mod generate;
 mod import;
 mod model;
 mod quickstart;
+mod serve;
 mod train;

@@ -4,7 +4,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use distill_student::{ChatMessage, DType, FinishReason, GenerationConfig, Student, generate};
+use std::ops::ControlFlow;
+
+use distill_student::{
+    BatchEvent, BatchGenerator, ChatMessage, DType, FinishReason, GenerationConfig,
+    SequenceRequest, Student,
+};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -45,9 +50,9 @@ pub fn model_identity(dir: &Path) -> Result<Value, StageError> {
     }))
 }
 
-/// Generates the missing samples on this machine, one sequence at a time so that each
-/// sample's randomness depends only on its own seed, committing each question's
-/// samples as they are done.
+/// Generates the missing samples on this machine with continuous batching (each sample's
+/// randomness depends only on its own seed, so the batch changes nothing), committing each
+/// question's samples once they are all done.
 pub async fn sample(
     ctx: &StageContext,
     target: &str,
@@ -112,40 +117,70 @@ fn run<B: burn::prelude::Backend>(
     };
     let student = Student::<B>::load(dir, device, DType::F32).map_err(fail)?;
     let tok = student.tokenizer().map_err(fail)?;
-    let stop_ids = student.stop_token_ids();
-    for (q, missing) in work {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
+    // One request per missing sample; `owner[r]` = (question, sample) of request `r`.
+    let mut requests = Vec::new();
+    let mut owner = Vec::new();
+    let mut think_open = Vec::with_capacity(work.len());
+    for (qi, (q, missing)) in work.iter().enumerate() {
         let prompt = tok
             .apply_chat_template(&[ChatMessage::user(&q.message)], true)
             .map_err(fail)?;
         // R1-style templates open the reasoning in the prompt, so the output is inside
         // it from its first token.
-        let think_open = prompt.trim_end().ends_with("<think>");
+        let opens = prompt.trim_end().ends_with("<think>");
         let ids = tok.encode(&prompt, false).map_err(fail)?;
-        let mut rows = Vec::with_capacity(missing.len());
-        for i in missing {
-            let config = GenerationConfig {
-                max_new_tokens: params.max_tokens as usize,
-                temperature: params.temperature as f32,
-                top_p: params.top_p as f32,
-                top_k: 0,
-                seed: sample_seed(params.seed, &q.id, i),
-                stop_token_ids: stop_ids.clone(),
-                stop_strings: Vec::new(),
+        for &i in missing {
+            // Stream 0 of the sample's own seed: the same draws as when samples were
+            // generated one at a time, whatever the batch.
+            let seed = sample_seed(params.seed, &q.id, i);
+            requests.push(SequenceRequest::new(ids.clone(), seed, 0));
+            owner.push((qi, i));
+        }
+        think_open.push(opens);
+    }
+    let config = GenerationConfig {
+        max_new_tokens: params.max_tokens as usize,
+        temperature: params.temperature as f32,
+        top_p: params.top_p as f32,
+        top_k: 0,
+        seed: 0,
+        stop_token_ids: student.stop_token_ids(),
+        stop_strings: Vec::new(),
+    };
+    let max_batch = params.max_batch.unwrap_or_else(|| {
+        let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        default_max_batch(
+            &student.model,
+            longest + config.max_new_tokens,
+            params.device,
+        )
+    });
+    tracing::info!(
+        "generating {} samples with {} model, up to {max_batch} at once",
+        requests.len(),
+        dir.display()
+    );
+    // A question's rows go to the database once all its missing samples are done.
+    let mut pending: Vec<Vec<super::NewEvalSample>> = vec![Vec::new(); work.len()];
+    let mut remaining: Vec<usize> = work.iter().map(|(_, m)| m.len()).collect();
+    BatchGenerator::new(&student.model, Some(tok), config)
+        .map_err(fail)?
+        .max_batch(max_batch)
+        .run(&requests, |event| {
+            if stop.load(Ordering::Relaxed) {
+                return ControlFlow::Break(());
+            }
+            let BatchEvent::Finished {
+                request,
+                generation: g,
+            } = event
+            else {
+                return ControlFlow::Continue(());
             };
-            let mut out = generate(
-                &student.model,
-                std::slice::from_ref(&ids),
-                &config,
-                Some(tok),
-                |_| {},
-            )
-            .map_err(fail)?;
-            let g = out.pop().expect("one prompt, one generation");
-            rows.push(score_sample(
-                &q,
+            let (qi, i) = owner[request];
+            let q = &work[qi].0;
+            pending[qi].push(score_sample(
+                q,
                 Sampled {
                     sample_index: i,
                     output: g.text,
@@ -157,13 +192,38 @@ fn run<B: burn::prelude::Backend>(
                         }
                         .into(),
                     ),
-                    think_open,
+                    think_open: think_open[qi],
                 },
             ));
-        }
-        if tx.blocking_send(rows).is_err() {
-            break;
-        }
-    }
+            remaining[qi] -= 1;
+            if remaining[qi] == 0 && tx.blocking_send(std::mem::take(&mut pending[qi])).is_err() {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        })
+        .map_err(fail)?;
     Ok(())
+}
+
+/// Sequences decoded at once when the stage does not say: as many as 25% of the free memory
+/// holds KV caches for (half of a GPU's free memory), at most 32 on a CPU (where larger
+/// batches measured slower: `cargo bench -p distill-student --bench generate`) and 64 on a GPU.
+fn default_max_batch<B: burn::prelude::Backend>(
+    model: &distill_student::CausalLm<B>,
+    max_len: usize,
+    device: Device,
+) -> usize {
+    let cap = match device {
+        Device::Cpu => 32,
+        Device::Cuda => 64,
+    };
+    let budget = match device {
+        Device::Cpu => distill_student::batching::host_memory_available().map(|b| b / 4),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => distill_student::cuda_memory_free().map(|b| b / 2),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => None,
+    }
+    .unwrap_or(2 << 30);
+    distill_student::batching::max_batch_for_memory(model, max_len, budget, cap)
 }

@@ -10,6 +10,7 @@
 //! an uninterrupted run's.
 
 mod local;
+pub mod serve;
 
 pub use local::model_identity;
 pub mod metrics;
@@ -103,6 +104,16 @@ pub struct EvaluateParams {
     /// Where a local model runs.
     #[serde(default)]
     pub device: Device,
+    /// Local models: sequences decoded at once (continuous batching); default: as many as a
+    /// quarter of the free memory holds KV caches for (half of a GPU's), at most 32 on a CPU and 64 on a GPU. Not part
+    /// of the stage's identity: samples do not depend on it.
+    #[serde(default)]
+    pub max_batch: Option<usize>,
+    /// Local models: score through an inference server started for each model folder
+    /// (`{ command = "vllm serve {model} --port {port}", ready_timeout_s = 900 }`) instead
+    /// of generating with Burn.
+    #[serde(default)]
+    pub serve: Option<serve::ServeParams>,
 }
 
 fn one() -> u32 {
@@ -208,6 +219,30 @@ impl StageKind for EvaluateKind {
         }
         if p.samples == 0 {
             return Err(ParamError::new("samples", "must be at least 1"));
+        }
+        if p.max_batch == Some(0) {
+            return Err(ParamError::new("max_batch", "must be at least 1"));
+        }
+        if let Some(serve) = &p.serve {
+            if p.teacher.is_some() {
+                return Err(ParamError::new(
+                    "serve",
+                    "only for local models (`model` or `student`): an endpoint is already served",
+                ));
+            }
+            if p.max_batch.is_some() {
+                return Err(ParamError::new(
+                    "max_batch",
+                    "not with `serve`: the server batches (set `serve.max_concurrency`)",
+                ));
+            }
+            serve.check().map_err(|m| ParamError::new("serve", m))?;
+        }
+        if p.max_batch.is_some() && p.teacher.is_some() {
+            return Err(ParamError::new(
+                "max_batch",
+                "only for local models (an endpoint's concurrency is the teacher's `max_concurrency`)",
+            ));
         }
         check_sampling(p.temperature, p.top_p, p.max_tokens, &p.prompt_template)?;
         let name = p.name.clone().unwrap_or_else(|| {
@@ -462,7 +497,8 @@ impl Stage for Evaluate {
                 dir.display()
             )));
         }
-        let local = !matches!(self.target, Target::Teacher(..));
+        // A served model runs in the server, which brings its own GPU stack.
+        let local = !matches!(self.target, Target::Teacher(..)) && self.params.serve.is_none();
         if local && self.params.device == Device::Cuda {
             crate::device::check_cuda_devices(&[0])?;
         }
@@ -499,6 +535,12 @@ impl Stage for Evaluate {
         // reasoning out), so their fingerprints, and their paid-for samples, are kept.
         if !matches!(self.target, Target::Teacher(..)) {
             identity["grading"] = json!(LOCAL_GRADING);
+        }
+        // Samples from a server come from another engine (and are graded as an endpoint's):
+        // switching between local and served generation starts over. The command itself is
+        // left out, so flags that change nothing (a port, a log level) keep what was scored.
+        if self.params.serve.is_some() {
+            identity["served"] = json!(true);
         }
         Ok(identity)
     }
@@ -614,7 +656,11 @@ impl Stage for Evaluate {
                     )
                     .await?;
                 }
-                (_, Some(dir)) => local::sample(ctx, target, dir, &self.params, work).await?,
+                (_, Some(_)) if work.is_empty() => {}
+                (_, Some(dir)) => match &self.params.serve {
+                    Some(serve) => self.sample_served(ctx, target, dir, serve, work).await?,
+                    None => local::sample(ctx, target, dir, &self.params, work).await?,
+                },
                 (_, None) => unreachable!("local targets carry their folder"),
             }
             ctx.check_cancelled()?;
@@ -632,6 +678,50 @@ impl Stage for Evaluate {
 }
 
 impl Evaluate {
+    /// Starts a server for `dir`, samples from it like from an endpoint, and stops it.
+    async fn sample_served(
+        &self,
+        ctx: &StageContext,
+        target: &str,
+        dir: &Path,
+        serve: &serve::ServeParams,
+        work: Vec<(Question, Vec<i64>)>,
+    ) -> Result<(), StageError> {
+        if !dir.join("config.json").is_file() {
+            return Err(StageError::Input(format!(
+                "{} has no config.json for a server to load (an intermediate LoRA checkpoint holds adapters only: evaluate `checkpoints = \"final\"`)",
+                dir.display()
+            )));
+        }
+        let log = format!(
+            "serve-{}.log",
+            target
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect::<String>()
+        );
+        let server = serve::Server::start(serve, dir, &ctx.artifacts, &log, &ctx.cancel).await?;
+        let mut config = TeacherConfig::new(server.base_url(), server.model());
+        config.max_concurrency = serve.max_concurrency;
+        let result = async {
+            let client = distill_teacher::connect(&config)
+                .await
+                .map_err(|e| StageError::Input(format!("server for {}: {e}", dir.display())))?;
+            self.sample_endpoint(
+                ctx,
+                target,
+                &client,
+                config.supports_n,
+                serve.max_concurrency,
+                work,
+            )
+            .await
+        }
+        .await;
+        server.stop().await;
+        result
+    }
+
     /// Samples from an OpenAI-compatible endpoint, committing each question's samples.
     async fn sample_endpoint(
         &self,

@@ -1,6 +1,7 @@
 //! Integration tests against the committed Hugging Face fixtures (see `tests/fixtures/make_parity.py`).
 
 mod api;
+mod batching;
 mod chat;
 mod common;
 #[cfg(feature = "cuda")]
