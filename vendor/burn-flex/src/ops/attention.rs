@@ -751,6 +751,7 @@ where
         .unwrap_or((0, 0));
 
     let mut output = vec![T::zero(); batch * heads * seq_q * val_dim];
+    #[cfg(not(feature = "rayon"))]
     let mut scores = vec![T::zero(); seq_q * seq_kv];
 
     let q_head_stride = seq_q * head_dim;
@@ -773,28 +774,44 @@ where
         val_dim,
     };
 
-    for b in 0..batch {
-        for h in 0..heads {
-            let q_off = b * q_batch_stride + h * q_head_stride;
-            let k_off = b * k_batch_stride + h * k_head_stride;
-            let v_off = b * v_batch_stride + h * v_head_stride;
-            let o_off = b * o_batch_stride + h * o_head_stride;
-            let mask_off = b * mask_batch_step + h * mask_head_step;
-            let bias_off = b * bias_batch_step + h * bias_head_step;
-
-            naive_attention_head(
-                &q_data[q_off..q_off + q_head_stride],
-                &k_data[k_off..k_off + k_head_stride],
-                &v_data[v_off..v_off + v_head_stride],
-                &mut output[o_off..o_off + o_head_stride],
-                &mut scores,
-                &params,
-                (
-                    mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
-                    bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
-                ),
+    // distill patch: the (batch, head) pairs are independent, each writing its own slice of
+    // `output`; run them on every core. Decoding many sequences at once means hundreds of
+    // pairs per call, each a tiny product that one thread ran after another.
+    let head = |idx: usize, out: &mut [T], scores: &mut [T]| {
+        let (b, h) = (idx / heads, idx % heads);
+        let q_off = b * q_batch_stride + h * q_head_stride;
+        let k_off = b * k_batch_stride + h * k_head_stride;
+        let v_off = b * v_batch_stride + h * v_head_stride;
+        let mask_off = b * mask_batch_step + h * mask_head_step;
+        let bias_off = b * bias_batch_step + h * bias_head_step;
+        naive_attention_head(
+            &q_data[q_off..q_off + q_head_stride],
+            &k_data[k_off..k_off + k_head_stride],
+            &v_data[v_off..v_off + v_head_stride],
+            out,
+            scores,
+            &params,
+            (
+                mask_data.map(|m| &m[mask_off..mask_off + mask_tile_len]),
+                bias_data.map(|b| &b[bias_off..bias_off + mask_tile_len]),
+            ),
+        );
+    };
+    debug_assert_eq!(o_batch_stride, heads * o_head_stride);
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        output
+            .par_chunks_mut(o_head_stride.max(1))
+            .enumerate()
+            .for_each_init(
+                || vec![T::zero(); seq_q * seq_kv],
+                |scores, (idx, out)| head(idx, out, scores),
             );
-        }
+    }
+    #[cfg(not(feature = "rayon"))]
+    for (idx, out) in output.chunks_mut(o_head_stride.max(1)).enumerate() {
+        head(idx, out, &mut scores);
     }
 
     let shape = burn_std::Shape::from(vec![batch, heads, seq_q, val_dim]);
