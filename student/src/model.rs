@@ -682,18 +682,7 @@ impl<B: Backend> CausalLm<B> {
                 .expand([n_rep, 1, s, total])
                 .reshape([1, 1, n_rep * s, total])
         });
-        let input = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, s]),
-            &device,
-        );
-        let mut x = self.model.embed_tokens.forward(input);
-        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            let kv = Kv::Slots {
-                layer: slot,
-                at: &at,
-            };
-            x = layer.forward(x, &rope, mask.as_ref(), kv);
-        }
+        let x = self.forward_slots(tokens, &rope, mask.as_ref(), &at, cache);
         let [_, _, d] = x.dims();
         self.logits(
             self.model
@@ -701,6 +690,30 @@ impl<B: Backend> CausalLm<B> {
                 .forward(x.narrow(1, s - 1, 1))
                 .reshape([1, d]),
         )
+    }
+
+    /// Embeds `tokens` as one row `[1, len]` and runs every layer over `cache` as `at` says;
+    /// returns the hidden states before the final norm.
+    fn forward_slots(
+        &self,
+        tokens: &[u32],
+        rope: &Rope<B>,
+        mask: Option<&Tensor<B, 4>>,
+        at: &SlotWrite,
+        cache: &mut SlotCache<B>,
+    ) -> Tensor<B, 3> {
+        let input = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(
+                tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [1, tokens.len()],
+            ),
+            &self.device(),
+        );
+        let mut x = self.model.embed_tokens.forward(input);
+        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, rope, mask, Kv::Slots { layer: slot, at });
+        }
+        x
     }
 
     /// One decoding step of every slot: a slot holding a sequence (`positions[i] = Some(p)`, its
@@ -744,18 +757,7 @@ impl<B: Backend> CausalLm<B> {
             positions: positions.to_vec(),
         };
         // `[1, slots]`: the slots' tokens side by side (see `Attention::forward`).
-        let input = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, n]),
-            &device,
-        );
-        let mut x = self.model.embed_tokens.forward(input);
-        for (layer, slot) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
-            let kv = Kv::Slots {
-                layer: slot,
-                at: &at,
-            };
-            x = layer.forward(x, &rope, Some(&mask), kv);
-        }
+        let x = self.forward_slots(tokens, &rope, Some(&mask), &at, cache);
         let [_, _, d] = x.dims();
         self.logits(self.model.norm.forward(x).reshape([n, d]))
     }

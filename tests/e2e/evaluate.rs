@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use crate::common::*;
 
-fn benchmark(n: usize) -> String {
+/// `n` questions "What is i + i?" with ids `b{i}` and answers `2i`.
+pub fn benchmark(n: usize) -> String {
     (0..n)
         .map(|i| {
             format!(
@@ -17,6 +18,11 @@ fn benchmark(n: usize) -> String {
             )
         })
         .collect()
+}
+
+/// The `i` of a [`benchmark`] question "What is i + i?".
+pub fn question_number(prompt: &str) -> i64 {
+    prompt.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
 /// The answer sample `choice` gives for question `i`: a plan with known correctness.
@@ -34,13 +40,7 @@ fn planned(i: i64, choice: u32) -> i64 {
 }
 
 fn reply(input: &ReplyInput<'_>) -> Reply {
-    let i: i64 = input
-        .prompt
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let i = question_number(input.prompt);
     Reply {
         reasoning: format!("thinking about {i}"),
         answer: format!("\\boxed{{{}}}", planned(i, input.choice)),
@@ -111,13 +111,7 @@ max_tokens = 64
 /// Every question answered right, after reasoning of exactly 40 bytes (10 tokens as the
 /// fake counts them) that drafts the right answer too; the answer is 3 tokens.
 fn right_after_a_draft(input: &ReplyInput<'_>) -> Reply {
-    let i: i64 = input
-        .prompt
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let i = question_number(input.prompt);
     Reply {
         reasoning: format!("{:<40}", format!("{i} + {i} is \\boxed{{{}}}", 2 * i)),
         answer: format!("\\boxed{{{}}}", 2 * i),

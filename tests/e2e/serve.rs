@@ -12,32 +12,16 @@ use distill_fake_teacher::{FakeConfig, FakeTeacher, Reply, ReplyInput};
 use serde_json::Value;
 
 use crate::common::*;
+use crate::evaluate::{benchmark, question_number};
 
 /// A model folder for the stage to hand to the server (the fake ignores its weights).
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("student/tests/fixtures/parity/qwen2-tied")
 }
 
-fn benchmark(n: usize) -> String {
-    (0..n)
-        .map(|i| {
-            format!(
-                "{{\"problem\": \"What is {i} + {i}?\", \"answer\": \"{}\", \"id\": \"q{i}\"}}\n",
-                2 * i
-            )
-        })
-        .collect()
-}
-
 /// Right answers for even questions, wrong for odd ones.
 fn reply(input: &ReplyInput<'_>) -> Reply {
-    let i: i64 = input
-        .prompt
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let i = question_number(input.prompt);
     Reply {
         reasoning: format!("adding {i} to itself"),
         answer: format!("\\boxed{{{}}}", if i % 2 == 0 { 2 * i } else { -1 }),
