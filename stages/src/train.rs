@@ -366,6 +366,8 @@ impl Stage for Train {
 
         let mut last_step = 0usize;
         let mut last_loss = f64::NAN;
+        // Real and padded input tokens of the steps this attempt ran, for the padding figure.
+        let (mut real_tokens, mut padded_tokens) = (0usize, 0usize);
         while let Some(event) = rx.recv().await {
             if ctx.cancel.is_cancelled() {
                 stop.store(true, Ordering::Relaxed);
@@ -398,6 +400,8 @@ impl Stage for Train {
                         .set_message(format!("loss {:.4} lr {:.2e}", m.loss, m.lr));
                     last_step = m.step;
                     last_loss = m.loss;
+                    real_tokens += m.input_tokens;
+                    padded_tokens += m.padded_tokens;
                 }
                 Event::Checkpoint {
                     step,
@@ -425,6 +429,14 @@ impl Stage for Train {
         let outcome = worker
             .await
             .map_err(|e| StageError::Failed(format!("training panicked: {e}")))??;
+        if padded_tokens > 0 {
+            tracing::info!(
+                real_tokens,
+                padded_tokens,
+                "padding: {:.1}% of the batches' input tokens",
+                100.0 * (padded_tokens - real_tokens) as f64 / padded_tokens as f64
+            );
+        }
         match outcome {
             Finished::Interrupted => Err(StageError::Interrupted),
             Finished::Done {

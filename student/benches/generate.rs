@@ -7,6 +7,10 @@
 //! `cargo bench -p distill-student --bench generate` (`RAYON_NUM_THREADS=N` to pin threads;
 //! `GENERATE_BENCH_ONLY=64` runs greedy at that `max_batch` alone, for a profiler).
 
+/// The allocator the `distill` binary uses, so the figures are the ones users get.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::Instant;

@@ -8,6 +8,10 @@
 //! Environment: `DISTILL_BENCH_PYTHON` (default `python3`; needs torch + transformers, else the
 //! baseline is skipped), `RAYON_NUM_THREADS` (threads for both sides; default: all cores).
 
+/// The allocator the `distill` binary uses, so the figures are the ones users get.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::Command;
 
 use burn::backend::Autodiff;

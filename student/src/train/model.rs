@@ -96,6 +96,9 @@ pub(crate) fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType
 /// `x·W + b`, plus `scale·(dropout(x)·A)·B` when an adapter is given. Dropout masks come from
 /// the backend RNG reseeded with `seed` (one per layer and module), so any evaluation order —
 /// the no-grad pass, the recomputed layer, its staged halves — draws the same masks.
+/// Rows of all sequences go through one 2D product: Burn multiplies a `[b, s, d]` input by a
+/// broadcast weight as `b` separate products and sums `b` weight gradients afterwards, while
+/// `[b·s, d]` is one product each way (and one weight gradient), split across threads by gemm.
 fn lin<B: Backend>(
     l: &Linear<B>,
     adapter: Option<&LoraPair<B>>,
@@ -104,6 +107,21 @@ fn lin<B: Backend>(
     f: &Fwd<B>,
     seed: u64,
 ) -> Tensor<B, 3> {
+    let [b, s, d] = x.dims();
+    let y = lin_rows(l, adapter, scale, x.reshape([b * s, d]), f, seed);
+    let out = y.dims()[1];
+    y.reshape([b, s, out])
+}
+
+/// [`lin`] on rows `[n, d]`.
+fn lin_rows<B: Backend>(
+    l: &Linear<B>,
+    adapter: Option<&LoraPair<B>>,
+    scale: f64,
+    x: Tensor<B, 2>,
+    f: &Fwd<B>,
+    seed: u64,
+) -> Tensor<B, 2> {
     let w = to_dtype(l.weight.val(), f.dtype);
     let b = l.bias.as_ref().map(|b| to_dtype(b.val(), f.dtype));
     let Some(p) = adapter else {
@@ -112,7 +130,7 @@ fn lin<B: Backend>(
     let xa = if f.dropout > 0.0 {
         B::seed(&x.device(), seed);
         let keep = 1.0 - f.dropout;
-        let mask = Tensor::<B, 3>::random(x.shape(), Distribution::Bernoulli(keep), &x.device());
+        let mask = Tensor::<B, 2>::random(x.shape(), Distribution::Bernoulli(keep), &x.device());
         let mask = to_dtype(mask, f.dtype).div_scalar(keep);
         x.clone() * mask
     } else {

@@ -4,6 +4,7 @@ mod api;
 mod batching;
 mod chat;
 mod common;
+mod cpu_kernels;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod errors;

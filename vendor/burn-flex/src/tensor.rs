@@ -377,9 +377,38 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if all_positive {
+            // distill patch: ND positive-stride layouts (e.g. `[b, s, h, d]` viewed as
+            // `[b, h, s, d]`) copy as a sequence of 2D tiles over the last two collapsed dims,
+            // walking the outer dims with an odometer, instead of one `StridedIter` step per
+            // element.
+            let nd = shape.len();
+            let (rows, cols) = (shape[nd - 2], shape[nd - 1]);
+            let (rs, cs) = (strides[nd - 2], strides[nd - 1]);
+            let tile = rows * cols;
+            // SAFETY: capacity is n; the tiles below cover every position exactly once.
+            unsafe { dst.set_len(n) };
+            if tile > 0 {
+                let outer = &shape[..nd - 2];
+                let outer_strides = &strides[..nd - 2];
+                let mut index = [0usize; COLLAPSE_MAX_RANK];
+                let mut src_off = offset;
+                for chunk in dst.chunks_exact_mut(tile) {
+                    copy_2d_tiled(chunk, src, src_off, rows, cols, rs, cs);
+                    for d in (0..outer.len()).rev() {
+                        index[d] += 1;
+                        src_off += outer_strides[d];
+                        if index[d] < outer[d] {
+                            break;
+                        }
+                        src_off -= outer_strides[d] * outer[d] as isize;
+                        index[d] = 0;
+                    }
+                }
+            }
         } else {
             // General fallback: covers negative strides (flipped
-            // tensors) and ND layouts that can't collapse to ≤2D.
+            // tensors).
             for idx in crate::strided_index::StridedIter::new(&self.layout) {
                 dst.push(src[idx]);
             }
@@ -561,6 +590,16 @@ fn copy_2d_tiled<E: Copy>(
     col_stride: isize,
 ) {
     const TILE: usize = 16;
+
+    // distill patch: contiguous rows copy as slices (memcpy), e.g. attention heads of
+    // `head_dim` floats gathered out of `[b, s, h, d]`.
+    if col_stride == 1 && cols > 0 {
+        for (row, out) in dst[..rows * cols].chunks_exact_mut(cols).enumerate() {
+            let start = (offset + row as isize * row_stride) as usize;
+            out.copy_from_slice(&src[start..start + cols]);
+        }
+        return;
+    }
 
     if row_stride <= col_stride {
         // row-inside-col: the inner loop walks `row_stride` (smaller).

@@ -93,7 +93,13 @@ impl ActivationOps<Flex> for Flex {
     }
 
     fn sigmoid(tensor: FloatTensor<Flex>) -> FloatTensor<Flex> {
-        unary_op(tensor, sigmoid_f32, sigmoid_f64)
+        // distill patch: the vectorised exp (see `fast_exp`).
+        crate::ops::unary::unary_f32_vectorised(
+            tensor,
+            crate::ops::fast_exp::sigmoid_inplace,
+            crate::ops::fast_exp::sigmoid_f32,
+            sigmoid_f64,
+        )
     }
 
     fn sigmoid_backward(output: FloatTensor<Flex>, grad: FloatTensor<Flex>) -> FloatTensor<Flex> {

@@ -171,10 +171,27 @@ fn detect_broadcast_pattern(lhs: &Layout, rhs: &FlexTensor) -> Option<BroadcastV
     // dim either has stride 0 (a broadcast dim) or size 1 (stride
     // doesn't matter since the dim never advances past index 0).
     if last_stride == 1 {
-        let outer_ok = (0..ndims - 1).all(|d| rhs_strides[d] == 0 || lhs_shape[d] == 1);
+        // distill patch: the shared "row" is the longest run of trailing dims that rhs walks
+        // contiguously in row-major order, not only the last dim, so a `[1, 1, s, d]` table
+        // times a `[b, h, s, d]` tensor (RoPE) takes this path instead of `StridedIter`.
+        let mut first_block_dim = ndims - 1;
+        let mut expected = lhs_shape[ndims - 1] as isize;
+        while first_block_dim > 0 {
+            let d = first_block_dim - 1;
+            if lhs_shape[d] == 1 {
+                first_block_dim = d;
+            } else if rhs_strides[d] == expected {
+                expected *= lhs_shape[d] as isize;
+                first_block_dim = d;
+            } else {
+                break;
+            }
+        }
+        let outer_ok =
+            (0..first_block_dim).all(|d| rhs_strides[d] == 0 || lhs_shape[d] == 1);
         if outer_ok {
-            let outer_count: usize = (0..ndims - 1).map(|d| lhs_shape[d]).product();
-            let row_len = lhs_shape[ndims - 1];
+            let outer_count: usize = (0..first_block_dim).map(|d| lhs_shape[d]).product();
+            let row_len: usize = (first_block_dim..ndims).map(|d| lhs_shape[d]).product();
             if outer_count == 0 || row_len == 0 {
                 return None;
             }

@@ -101,6 +101,8 @@ pub mod conv_transpose;
 pub mod cumulative;
 pub mod deform_conv;
 pub mod expand;
+// distill patch: vectorised exp.
+mod fast_exp;
 pub mod fft;
 pub mod flip;
 mod float;

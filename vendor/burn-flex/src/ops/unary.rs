@@ -69,6 +69,43 @@ where
     }
 }
 
+/// distill patch: a unary op with a whole-slice f32 kernel (`inplace`, run when the tensor is
+/// f32, uniquely owned and contiguous), else the element-wise path with `f32_op`.
+pub(crate) fn unary_f32_vectorised<F32Op, F64Op>(
+    mut tensor: FlexTensor,
+    inplace: fn(&mut [f32]),
+    f32_op: F32Op,
+    f64_op: F64Op,
+) -> FlexTensor
+where
+    F32Op: Fn(f32) -> f32 + Copy,
+    F64Op: Fn(f64) -> f64 + Copy,
+{
+    if tensor.dtype() == DType::F32
+        && tensor.is_unique()
+        && tensor.layout().is_contiguous()
+        && tensor.layout().start_offset() == 0
+    {
+        let n = tensor.layout().num_elements();
+        inplace(&mut tensor.storage_mut::<f32>()[..n]);
+        return tensor;
+    }
+    // Shared (autodiff keeps most inputs for the backward pass) but contiguous: one copy, then
+    // the slice kernel, instead of the element-wise path's narrower vectors.
+    if tensor.dtype() == DType::F32
+        && let Some((start, end)) = tensor.layout().contiguous_offsets()
+    {
+        let mut out = tensor.storage::<f32>()[start..end].to_vec();
+        inplace(&mut out);
+        return FlexTensor::new(
+            Bytes::from_elems(out),
+            Layout::contiguous(tensor.layout().shape().clone()),
+            DType::F32,
+        );
+    }
+    unary_op(tensor, f32_op, f64_op)
+}
+
 /// Generic unary operation for any element type.
 fn unary_op_typed<E, Op>(mut tensor: FlexTensor, op: Op) -> FlexTensor
 where
@@ -163,7 +200,13 @@ where
 
 /// Exponential: e^x
 pub fn exp(tensor: FlexTensor) -> FlexTensor {
-    unary_op(tensor, |x| x.exp(), |x| x.exp())
+    // distill patch: the vectorised exp (see `fast_exp`).
+    unary_f32_vectorised(
+        tensor,
+        crate::ops::fast_exp::exp_inplace,
+        crate::ops::fast_exp::exp_f32,
+        |x| x.exp(),
+    )
 }
 
 /// Natural logarithm: ln(x)
