@@ -7,10 +7,6 @@
 //! `cargo bench -p distill-student --bench generate` (`RAYON_NUM_THREADS=N` to pin threads;
 //! `GENERATE_BENCH_ONLY=64` runs greedy at that `max_batch` alone, for a profiler).
 
-/// The allocator the `distill` binary uses, so the figures are the ones users get.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::Instant;
@@ -19,6 +15,10 @@ use distill_student::{
     BatchEvent, BatchGenerator, CausalLm, ChatMessage, CpuBackend, GenerationConfig, ModelConfig,
     SequenceRequest, Tokenizer,
 };
+
+/// The allocator the `distill` binary uses, so the figures are the ones users get.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type B = CpuBackend;
 

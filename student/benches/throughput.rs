@@ -2,13 +2,9 @@
 //! (same shapes, same weights, same thread count, same machine) as the baseline, in one run.
 //!
 //! `cargo bench -p distill-student --bench throughput`
-//! Each figure is the best of 5 runs, for both sides. Add `--features x86-v4` for AVX-512 gemm.
+//! Each figure is the best of 5 runs, for both sides. gemm picks AVX-512 kernels at run time where the CPU has them.
 //! Environment: `DISTILL_BENCH_PYTHON` (default `python3`; needs torch + transformers, else the
 //! baseline is skipped), `RAYON_NUM_THREADS` (threads for both sides; default: all cores).
-
-/// The allocator the `distill` binary uses, so the figures are the ones users get.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::process::Command;
 use std::time::Instant;
@@ -18,6 +14,10 @@ use distill_student::{CausalLm, CpuBackend, ModelConfig, SaveOptions, save_pretr
 
 #[path = "support/synthetic.rs"]
 mod synthetic;
+
+/// The allocator the `distill` binary uses, so the figures are the ones users get.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type B = CpuBackend;
 

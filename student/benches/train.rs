@@ -8,10 +8,6 @@
 //! Environment: `DISTILL_BENCH_PYTHON` (default `python3`; needs torch + transformers, else the
 //! baseline is skipped), `RAYON_NUM_THREADS` (threads for both sides; default: all cores).
 
-/// The allocator the `distill` binary uses, so the figures are the ones users get.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::process::Command;
 
 use burn::backend::Autodiff;
@@ -20,6 +16,10 @@ use distill_student::{CausalLm, CpuBackend, ModelConfig, SaveOptions, save_pretr
 
 #[path = "support/synthetic.rs"]
 mod synthetic;
+
+/// The allocator the `distill` binary uses, so the figures are the ones users get.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type B = Autodiff<CpuBackend>;
 
