@@ -105,6 +105,28 @@ where
         return lhs;
     }
 
+    // distill patch: same-shape contiguous operands whose lhs is shared (autodiff keeps most
+    // inputs for the backward pass, so the in-place path above rarely applies in training):
+    // one pass writing a fresh output, split across cores when large.
+    #[cfg(feature = "rayon")]
+    if let Some(simd_op) = simd_hint
+        && let (Some((ls, le)), Some((rs, re))) = (
+            lhs.layout().contiguous_offsets(),
+            rhs.layout().contiguous_offsets(),
+        )
+        && le - ls >= PARALLEL_ELEMENTWISE
+    {
+        let l = &lhs.storage::<f32>()[ls..le];
+        let r = &rhs.storage::<f32>()[rs..re];
+        let out = match simd_op {
+            BinaryOp::Add => par_zip_map(l, r, |a, b| a + b),
+            BinaryOp::Sub => par_zip_map(l, r, |a, b| a - b),
+            BinaryOp::Mul => par_zip_map(l, r, |a, b| a * b),
+            BinaryOp::Div => par_zip_map(l, r, |a, b| a / b),
+        };
+        return make_tensor(out, lhs.layout().shape().clone(), lhs.dtype());
+    }
+
     // Broadcast SIMD fast path: rhs is broadcast via stride-0 dims in
     // one of two hot shapes that dominate layer_norm decomposition --
     // shared-row (`gamma.unsqueeze() * x`) or per-row scalar
@@ -116,6 +138,30 @@ where
     }
 
     binary_op_typed(lhs, rhs, op)
+}
+
+/// distill patch: element count from which out-of-place element-wise ops split across cores.
+#[cfg(all(feature = "simd", feature = "rayon"))]
+const PARALLEL_ELEMENTWISE: usize = 64 * 1024;
+
+/// distill patch: `op(l[i], r[i])` into a fresh vector, in chunks spread over rayon's threads
+/// (element-wise, so the result does not depend on the split).
+#[cfg(all(feature = "simd", feature = "rayon"))]
+fn par_zip_map(l: &[f32], r: &[f32], op: impl Fn(f32, f32) -> f32 + Send + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 16 * 1024;
+    let mut out: Vec<f32> = Vec::with_capacity(l.len());
+    out.spare_capacity_mut()
+        .par_chunks_mut(CHUNK)
+        .zip(l.par_chunks(CHUNK).zip(r.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                o.write(op(a, b));
+            }
+        });
+    // SAFETY: the chunks above wrote every one of the `l.len()` elements.
+    unsafe { out.set_len(l.len()) };
+    out
 }
 
 /// Categorization of the two broadcast patterns we can accelerate.

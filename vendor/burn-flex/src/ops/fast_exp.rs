@@ -58,9 +58,22 @@ pub(crate) fn sigmoid_f32(x: f32) -> f32 {
     1.0 / (1.0 + exp_f32(-x))
 }
 
-/// Applies `f` to every element, in the widest vector unit the CPU has.
+/// Applies `f` to every element, in the widest vector unit the CPU has, on every core for
+/// large slices.
 #[inline(always)]
-fn map_inplace(xs: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
+fn map_inplace(xs: &mut [f32], f: impl Fn(f32) -> f32 + Copy + Send + Sync) {
+    #[cfg(feature = "rayon")]
+    if xs.len() >= 64 * 1024 {
+        use rayon::prelude::*;
+        xs.par_chunks_mut(16 * 1024)
+            .for_each(|chunk| map_inplace_serial(chunk, f));
+        return;
+    }
+    map_inplace_serial(xs, f);
+}
+
+#[inline(always)]
+fn map_inplace_serial(xs: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
     #[cfg(all(feature = "std", target_arch = "x86_64"))]
     {
         #[target_feature(enable = "avx512f")]
