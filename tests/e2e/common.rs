@@ -65,6 +65,31 @@ impl Workdir {
             .expect("spawn distill")
     }
 
+    /// Runs `distill` with `args` and SIGKILLs it once `count_sql` counts at least `at_least`
+    /// rows (within `timeout`): the crash point of the kill-and-resume tests. Returns a pool on
+    /// the database it left.
+    pub async fn run_until_killed(
+        &self,
+        args: &[&str],
+        count_sql: &str,
+        at_least: i64,
+        timeout: Duration,
+    ) -> SqlitePool {
+        let mut child = self.spawn(args);
+        wait_until(Duration::from_secs(60), || async {
+            self.db_path().exists()
+        })
+        .await;
+        let db = self.db().await;
+        wait_until(timeout, || async {
+            poll_count(&db, count_sql).await >= at_least
+        })
+        .await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        db
+    }
+
     /// `distill status --json` for the latest (or named) run.
     pub fn status(&self, run: Option<&str>) -> Value {
         let mut args = vec!["status", "--json"];

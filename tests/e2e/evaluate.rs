@@ -238,15 +238,13 @@ async fn a_killed_local_evaluation_resumes_to_the_same_samples_and_scores() {
     tiny_model(&w.path().join("model"));
     w.write("bench.jsonl", &benchmark(n));
     w.write("eval.toml", local_config());
-    let mut child = w.spawn(&["run", "eval.toml"]);
-    wait_until(Duration::from_secs(60), || async { w.db_path().exists() }).await;
-    let db = w.db().await;
-    wait_until(Duration::from_secs(120), || async {
-        poll_count(&db, "SELECT COUNT(*) FROM eval_samples").await >= 2
-    })
+    w.run_until_killed(
+        &["run", "eval.toml"],
+        "SELECT COUNT(*) FROM eval_samples",
+        2,
+        Duration::from_secs(120),
+    )
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
     let partial = outputs(&w).await.len();
     w.run(&["resume", "local"]).ok();
     assert_eq!(

@@ -182,16 +182,10 @@ async fn sigkill_mid_stage_then_resume_completes_without_duplicates() {
                 "prefix = \"left\"\ndelay_ms = 25",
             ),
     );
-    let mut child = w.spawn(&["run", "pipeline.toml"]);
     // Wait for the database, then for `left` to be part-way through.
-    wait_until(Duration::from_secs(30), || async { w.db_path().exists() }).await;
-    let db = w.db().await;
-    wait_until(Duration::from_secs(30), || async {
-        poll_count(&db, "SELECT COUNT(*) FROM prompts p JOIN stages s ON s.id = p.stage_id WHERE s.name = \'left\'").await >= 8
-    })
-    .await;
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let db = w
+        .run_until_killed(&["run", "pipeline.toml"], "SELECT COUNT(*) FROM prompts p JOIN stages s ON s.id = p.stage_id WHERE s.name = \'left\'", 8, Duration::from_secs(30))
+        .await;
 
     let partial = prompt_rows(&db, "left").await.len();
     assert!(partial < 40, "the stage finished before the kill");

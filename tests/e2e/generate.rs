@@ -344,15 +344,14 @@ async fn sigkill_mid_generation_then_resume_loses_and_duplicates_nothing() {
         "pipeline.toml",
         &config(&server.url(), 2, "supports_n = false", ""),
     );
-    let mut child = w.spawn(&["run", "pipeline.toml"]);
-    wait_until(Duration::from_secs(30), || async { w.db_path().exists() }).await;
-    let db = w.db().await;
-    wait_until(Duration::from_secs(60), || async {
-        poll_count(&db, "SELECT COUNT(*) FROM generations").await >= 30
-    })
-    .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let db = w
+        .run_until_killed(
+            &["run", "pipeline.toml"],
+            "SELECT COUNT(*) FROM generations",
+            30,
+            Duration::from_secs(60),
+        )
+        .await;
     let before: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM generations")
         .fetch_one(&db)
         .await

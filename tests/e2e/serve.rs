@@ -238,15 +238,14 @@ async fn a_sigkill_while_scoring_leaves_no_server_after_resume() {
             ", max_concurrency = 1",
         ),
     );
-    let mut child = w.spawn(&["run", "eval.toml"]);
-    wait_until(Duration::from_secs(60), || async { w.db_path().exists() }).await;
-    let db = w.db().await;
-    wait_until(Duration::from_secs(120), || async {
-        poll_count(&db, "SELECT COUNT(*) FROM eval_samples").await >= 2
-    })
-    .await;
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    let db = w
+        .run_until_killed(
+            &["run", "eval.toml"],
+            "SELECT COUNT(*) FROM eval_samples",
+            2,
+            Duration::from_secs(120),
+        )
+        .await;
     let first = started(&record);
     assert_eq!(first.len(), 1);
     assert!(

@@ -264,15 +264,14 @@ async fn a_training_run_killed_between_checkpoints_resumes_to_the_same_weights()
     let expected = final_weights(&straight);
 
     let w = setup(&server.url(), steps, every, "");
-    let mut child = w.spawn(&["run", "pipeline.toml"]);
-    wait_until(Duration::from_secs(60), || async { w.db_path().exists() }).await;
-    let db = w.db().await;
-    wait_until(Duration::from_secs(120), || async {
-        poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await >= (every + every / 2) as i64
-    })
-    .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let db = w
+        .run_until_killed(
+            &["run", "pipeline.toml"],
+            "SELECT COUNT(*) FROM train_metrics",
+            (every + every / 2) as i64,
+            Duration::from_secs(120),
+        )
+        .await;
     let done = poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await;
     assert!(done < steps as i64, "training finished before the kill");
     let saved = poll_count(&db, "SELECT COUNT(*) FROM checkpoints").await;
@@ -464,17 +463,16 @@ async fn killed_after_two_checkpoints(
     every: usize,
 ) -> (Workdir, Vec<std::path::PathBuf>) {
     let w = setup(url, steps, every, "");
-    let mut child = w.spawn(&["run", "pipeline.toml"]);
-    wait_until(Duration::from_secs(60), || async { w.db_path().exists() }).await;
-    let db = w.db().await;
     // Checkpoint events follow their step's metrics on one channel, so once step
     // 2 * every + 1 is recorded, so are the checkpoints at every and 2 * every.
-    wait_until(Duration::from_secs(120), || async {
-        poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await > (2 * every) as i64
-    })
-    .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let db = w
+        .run_until_killed(
+            &["run", "pipeline.toml"],
+            "SELECT COUNT(*) FROM train_metrics",
+            (2 * every) as i64 + 1,
+            Duration::from_secs(120),
+        )
+        .await;
     let done = poll_count(&db, "SELECT COUNT(*) FROM train_metrics").await;
     assert!(done < steps as i64, "training finished before the kill");
     let paths: Vec<String> =

@@ -107,38 +107,30 @@ fn lin<B: Backend>(
     f: &Fwd<B>,
     seed: u64,
 ) -> Tensor<B, 3> {
-    let [b, s, d] = x.dims();
-    let y = lin_rows(l, adapter, scale, x.reshape([b * s, d]), f, seed);
-    let out = y.dims()[1];
-    y.reshape([b, s, out])
-}
-
-/// [`lin`] on rows `[n, d]`.
-fn lin_rows<B: Backend>(
-    l: &Linear<B>,
-    adapter: Option<&LoraPair<B>>,
-    scale: f64,
-    x: Tensor<B, 2>,
-    f: &Fwd<B>,
-    seed: u64,
-) -> Tensor<B, 2> {
+    let [rows, seq, d] = x.dims();
+    let x = x.reshape([rows * seq, d]);
     let w = to_dtype(l.weight.val(), f.dtype);
     let b = l.bias.as_ref().map(|b| to_dtype(b.val(), f.dtype));
-    let Some(p) = adapter else {
-        return linear(x, w, b);
+    let y = match adapter {
+        None => linear(x, w, b),
+        Some(p) => {
+            let xa = if f.dropout > 0.0 {
+                B::seed(&x.device(), seed);
+                let keep = 1.0 - f.dropout;
+                let mask =
+                    Tensor::<B, 2>::random(x.shape(), Distribution::Bernoulli(keep), &x.device());
+                let mask = to_dtype(mask, f.dtype).div_scalar(keep);
+                x.clone() * mask
+            } else {
+                x.clone()
+            };
+            // Scaling the rank-r intermediate is the cheapest place for `alpha / rank`.
+            let low = linear(xa, to_dtype(p.a.val(), f.dtype), None).mul_scalar(scale);
+            linear(x, w, b) + linear(low, to_dtype(p.b.val(), f.dtype), None)
+        }
     };
-    let xa = if f.dropout > 0.0 {
-        B::seed(&x.device(), seed);
-        let keep = 1.0 - f.dropout;
-        let mask = Tensor::<B, 2>::random(x.shape(), Distribution::Bernoulli(keep), &x.device());
-        let mask = to_dtype(mask, f.dtype).div_scalar(keep);
-        x.clone() * mask
-    } else {
-        x.clone()
-    };
-    // Scaling the rank-r intermediate is the cheapest place for `alpha / rank`.
-    let low = linear(xa, to_dtype(p.a.val(), f.dtype), None).mul_scalar(scale);
-    linear(x, w, b) + linear(low, to_dtype(p.b.val(), f.dtype), None)
+    let out = y.dims()[1];
+    y.reshape([rows, seq, out])
 }
 
 /// RMSNorm with f32 statistics, result in the compute dtype (as transformers computes it).
