@@ -114,7 +114,7 @@ where
             lhs.layout().contiguous_offsets(),
             rhs.layout().contiguous_offsets(),
         )
-        && le - ls >= PARALLEL_ELEMENTWISE
+        && le - ls >= crate::ops::PARALLEL_ELEMENTWISE
     {
         let l = &lhs.storage::<f32>()[ls..le];
         let r = &rhs.storage::<f32>()[rs..re];
@@ -139,10 +139,6 @@ where
 
     binary_op_typed(lhs, rhs, op)
 }
-
-/// distill patch: element count from which out-of-place element-wise ops split across cores.
-#[cfg(all(feature = "simd", feature = "rayon"))]
-const PARALLEL_ELEMENTWISE: usize = 64 * 1024;
 
 /// distill patch: `op(l[i], r[i])` into a fresh vector, in chunks spread over rayon's threads
 /// (element-wise, so the result does not depend on the split).

@@ -63,7 +63,7 @@ pub(crate) fn sigmoid_f32(x: f32) -> f32 {
 #[inline(always)]
 fn map_inplace(xs: &mut [f32], f: impl Fn(f32) -> f32 + Copy + Send + Sync) {
     #[cfg(feature = "rayon")]
-    if xs.len() >= 64 * 1024 {
+    if xs.len() >= super::PARALLEL_ELEMENTWISE {
         use rayon::prelude::*;
         xs.par_chunks_mut(16 * 1024)
             .for_each(|chunk| map_inplace_serial(chunk, f));

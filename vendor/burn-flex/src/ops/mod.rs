@@ -103,6 +103,11 @@ pub mod deform_conv;
 pub mod expand;
 // distill patch: vectorised exp.
 mod fast_exp;
+
+/// distill patch: element count from which element-wise kernels split across rayon's threads:
+/// 64K f32 (256 KiB), where splitting pays for itself on 2 cores.
+#[allow(dead_code)] // unused without the `rayon` feature
+pub(crate) const PARALLEL_ELEMENTWISE: usize = 64 * 1024;
 pub mod fft;
 pub mod flip;
 mod float;

@@ -12,8 +12,8 @@ use rayon::prelude::*;
 /// For memory-bound operations, parallelism helps when data exceeds L3 cache.
 #[cfg(feature = "rayon")]
 // distill patch: was 4M elements, which left every element-wise op of a small model's training
-// step on one core; from 64K elements (256 KiB of f32) splitting pays for itself on 2 cores.
-const PARALLEL_THRESHOLD: usize = 64 * 1024;
+// step on one core.
+const PARALLEL_THRESHOLD: usize = crate::ops::PARALLEL_ELEMENTWISE;
 
 #[cfg(feature = "rayon")]
 const CHUNK_SIZE: usize = 4096;
