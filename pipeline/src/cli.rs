@@ -260,6 +260,11 @@ enum Command {
         /// Field holding the question id [default: the record number].
         #[arg(long)]
         id_field: Option<String>,
+        /// The user message, `{prompt}` standing for the question [default: the question, then
+        /// R1's "Please reason step by step, and put your final answer within \boxed{}."].
+        /// A student distilled from bare prompts, like the quickstart's, wants `'{prompt}'`.
+        #[arg(long)]
+        prompt_template: Option<String>,
         /// Run on the CPU or the first CUDA GPU.
         #[arg(long, value_enum, default_value = "cpu")]
         device: model_cmd::Device,
@@ -547,6 +552,7 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             prompt_field,
             answer_field,
             id_field,
+            prompt_template,
             device,
             max_batch,
         } => {
@@ -585,6 +591,7 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             set("prompt_field", prompt_field.map(Into::into));
             set("answer_field", answer_field.map(Into::into));
             set("id_field", id_field.map(Into::into));
+            set("prompt_template", prompt_template.map(Into::into));
             set("max_batch", max_batch.map(|v| (v as i64).into()));
             let mut run_table = toml::Table::new();
             run_table.insert("name".into(), name.clone().into());

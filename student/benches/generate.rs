@@ -5,7 +5,8 @@
 //! batching), measured in the same run.
 //!
 //! `cargo bench -p distill-student --bench generate` (`RAYON_NUM_THREADS=N` to pin threads;
-//! `GENERATE_BENCH_ONLY=64` runs greedy at that `max_batch` alone, for a profiler).
+//! `GENERATE_BENCH_ONLY=64` runs greedy at that `max_batch` alone, for a profiler;
+//! `GENERATE_BENCH_ONLY=64:sampled` the same with temperature 0.6 and top-p 0.95).
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -69,11 +70,18 @@ fn main() {
             SequenceRequest::new(tok.encode(&prompt, false).unwrap(), i as u64, 0)
         })
         .collect();
-    if let Some(n) = std::env::var("GENERATE_BENCH_ONLY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        let rate = samples_per_sec(&model, &requests, &GenerationConfig::greedy(NEW_TOKENS), n);
+    let sampled = GenerationConfig {
+        temperature: 0.6,
+        top_p: 0.95,
+        ..GenerationConfig::greedy(NEW_TOKENS)
+    };
+    if let Ok(only) = std::env::var("GENERATE_BENCH_ONLY") {
+        let (n, cfg) = match only.strip_suffix(":sampled") {
+            Some(n) => (n, sampled),
+            None => (only.as_str(), GenerationConfig::greedy(NEW_TOKENS)),
+        };
+        let n = n.parse().expect("GENERATE_BENCH_ONLY=N or N:sampled");
+        let rate = samples_per_sec(&model, &requests, &cfg, n);
         println!("max_batch {n}: {rate:.1} samples/s");
         return;
     }
@@ -87,14 +95,7 @@ fn main() {
     println!("|---|---|---|---|---|");
     for (label, cfg) in [
         ("greedy", GenerationConfig::greedy(NEW_TOKENS)),
-        (
-            "T=0.6, top-p 0.95",
-            GenerationConfig {
-                temperature: 0.6,
-                top_p: 0.95,
-                ..GenerationConfig::greedy(NEW_TOKENS)
-            },
-        ),
+        ("T=0.6, top-p 0.95", sampled),
     ] {
         let base = samples_per_sec(&model, &requests, &cfg, 1);
         for max_batch in [1, 8, 32, 64] {

@@ -25,6 +25,15 @@ fn masked_value(dtype: DType) -> f32 {
     if dtype == DType::F16 { -6.0e4 } else { -1e30 }
 }
 
+/// Which keys each query may attend to.
+enum Mask<B: Backend> {
+    /// Added to the scores ([`masked_value`] where hidden): safe for fully masked rows.
+    Bias(Tensor<B, 4>),
+    /// True where hidden. Only for rows that always see at least one key (decoding), where it
+    /// tells the backend exactly which keys need no work: Flex skips a slot's unwritten tail.
+    Hide(Tensor<B, 4, Bool>),
+}
+
 /// Self-attention with RoPE, optional q/k/v/o biases and grouped-query heads.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
@@ -277,9 +286,9 @@ enum SlotWrite {
     /// `start..start + s`; attention reads that slot's first `start + s` positions.
     Prefill { slot: usize, start: usize },
     /// Decoding: row `i` is slot `i`, its token written at `positions[i]` (nothing for a free
-    /// slot); attention reads every slot's whole length, the mask hiding what a row has not
-    /// reached, so the cache is read as it is stored: on Flex, reading a length prefix of
-    /// the slots would be a strided copy, far slower than attending to the rest.
+    /// slot); attention is given every slot's whole length, a boolean mask hiding what a row has
+    /// not reached, so the cache is read as it is stored (on Flex a length prefix of the slots
+    /// would be a strided copy). Flex's attention skips each slot's hidden tail itself.
     Decode { positions: Vec<Option<usize>> },
 }
 
@@ -288,7 +297,7 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Option<&Tensor<B, 4>>,
+        mask: Option<&Mask<B>>,
         kv_store: Kv<'_, B>,
     ) -> Tensor<B, 3> {
         let x_dims = x.dims();
@@ -303,7 +312,11 @@ impl<B: Backend> Attention<B> {
             _ => (x_dims[0], x_dims[1]),
         };
         let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        // One token per row is already `[b, n, 1, hd]` in memory: reshape, not a strided view.
+        let heads = |t: Tensor<B, 3>, n: usize| match s {
+            1 => t.reshape([b, n, 1, hd]),
+            _ => t.reshape([b, s, n, hd]).swap_dims(1, 2),
+        };
         let q = rope.apply(heads(self.q_proj.forward(x.clone()), h));
         let mut k = rope.apply(heads(self.k_proj.forward(x.clone()), kv));
         let mut v = heads(self.v_proj.forward(x), kv);
@@ -357,7 +370,12 @@ impl<B: Backend> Attention<B> {
             softcap: None,
             is_causal: false,
         };
-        let ctx = attention(q, k, v, None, mask.cloned(), options)
+        let (hide, bias) = match mask {
+            Some(Mask::Hide(m)) => (Some(m.clone()), None),
+            Some(Mask::Bias(m)) => (None, Some(m.clone())),
+            None => (None, None),
+        };
+        let ctx = attention(q, k, v, hide, bias, options)
             .reshape([b, h, s, hd])
             .swap_dims(1, 2)
             .reshape([x_dims[0], x_dims[1], h * hd]);
@@ -377,7 +395,7 @@ impl<B: Backend> DecoderLayer<B> {
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
-        mask: Option<&Tensor<B, 4>>,
+        mask: Option<&Mask<B>>,
         kv: Kv<'_, B>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
@@ -678,9 +696,11 @@ impl<B: Backend> CausalLm<B> {
             let bias = Tensor::<B, 2>::zeros([s, total], (&device, self.dtype()))
                 .mask_fill(cols.greater(rows), masked_value(self.dtype()));
             let n_rep = self.n_rep();
-            bias.reshape([1, 1, s, total])
-                .expand([n_rep, 1, s, total])
-                .reshape([1, 1, n_rep * s, total])
+            Mask::Bias(
+                bias.reshape([1, 1, s, total])
+                    .expand([n_rep, 1, s, total])
+                    .reshape([1, 1, n_rep * s, total]),
+            )
         });
         let x = self.forward_slots(tokens, &rope, mask.as_ref(), &at, cache);
         let [_, _, d] = x.dims();
@@ -698,7 +718,7 @@ impl<B: Backend> CausalLm<B> {
         &self,
         tokens: &[u32],
         rope: &Rope<B>,
-        mask: Option<&Tensor<B, 4>>,
+        mask: Option<&Mask<B>>,
         at: &SlotWrite,
         cache: &mut SlotCache<B>,
     ) -> Tensor<B, 3> {
@@ -746,13 +766,15 @@ impl<B: Backend> CausalLm<B> {
         let cols = Tensor::<B, 1, Int>::arange(0..max_len as i64, &device)
             .reshape([1, max_len])
             .expand([n, max_len]);
-        // Each row attends to its cached positions and the new one.
+        // Each row attends to its cached positions and the new one, so no row is fully masked
+        // and a boolean mask is safe (a free slot reads position 0).
         let n_rep = self.n_rep();
         let seen = int(at_pos.iter().map(|&p| p as i64).collect());
-        let mask = Tensor::<B, 2>::zeros([n, max_len], (&device, self.dtype()))
-            .mask_fill(cols.greater(seen), masked_value(self.dtype()))
-            .reshape([n, 1, 1, max_len])
-            .expand([n, 1, n_rep, max_len]);
+        let mask = Mask::Hide(
+            cols.greater(seen)
+                .reshape([n, 1, 1, max_len])
+                .expand([n, 1, n_rep, max_len]),
+        );
         let at = SlotWrite::Decode {
             positions: positions.to_vec(),
         };
@@ -781,7 +803,7 @@ fn causal_mask<B: Backend>(
     n_rep: usize,
     device: &B::Device,
     dtype: DType,
-) -> Tensor<B, 4> {
+) -> Mask<B> {
     let t = past + s;
     let masked = masked_value(dtype);
     let mut m = Vec::with_capacity(valid.len() * n_rep * s * t);
@@ -796,8 +818,8 @@ fn causal_mask<B: Backend>(
             m.extend_from_within(start..start + s * t);
         }
     }
-    Tensor::from_data(
+    Mask::Bias(Tensor::from_data(
         TensorData::new(m, [valid.len(), 1, n_rep * s, t]),
         (device, dtype),
-    )
+    ))
 }

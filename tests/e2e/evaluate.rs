@@ -258,6 +258,46 @@ async fn a_killed_local_evaluation_resumes_to_the_same_samples_and_scores() {
     assert_eq!(a["groups"], b["groups"]);
 }
 
+/// `distill eval` takes the user-message template, so a student distilled from bare prompts
+/// (the quickstart's) is scored on the prompts it learnt, not R1's default instruction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distill_eval_uses_the_given_prompt_template() {
+    let w = Workdir::new();
+    tiny_model(&w.path().join("model"));
+    w.write("bench.jsonl", &benchmark(2));
+    let eval = |template: Option<&str>, run: &str| {
+        let mut args = vec![
+            "eval", "model", "--benchmark", "bench.jsonl", "--max-tokens", "4", "--run", run,
+        ];
+        if let Some(t) = template {
+            args.extend(["--prompt-template", t]);
+        }
+        w.run(&args).ok();
+    };
+    eval(Some("Q: {prompt}"), "bare");
+    eval(None, "default");
+    // The same template written in a pipeline config.
+    w.write(
+        "eval.toml",
+        &local_config()
+            .replace("name = \"local\"", "name = \"config\"")
+            .replace("samples = 2", "samples = 1\nprompt_template = \"Q: {prompt}\""),
+    );
+    w.run(&["run", "eval.toml"]).ok();
+    let hashes: Vec<(String, String)> = sqlx::query_as(
+        "SELECT r.name, json_extract(s.params, '$.protocol.template_hash') \
+         FROM stages s JOIN runs r ON r.id = s.run_id ORDER BY r.name",
+    )
+    .fetch_all(&w.db().await)
+    .await
+    .unwrap();
+    let [(_, bare), (_, config), (_, default)] = &hashes[..] else {
+        panic!("three runs expected: {hashes:?}")
+    };
+    assert_eq!(bare, config, "{hashes:?}");
+    assert_ne!(bare, default, "{hashes:?}");
+}
+
 #[test]
 fn evaluate_config_errors_name_the_field() {
     let w = Workdir::new();

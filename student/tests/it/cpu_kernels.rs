@@ -1,5 +1,6 @@
 //! The patched burn-flex CPU paths (vendor/README.md) against element-by-element references:
-//! strided N-d copies, broadcast products over trailing blocks, and the vectorised exp.
+//! strided N-d copies, broadcast products over trailing blocks, the vectorised exp, and
+//! attention skipping the key tail a boolean mask hides.
 
 use burn::prelude::*;
 use distill_student::CpuBackend;
@@ -131,6 +132,47 @@ fn products_with_a_table_broadcast_over_leading_dims_match_elementwise() {
     }
 }
 
+/// Right operands whose rows are contiguous but whose outer dims are broadcast or permuted
+/// (decoding's per-sequence RoPE rows `[n, 1, 1, d]` against `[n, heads, 1, d]`; a transposed
+/// operand; a narrowed one) take Flex's strided-rows walk and give the element-wise result.
+#[test]
+fn products_with_strided_right_rows_match_elementwise() {
+    let [n, h, d] = [3, 5, 16];
+    let (x, xv) = ramp([n, h, 1, d]);
+    let (table, tv) = ramp([n, 1, 1, d]);
+    let got = values((x.clone() * table.clone()).reshape([n * h * d]));
+    let want: Vec<f32> = (0..n * h * d)
+        .map(|i| xv[i] * tv[(i / (h * d)) * d + i % d])
+        .collect();
+    assert_eq!(got, want, "per-row table over heads");
+    // Permuted and offset right operands, same shape as the left.
+    let (y, yv) = ramp([h, n + 1, 1, d]);
+    let y = y.narrow(1, 1, n).swap_dims(0, 1); // [n, h, 1, d], rows contiguous
+    for (op, f) in [
+        ("add", (|a, b| a + b) as fn(f32, f32) -> f32),
+        ("sub", |a, b| a - b),
+        ("mul", |a, b| a * b),
+        ("div", |a, b| a / b),
+    ] {
+        let out = match op {
+            "add" => x.clone() + y.clone(),
+            "sub" => x.clone() - y.clone(),
+            "mul" => x.clone() * y.clone(),
+            _ => x.clone() / y.clone(),
+        };
+        let got = values(out.reshape([n * h * d]));
+        for ni in 0..n {
+            for hi in 0..h {
+                for di in 0..d {
+                    let i = (ni * h + hi) * d + di;
+                    let r = yv[(hi * (n + 1) + ni + 1) * d + di];
+                    assert_eq!(got[i], f(xv[i], r), "{op} at {ni},{hi},{di}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn exp_and_sigmoid_stay_within_a_few_ulps_of_f64() {
     let xs: Vec<f32> = (0..20_000).map(|i| -110.0 + i as f32 * 0.01).collect();
@@ -174,4 +216,69 @@ fn exp_and_sigmoid_stay_within_a_few_ulps_of_f64() {
         values(Tensor::<B, 1>::from_floats([f32::NEG_INFINITY, 100.0], &Default::default()).exp()),
         vec![0.0, f32::INFINITY]
     );
+}
+
+/// Decoding many sequences at once gives attention each slot's whole KV cache with a boolean
+/// mask hiding its unwritten tail. Flex skips that tail: NaN there stays out of the output,
+/// and each sequence's result is bit for bit the attention over its visible keys alone.
+#[test]
+fn attention_skips_the_key_tail_a_boolean_mask_hides() {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let (batch, heads, seq_q, seq_kv, dim) = (2, 2, 3, 9, 4);
+    // Row `i` of sequence `b` sees keys `j < visible[b] + i`.
+    let visible = [3usize, 6];
+    let dev = Default::default();
+    let (q, _) = ramp([batch, heads, seq_q, dim]);
+    let (_, mut k) = ramp([batch, heads, seq_kv, dim]);
+    let mut v: Vec<f32> = k.iter().map(|x| 0.5 - x * 0.125).collect();
+    let mut mask = vec![false; batch * seq_q * seq_kv];
+    for b in 0..batch {
+        let kept = visible[b] + seq_q - 1;
+        for bh in b * heads..(b + 1) * heads {
+            for x in [&mut k, &mut v] {
+                x[(bh * seq_kv + kept) * dim..(bh + 1) * seq_kv * dim].fill(f32::NAN);
+            }
+        }
+        for i in 0..seq_q {
+            mask[(b * seq_q + i) * seq_kv + visible[b] + i..(b * seq_q + i + 1) * seq_kv].fill(true);
+        }
+    }
+    let kv = |x: &[f32], rows: usize, n: usize| {
+        Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), [n, heads, rows, dim]), &dev)
+    };
+    let hide = |m: Vec<bool>, n: usize, cols: usize| {
+        Some(Tensor::<B, 4, Bool>::from_data(TensorData::new(m, [n, 1, seq_q, cols]), &dev))
+    };
+    let opts = AttentionModuleOptions::default();
+    let all = values(attention(
+        q.clone(),
+        kv(&k, seq_kv, batch),
+        kv(&v, seq_kv, batch),
+        hide(mask.clone(), batch, seq_kv),
+        None,
+        opts,
+    ));
+    assert!(all.iter().all(|x| x.is_finite()), "the hidden tail was read");
+    let per_seq = heads * seq_q * dim;
+    for b in 0..batch {
+        let kept = visible[b] + seq_q - 1;
+        let take = |x: &[f32]| -> Vec<f32> {
+            (b * heads..(b + 1) * heads)
+                .flat_map(|bh| x[bh * seq_kv * dim..(bh * seq_kv + kept) * dim].to_vec())
+                .collect()
+        };
+        let m = (0..seq_q)
+            .flat_map(|i| mask[(b * seq_q + i) * seq_kv..][..kept].to_vec())
+            .collect();
+        let one = values(attention(
+            q.clone().narrow(0, b, 1),
+            kv(&take(&k), kept, 1),
+            kv(&take(&v), kept, 1),
+            hide(m, 1, kept),
+            None,
+            opts,
+        ));
+        assert_eq!(&all[b * per_seq..(b + 1) * per_seq], &one[..], "sequence {b}");
+    }
 }

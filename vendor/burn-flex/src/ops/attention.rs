@@ -383,6 +383,17 @@ trait FlashGemm: Float + Pod + Copy + core::ops::AddAssign {
     /// # Safety
     /// All pointers must be valid for the given dimensions and strides.
     unsafe fn block_gemm(args: BlockGemmArgs<Self>);
+
+    /// `row[i] = e^(row[i] - max)`, returning the sum: the naive path's softmax numerator.
+    fn exp_shifted_sum(row: &mut [Self], max: Self) -> Self {
+        let mut sum = Self::zero();
+        for s in row.iter_mut() {
+            let e = (*s - max).exp();
+            *s = e;
+            sum += e;
+        }
+        sum
+    }
 }
 
 /// Arguments for a block matrix multiply: dst = alpha * dst + beta * (lhs @ rhs).
@@ -405,8 +416,16 @@ struct BlockGemmArgs<T> {
 }
 
 macro_rules! impl_flash_gemm {
-    ($ty:ty) => {
+    ($ty:ty $(, $exp:expr)?) => {
         impl FlashGemm for $ty {
+            $(
+                // distill patch: f32's softmax exponentials through the vectorised `expf`
+                // (libm's is one call per score, and masked scores took its underflow path).
+                fn exp_shifted_sum(row: &mut [Self], max: Self) -> Self {
+                    let f: fn(&mut [Self], Self) -> Self = $exp;
+                    f(row, max)
+                }
+            )?
             unsafe fn block_gemm(a: BlockGemmArgs<Self>) {
                 unsafe {
                     gemm::gemm(
@@ -436,7 +455,7 @@ macro_rules! impl_flash_gemm {
     };
 }
 
-impl_flash_gemm!(f32);
+impl_flash_gemm!(f32, |row, max| super::fast_exp::exp_shifted_sum_inplace(row, max));
 impl_flash_gemm!(f64);
 
 /// Scratch buffers reused across (batch, head) pairs to avoid per-head allocation.
@@ -847,6 +866,19 @@ fn naive_attention_head<T: FlashGemm>(
         head_dim,
         val_dim,
     } = *p;
+    // distill patch: keys the boolean mask hides from every query of this pair (a KV cache's
+    // unwritten tail, when many sequences decode together) need no score, no exponential and
+    // no product: they would each add `e^-inf = 0`. Only the trailing run is cut, so the rows
+    // and columns that remain keep their layout. Fully masked pairs keep every key (the
+    // zero-row case below).
+    let mask_stride = seq_kv;
+    let seq_kv = match mask {
+        Some(m) => (0..seq_kv)
+            .rev()
+            .find(|&j| (0..seq_q).any(|i| m[i * mask_stride + j] == 0))
+            .map_or(seq_kv, |last| last + 1),
+        None => seq_kv,
+    };
 
     // scores = Q @ K^T
     unsafe {
@@ -881,7 +913,7 @@ fn naive_attention_head<T: FlashGemm>(
             }
 
             if let Some(m) = mask
-                && m[qi * seq_kv + ki] != 0
+                && m[qi * mask_stride + ki] != 0
             {
                 val = neg_inf;
             }
@@ -893,7 +925,7 @@ fn naive_attention_head<T: FlashGemm>(
             }
 
             if let Some(b) = bias {
-                val += b[qi * seq_kv + ki];
+                val += b[qi * mask_stride + ki];
             }
 
             *s = val;
@@ -907,12 +939,7 @@ fn naive_attention_head<T: FlashGemm>(
             continue;
         }
 
-        let mut sum = T::zero();
-        for s in row.iter_mut() {
-            let e = (*s - row_max).exp();
-            *s = e;
-            sum += e;
-        }
+        let sum = T::exp_shifted_sum(row, row_max);
 
         let inv_sum = T::one() / sum;
         for s in row.iter_mut() {

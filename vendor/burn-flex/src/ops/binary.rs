@@ -183,7 +183,21 @@ enum BroadcastView {
         row_len: usize,
         rhs_scalar_base: usize,
     },
+    /// distill patch: rhs's inner `row_len` elements are contiguous, and the outer dims
+    /// (`outer_shape[..outer_dims]`) step through rhs by `outer_strides`, some of them 0: a
+    /// per-sequence RoPE row `[n, 1, 1, d]` times decoding's `[n, heads, 1, d]`.
+    StridedRows {
+        outer_dims: usize,
+        outer_shape: [usize; MAX_STRIDED_ROW_DIMS],
+        outer_strides: [usize; MAX_STRIDED_ROW_DIMS],
+        row_len: usize,
+        rhs_offset: usize,
+    },
 }
+
+/// Outer dims the [`BroadcastView::StridedRows`] walk handles.
+#[cfg(feature = "simd")]
+const MAX_STRIDED_ROW_DIMS: usize = 6;
 
 /// Detect whether rhs can be handled as one of the accelerated
 /// broadcast patterns, returning `None` if the stride pattern doesn't
@@ -248,6 +262,34 @@ fn detect_broadcast_pattern(lhs: &Layout, rhs: &FlexTensor) -> Option<BroadcastV
                 rhs_row_offset,
             });
         }
+        // distill patch: rows shared along some outer dims but not others.
+        let outer_dims = first_block_dim;
+        let row_len: usize = (first_block_dim..ndims).map(|d| lhs_shape[d]).product();
+        if outer_dims > MAX_STRIDED_ROW_DIMS
+            || row_len < 8
+            || (0..outer_dims).any(|d| rhs_strides[d] < 0)
+        {
+            return None;
+        }
+        let mut outer_shape = [1; MAX_STRIDED_ROW_DIMS];
+        let mut outer_strides = [0; MAX_STRIDED_ROW_DIMS];
+        let mut last = rhs_layout.start_offset();
+        for d in 0..outer_dims {
+            outer_shape[d] = lhs_shape[d];
+            outer_strides[d] = rhs_strides[d] as usize;
+            last = last.checked_add(lhs_shape[d].checked_sub(1)?.checked_mul(outer_strides[d])?)?;
+        }
+        // Bounds: the last row read ends at `last + row_len`.
+        if last.checked_add(row_len)? > rhs_storage_elems {
+            return None;
+        }
+        return Some(BroadcastView::StridedRows {
+            outer_dims,
+            outer_shape,
+            outer_strides,
+            row_len,
+            rhs_offset: rhs_layout.start_offset(),
+        });
     }
 
     // Case B: per-row scalar. Innermost dims all have stride 0 in
@@ -351,6 +393,22 @@ fn run_broadcast_pattern_f32(
                 BinaryOp::Div => simd::div_shared_row_inplace_f32(dst_full, rhs_row),
             }
         }
+        BroadcastView::StridedRows {
+            outer_dims,
+            outer_shape,
+            outer_strides,
+            row_len,
+            rhs_offset,
+        } => {
+            let rhs = &rhs_storage[rhs_offset..];
+            let walk = (&outer_shape[..outer_dims], &outer_strides[..outer_dims], row_len);
+            match simd_op {
+                BinaryOp::Add => strided_rows_apply(dst, rhs, walk, |a, b| a + b),
+                BinaryOp::Sub => strided_rows_apply(dst, rhs, walk, |a, b| a - b),
+                BinaryOp::Mul => strided_rows_apply(dst, rhs, walk, |a, b| a * b),
+                BinaryOp::Div => strided_rows_apply(dst, rhs, walk, |a, b| a / b),
+            }
+        }
         BroadcastView::PerRowScalar {
             outer_count,
             row_len,
@@ -366,6 +424,37 @@ fn run_broadcast_pattern_f32(
                 BinaryOp::Mul => per_row_scalar_apply(dst, scalars, row_len, |a, b| a * b),
                 BinaryOp::Div => per_row_scalar_apply(dst, scalars, row_len, |a, b| a / b),
             }
+        }
+    }
+}
+
+/// distill patch: `dst`'s rows of `row_len` against rhs rows found by an odometer over the
+/// outer `shape` with rhs `strides` (0 where rhs is broadcast). Generic over `Op` so the row
+/// loop is monomorphised and vectorised.
+#[cfg(feature = "simd")]
+#[inline]
+fn strided_rows_apply<Op>(
+    dst: &mut [f32],
+    rhs: &[f32],
+    (shape, strides, row_len): (&[usize], &[usize], usize),
+    op: Op,
+) where
+    Op: Fn(f32, f32) -> f32,
+{
+    let mut index = [0usize; MAX_STRIDED_ROW_DIMS];
+    let mut off = 0;
+    for row in dst.chunks_exact_mut(row_len) {
+        for (x, &y) in row.iter_mut().zip(&rhs[off..off + row_len]) {
+            *x = op(*x, y);
+        }
+        for d in (0..shape.len()).rev() {
+            index[d] += 1;
+            off += strides[d];
+            if index[d] < shape[d] {
+                break;
+            }
+            off -= strides[d] * shape[d];
+            index[d] = 0;
         }
     }
 }

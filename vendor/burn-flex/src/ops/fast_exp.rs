@@ -107,6 +107,13 @@ pub(crate) fn exp_inplace(xs: &mut [f32]) {
     map_inplace(xs, exp_f32);
 }
 
+/// `xs[i] = e^(xs[i] - shift)`, returning the sum of the results (in index order): softmax's
+/// numerator and denominator in one pass.
+pub(crate) fn exp_shifted_sum_inplace(xs: &mut [f32], shift: f32) -> f32 {
+    map_inplace(xs, move |x| exp_f32(x - shift));
+    xs.iter().sum()
+}
+
 /// `xs[i] = sigmoid(xs[i])`.
 pub(crate) fn sigmoid_inplace(xs: &mut [f32]) {
     map_inplace(xs, sigmoid_f32);
