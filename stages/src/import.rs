@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, RecordBatch, RecordBatchReader};
 use arrow_schema::{DataType, Schema};
 use async_trait::async_trait;
 use distill_db::generations::{self, NewGeneration};
@@ -667,9 +667,15 @@ impl Converter<'_> {
         emit: &mut Emit<'_>,
     ) -> Result<(), StageError> {
         let file = origin.file;
-        let schema = tabular::parquet_schema(file, bytes.clone())?;
-        let plan = self.plan(file, &schema, ignore)?;
-        for batch in tabular::parquet_reader(file, bytes)? {
+        // Ignored columns (OpenR1-Math's `messages` repeats a generation) are not decoded.
+        let mapped: Vec<&str> = self.columns.named().map(|(_, name)| name).collect();
+        let keep = |name: &str| mapped.contains(&name) || !ignore.contains(&name);
+        let (schema, reader) = tabular::parquet_reader_of(file, bytes, keep)?;
+        // Checked against the whole schema (its errors list every column), then planned
+        // against the columns read.
+        self.plan(file, &schema, ignore)?;
+        let plan = self.plan(file, &reader.schema(), ignore)?;
+        for batch in reader {
             if self.rows >= self.limit {
                 break;
             }

@@ -70,6 +70,36 @@ pub fn parquet_reader(
         })
 }
 
+/// A reader of the top-level columns of a Parquet file that `keep` accepts (by name), and the
+/// file's whole schema: columns left out are never decompressed or decoded.
+pub fn parquet_reader_of(
+    file: &Path,
+    bytes: bytes::Bytes,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(arrow_schema::SchemaRef, ParquetRecordBatchReader), StageError> {
+    let unreadable = |e: parquet::errors::ParquetError| {
+        StageError::Input(format!(
+            "{}: not a readable Parquet file (truncated or corrupt?): {e}",
+            file.display()
+        ))
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).map_err(unreadable)?;
+    let schema = builder.schema().clone();
+    let roots = schema
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| keep(f.name()))
+        .map(|(i, _)| i);
+    let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), roots);
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(unreadable)?;
+    Ok((schema, reader))
+}
+
 /// The schema of a Parquet file, from its footer.
 pub fn parquet_schema(
     file: &Path,
