@@ -120,8 +120,11 @@ pub enum ModelCommand {
         json: bool,
     },
     /// Architecture, parameter count, dtype, context length and memory of a model folder.
+    ///
+    /// A folder without weights yet, or a config.json alone, is described from the config:
+    /// check a plan before downloading the weights.
     Info {
-        /// A folder with config.json and safetensors weights.
+        /// A model folder, or its config.json.
         dir: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -295,7 +298,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 crate::cli::out(&format!("{}\n", serde_json::to_string_pretty(&info)?));
             } else {
                 crate::cli::out(&format!(
-                    "{}\n  architecture   {}\n  parameters     {} ({})\n  dtype          {}\n  context        {} tokens\n  layers         {} × hidden {} ({} heads, {} kv heads, head dim {})\n  vocabulary     {}\n  embeddings     {}\n  rope           theta {} ({})\n  memory         {} in f32, {} in bf16\n  files          {} weight file(s), {}; tokenizer {}, chat template {}\n",
+                    "{}\n  architecture   {}\n  parameters     {} ({})\n  dtype          {}\n  context        {} tokens\n  layers         {} × hidden {} ({} heads, {} kv heads, head dim {})\n  vocabulary     {}\n  embeddings     {}\n  rope           theta {} ({})\n  memory         {} in f32, {} in bf16, {} in 8-bit, {} in 4-bit (linear weights, a scale per 64; the rest bf16)\n  files          {}; tokenizer {}, chat template {}\n",
                     dir.display(),
                     info.architecture,
                     info.num_parameters,
@@ -317,8 +320,17 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     info.rope_scaling,
                     bytes(info.memory_f32_bytes),
                     bytes(info.memory_bf16_bytes),
-                    info.weight_files,
-                    bytes(info.weights_file_bytes),
+                    bytes(info.memory_8bit_bytes),
+                    bytes(info.memory_4bit_bytes),
+                    if info.has_weights {
+                        format!(
+                            "{} weight file(s), {}",
+                            info.weight_files,
+                            bytes(info.weights_file_bytes)
+                        )
+                    } else {
+                        "no weights (described from config.json; dtype as it states)".into()
+                    },
                     if info.has_tokenizer { "yes" } else { "no" },
                     if info.has_chat_template { "yes" } else { "no" },
                 ));

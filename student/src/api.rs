@@ -130,6 +130,15 @@ pub struct ModelInfo {
     pub memory_f32_bytes: u64,
     /// Bytes to hold the parameters in bf16.
     pub memory_bf16_bytes: u64,
+    /// Bytes with the decoder's linear weights in 8 bits (an f32 scale per block of 64), the
+    /// rest in bf16.
+    pub memory_8bit_bytes: u64,
+    /// Bytes with the decoder's linear weights in 4 bits (NF4 as QLoRA stores it: an f32
+    /// scale per block of 64, no double quantization), the rest in bf16.
+    pub memory_4bit_bytes: u64,
+    /// Whether the folder holds weights; without them (a `config.json` alone, to plan
+    /// before downloading) `dtype` is the config's and the file fields are 0.
+    pub has_weights: bool,
     /// Bytes of the weight files.
     pub weights_file_bytes: u64,
     /// Number of weight files.
@@ -140,23 +149,38 @@ pub struct ModelInfo {
     pub has_chat_template: bool,
 }
 
-/// Describes a checkpoint from its config and file headers, without loading tensors.
-pub fn model_info(dir: impl AsRef<Path>) -> Result<ModelInfo> {
-    let dir = dir.as_ref();
-    let c = ModelConfig::from_file(dir.join("config.json"))?;
-    let ckpt = Checkpoint::open(dir)?;
-    let infos = ckpt.tensor_infos()?;
-    let mut dtypes: Vec<&str> = infos.iter().map(|(_, d, _)| d.as_str()).collect();
-    dtypes.sort_unstable();
-    dtypes.dedup();
-    let dtype = match dtypes.as_slice() {
-        [one] => match *one {
-            "F32" => "float32".to_string(),
-            "BF16" => "bfloat16".to_string(),
-            "F16" => "float16".to_string(),
-            other => other.to_lowercase(),
-        },
-        many => many.join("+").to_lowercase(),
+/// Describes a model from its config and, when it has weights, their file headers (never
+/// loading tensors). `path` is a model folder or a `config.json`; a folder or config with no
+/// weights yet is described from the config alone, so a plan can be checked before a
+/// download.
+pub fn model_info(path: impl AsRef<Path>) -> Result<ModelInfo> {
+    let path = path.as_ref();
+    let (dir, config) = if path.is_file() {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        (dir, path.to_path_buf())
+    } else {
+        (path, path.join("config.json"))
+    };
+    let c = ModelConfig::from_file(&config)?;
+    let has_weights = Checkpoint::exists(dir);
+    let ckpt = has_weights.then(|| Checkpoint::open(dir)).transpose()?;
+    let dtype = match &ckpt {
+        Some(ckpt) => {
+            let infos = ckpt.tensor_infos()?;
+            let mut dtypes: Vec<&str> = infos.iter().map(|(_, d, _)| d.as_str()).collect();
+            dtypes.sort_unstable();
+            dtypes.dedup();
+            match dtypes.as_slice() {
+                [one] => match *one {
+                    "F32" => "float32".to_string(),
+                    "BF16" => "bfloat16".to_string(),
+                    "F16" => "float16".to_string(),
+                    other => other.to_lowercase(),
+                },
+                many => many.join("+").to_lowercase(),
+            }
+        }
+        None => c.torch_dtype.clone().unwrap_or_else(|| "unknown".into()),
     };
     let n = c.num_parameters();
     let tok_cfg = dir.join("tokenizer_config.json");
@@ -185,11 +209,23 @@ pub fn model_info(dir: impl AsRef<Path>) -> Result<ModelInfo> {
         },
         memory_f32_bytes: n * 4,
         memory_bf16_bytes: n * 2,
-        weights_file_bytes: ckpt.total_bytes(),
-        weight_files: ckpt.files().count(),
+        memory_8bit_bytes: quantized_bytes(&c, 8),
+        memory_4bit_bytes: quantized_bytes(&c, 4),
+        has_weights,
+        weights_file_bytes: ckpt.as_ref().map_or(0, Checkpoint::total_bytes),
+        weight_files: ckpt.as_ref().map_or(0, |c| c.files().count()),
         has_tokenizer: dir.join("tokenizer.json").is_file(),
         has_chat_template,
     })
+}
+
+/// Bytes of `c`'s parameters with the decoder's linear weights in `bits` bits plus an f32
+/// scale per block of 64, and everything else (embeddings, norms, biases, `lm_head`) in bf16.
+fn quantized_bytes(c: &ModelConfig, bits: u64) -> u64 {
+    const BLOCK: u64 = 64;
+    let linear = c.num_linear_weight_parameters();
+    let rest = c.num_parameters() - linear;
+    linear * bits / 8 + linear.div_ceil(BLOCK) * 4 + rest * 2
 }
 
 /// Writes a randomly initialised model of the architecture and size in `config` (an HF

@@ -414,6 +414,15 @@ impl ModelConfig {
         v * d + self.num_hidden_layers as u64 * layer + d + head
     }
 
+    /// Parameters in the decoder layers' linear weight matrices (biases excluded): what an
+    /// 8- or 4-bit base quantizes, the embeddings, norms and `lm_head` staying in bf16.
+    pub fn num_linear_weight_parameters(&self) -> u64 {
+        let (d, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let q = (self.num_attention_heads * self.head_dim) as u64;
+        let kv = (self.num_key_value_heads * self.head_dim) as u64;
+        self.num_hidden_layers as u64 * (2 * d * q + 2 * d * kv + 3 * d * i)
+    }
+
     /// RoPE inverse frequencies (length `head_dim / 2`), following transformers' rope init functions.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let dim = self.head_dim;

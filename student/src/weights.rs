@@ -109,6 +109,12 @@ impl Checkpoint {
         Ok(Self { dir, files, index })
     }
 
+    /// Whether `dir` holds weights (a safetensors index or a single safetensors file).
+    pub fn exists(dir: impl AsRef<Path>) -> bool {
+        let dir = dir.as_ref();
+        dir.join(INDEX_FILE).is_file() || dir.join(SINGLE_FILE).is_file()
+    }
+
     /// The checkpoint folder.
     pub fn dir(&self) -> &Path {
         &self.dir

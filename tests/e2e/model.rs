@@ -155,3 +155,61 @@ fn synth_arithmetic_writes_seeded_disjoint_sets_with_planted_problems() {
         bad.stderr()
     );
 }
+
+/// Llama-3.3-70B-Instruct's `config.json` (the base of DeepSeek-R1-Distill-Llama-70B), as
+/// its model card publishes it.
+const LLAMA_3_3_70B: &str = r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false,
+  "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+  "head_dim": 128, "hidden_act": "silu", "hidden_size": 8192, "initializer_range": 0.02,
+  "intermediate_size": 28672, "max_position_embeddings": 131072, "mlp_bias": false,
+  "model_type": "llama", "num_attention_heads": 64, "num_hidden_layers": 80,
+  "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+  "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+    "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+  "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "transformers_version": "4.47.0.dev0", "use_cache": true, "vocab_size": 128256}"#;
+
+/// A 70B plan is checked before fetching 140 GB: `model info` describes a folder holding only
+/// `config.json`, or the file itself, with the memory each precision needs.
+#[test]
+fn info_describes_a_config_without_weights() {
+    let w = Workdir::new();
+    w.write("llama70b/config.json", LLAMA_3_3_70B);
+    let info: serde_json::Value = serde_json::from_str(
+        &w.run(&["model", "info", "llama70b", "--json"])
+            .ok()
+            .stdout(),
+    )
+    .unwrap();
+    // The published parameter count of Llama-3-70B.
+    assert_eq!(info["num_parameters"], 70_553_706_496u64);
+    assert_eq!(info["has_weights"], false);
+    assert_eq!(info["weight_files"], 0);
+    assert_eq!(info["dtype"], "bfloat16");
+    assert_eq!(info["memory_bf16_bytes"], 2 * 70_553_706_496u64);
+    // 80 layers × 855,638,016 linear weights in 4 (or 8) bits with an f32 scale per 64, the
+    // other 2,102,665,216 parameters (embeddings, lm_head, norms) in bf16.
+    let linear = 80 * 855_638_016u64;
+    let rest = 70_553_706_496u64 - linear;
+    assert_eq!(
+        info["memory_4bit_bytes"],
+        linear / 2 + linear / 64 * 4 + rest * 2
+    );
+    assert_eq!(info["memory_8bit_bytes"], linear + linear / 64 * 4 + rest * 2);
+    let gib = info["memory_4bit_bytes"].as_u64().unwrap() as f64 / (1u64 << 30) as f64;
+    assert!((35.0..40.0).contains(&gib), "4-bit 70B: {gib} GiB");
+
+    // The config file alone, as text.
+    let text = w
+        .run(&["model", "info", "llama70b/config.json"])
+        .ok()
+        .stdout();
+    assert!(text.contains("LlamaForCausalLM"), "{text}");
+    assert!(text.contains("no weights"), "{text}");
+    assert!(text.contains("in 4-bit"), "{text}");
+    // A folder with neither weights nor config is still an error naming the file.
+    w.write("empty/README.md", "nothing here");
+    let out = w.run(&["model", "info", "empty"]);
+    assert_ne!(out.code(), 0);
+    assert!(out.stderr().contains("config.json"), "{}", out.stderr());
+}
