@@ -274,3 +274,74 @@ async fn a_sigkill_while_scoring_leaves_no_server_after_resume() {
         .unwrap();
     assert_eq!(after, n as i64);
 }
+
+/// Whether `transformers serve` can run here (transformers with its serving extras and
+/// accelerate, which it needs to place a model).
+fn transformers_serve_available() -> bool {
+    std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import accelerate\nfrom transformers.utils.import_utils import is_serve_available\nassert is_serve_available()",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A real server: `transformers serve` started by the stage on a tiny random model folder,
+/// every sample scored through it, and the server gone when the stage ends.
+#[test]
+fn a_model_served_by_transformers_serve_is_scored() {
+    if !transformers_serve_available() {
+        eprintln!(
+            "skipped: `transformers serve` is not available \
+             (pip install 'transformers[serving]' accelerate)"
+        );
+        return;
+    }
+    let w = Workdir::new();
+    let model = w.path().join("model");
+    tiny_model(&model);
+    w.write("bench.jsonl", &benchmark(3));
+    w.write(
+        "eval.toml",
+        &format!(
+            r#"
+[run]
+name = "hf"
+
+[[stage]]
+name = "score"
+kind = "evaluate"
+benchmark = "bench.jsonl"
+id_field = "id"
+model = "model"
+max_tokens = 8
+label = "transformers"
+serve = {{ command = "transformers serve {{model}} --port {{port}}", ready_timeout_s = 300, stop_grace_s = 10 }}
+"#
+        ),
+    );
+    w.run(&["run", "eval.toml"]).ok();
+    let scores: Value = serde_json::from_str(&w.run(&["scores", "--json"]).ok().stdout()).unwrap();
+    let row = &scores["groups"][0]["rows"][0];
+    assert_eq!(row["label"], "transformers", "{scores:#}");
+    // A random model answers nothing right, but every question got a sample.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let outputs: Vec<(String, i64)> = rt.block_on(async {
+        sqlx::query_as("SELECT output, tokens FROM eval_samples ORDER BY item_id")
+            .fetch_all(&w.db().await)
+            .await
+            .unwrap()
+    });
+    assert_eq!(outputs.len(), 3, "{outputs:?}");
+    assert!(outputs.iter().all(|(o, t)| !o.is_empty() && *t > 0), "{outputs:?}");
+    let still = std::process::Command::new("pgrep")
+        .args(["-f", &format!("transformers serve {}", model.display())])
+        .output()
+        .unwrap();
+    assert!(
+        !still.status.success(),
+        "transformers serve still runs: {}",
+        String::from_utf8_lossy(&still.stdout)
+    );
+}
