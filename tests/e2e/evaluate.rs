@@ -267,7 +267,14 @@ async fn distill_eval_uses_the_given_prompt_template() {
     w.write("bench.jsonl", &benchmark(2));
     let eval = |template: Option<&str>, run: &str| {
         let mut args = vec![
-            "eval", "model", "--benchmark", "bench.jsonl", "--max-tokens", "4", "--run", run,
+            "eval",
+            "model",
+            "--benchmark",
+            "bench.jsonl",
+            "--max-tokens",
+            "4",
+            "--run",
+            run,
         ];
         if let Some(t) = template {
             args.extend(["--prompt-template", t]);
@@ -281,7 +288,10 @@ async fn distill_eval_uses_the_given_prompt_template() {
         "eval.toml",
         &local_config()
             .replace("name = \"local\"", "name = \"config\"")
-            .replace("samples = 2", "samples = 1\nprompt_template = \"Q: {prompt}\""),
+            .replace(
+                "samples = 2",
+                "samples = 1\nprompt_template = \"Q: {prompt}\"",
+            ),
     );
     w.run(&["run", "eval.toml"]).ok();
     let hashes: Vec<(String, String)> = sqlx::query_as(

@@ -195,7 +195,10 @@ fn info_describes_a_config_without_weights() {
         info["memory_4bit_bytes"],
         linear / 2 + linear / 64 * 4 + rest * 2
     );
-    assert_eq!(info["memory_8bit_bytes"], linear + linear / 64 * 4 + rest * 2);
+    assert_eq!(
+        info["memory_8bit_bytes"],
+        linear + linear / 64 * 4 + rest * 2
+    );
     let gib = info["memory_4bit_bytes"].as_u64().unwrap() as f64 / (1u64 << 30) as f64;
     assert!((35.0..40.0).contains(&gib), "4-bit 70B: {gib} GiB");
 

@@ -304,8 +304,7 @@ fn a_model_served_by_transformers_serve_is_scored() {
     w.write("bench.jsonl", &benchmark(3));
     w.write(
         "eval.toml",
-        &format!(
-            r#"
+        r#"
 [run]
 name = "hf"
 
@@ -317,9 +316,8 @@ id_field = "id"
 model = "model"
 max_tokens = 8
 label = "transformers"
-serve = {{ command = "transformers serve {{model}} --port {{port}}", ready_timeout_s = 300, stop_grace_s = 10 }}
-"#
-        ),
+serve = { command = "transformers serve {model} --port {port}", ready_timeout_s = 300, stop_grace_s = 10 }
+"#,
     );
     w.run(&["run", "eval.toml"]).ok();
     let scores: Value = serde_json::from_str(&w.run(&["scores", "--json"]).ok().stdout()).unwrap();
@@ -334,7 +332,10 @@ serve = {{ command = "transformers serve {{model}} --port {{port}}", ready_timeo
             .unwrap()
     });
     assert_eq!(outputs.len(), 3, "{outputs:?}");
-    assert!(outputs.iter().all(|(o, t)| !o.is_empty() && *t > 0), "{outputs:?}");
+    assert!(
+        outputs.iter().all(|(o, t)| !o.is_empty() && *t > 0),
+        "{outputs:?}"
+    );
     let still = std::process::Command::new("pgrep")
         .args(["-f", &format!("transformers serve {}", model.display())])
         .output()

@@ -241,14 +241,18 @@ fn attention_skips_the_key_tail_a_boolean_mask_hides() {
             }
         }
         for i in 0..seq_q {
-            mask[(b * seq_q + i) * seq_kv + visible[b] + i..(b * seq_q + i + 1) * seq_kv].fill(true);
+            mask[(b * seq_q + i) * seq_kv + visible[b] + i..(b * seq_q + i + 1) * seq_kv]
+                .fill(true);
         }
     }
     let kv = |x: &[f32], rows: usize, n: usize| {
         Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), [n, heads, rows, dim]), &dev)
     };
     let hide = |m: Vec<bool>, n: usize, cols: usize| {
-        Some(Tensor::<B, 4, Bool>::from_data(TensorData::new(m, [n, 1, seq_q, cols]), &dev))
+        Some(Tensor::<B, 4, Bool>::from_data(
+            TensorData::new(m, [n, 1, seq_q, cols]),
+            &dev,
+        ))
     };
     let opts = AttentionModuleOptions::default();
     let all = values(attention(
@@ -259,7 +263,10 @@ fn attention_skips_the_key_tail_a_boolean_mask_hides() {
         None,
         opts,
     ));
-    assert!(all.iter().all(|x| x.is_finite()), "the hidden tail was read");
+    assert!(
+        all.iter().all(|x| x.is_finite()),
+        "the hidden tail was read"
+    );
     let per_seq = heads * seq_q * dim;
     for b in 0..batch {
         let kept = visible[b] + seq_q - 1;
@@ -279,6 +286,10 @@ fn attention_skips_the_key_tail_a_boolean_mask_hides() {
             None,
             opts,
         ));
-        assert_eq!(&all[b * per_seq..(b + 1) * per_seq], &one[..], "sequence {b}");
+        assert_eq!(
+            &all[b * per_seq..(b + 1) * per_seq],
+            &one[..],
+            "sequence {b}"
+        );
     }
 }
