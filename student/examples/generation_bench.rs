@@ -5,7 +5,10 @@
 //!
 //! `cargo run --release -p distill-student --example generation_bench -- [cpu|cuda] [tiny|0.5b|1.5b] [f32|bf16]`
 //!
-//! Prints one JSON line per measurement, so a script can collect them.
+//! Prints one JSON line per measurement, so a script can collect them. Decoding runs at the
+//! batch sizes in `GEN_BENCH_BATCHES` (default `1 8 32`), each sequence generating
+//! `GEN_BENCH_NEW_TOKENS` tokens (default 128) after a 64-token prompt; `GEN_BENCH_PREFILL=0`
+//! skips the prefill measurements. `bench/gpu_generate.sh` runs it beside transformers.
 
 use std::time::Instant;
 
@@ -49,8 +52,18 @@ fn run<B: Backend>(device: &B::Device, preset_name: &str, dtype: DType, label: &
             .map(|i| ((row * 7919 + i * 104_729) as u32) % vocab)
             .collect()
     };
+    let env = |k: &str| std::env::var(k).ok();
+    let prefill = env("GEN_BENCH_PREFILL").is_none_or(|v| v != "0");
+    let batches: Vec<usize> = env("GEN_BENCH_BATCHES")
+        .unwrap_or_else(|| "1 8 32".into())
+        .split_whitespace()
+        .map(|b| b.parse().expect("GEN_BENCH_BATCHES: batch sizes"))
+        .collect();
+    let new_tokens: usize = env("GEN_BENCH_NEW_TOKENS")
+        .map_or(128, |n| n.parse().expect("GEN_BENCH_NEW_TOKENS: a count"));
     // Prefill: one forward over a batch of long prompts.
-    for (batch, len) in [(1usize, 512usize), (8, 512)] {
+    let prefills: &[(usize, usize)] = if prefill { &[(1, 512), (8, 512)] } else { &[] };
+    for &(batch, len) in prefills {
         let rows: Vec<Vec<i64>> = (0..batch)
             .map(|r| prompt(r, len).into_iter().map(i64::from).collect())
             .collect();
@@ -75,12 +88,9 @@ fn run<B: Backend>(device: &B::Device, preset_name: &str, dtype: DType, label: &
         );
     }
     // Decode: generate with the KV cache, greedy, a fixed number of new tokens.
-    for batch in [1usize, 8, 32] {
+    for &batch in &batches {
         let prompts: Vec<Vec<u32>> = (0..batch).map(|r| prompt(r, 64)).collect();
-        let cfg = GenerationConfig {
-            max_new_tokens: 128,
-            ..GenerationConfig::greedy(128)
-        };
+        let cfg = GenerationConfig::greedy(new_tokens);
         let _ = generate(
             &model,
             &prompts[..1],
