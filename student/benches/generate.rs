@@ -18,8 +18,8 @@ use distill_student::{
 };
 
 /// The allocator the `distill` binary uses, so the figures are the ones users get.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "support/alloc.rs"]
+mod alloc;
 
 type B = CpuBackend;
 
@@ -53,6 +53,7 @@ fn samples_per_sec(
 }
 
 fn main() {
+    alloc::keep_freed_memory();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let data = root.join("data/quickstart");
     let config = ModelConfig::from_file(data.join("student-config.json")).unwrap();

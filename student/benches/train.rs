@@ -18,8 +18,8 @@ use distill_student::{CausalLm, CpuBackend, ModelConfig, SaveOptions, save_pretr
 mod synthetic;
 
 /// The allocator the `distill` binary uses, so the figures are the ones users get.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "support/alloc.rs"]
+mod alloc;
 
 type B = Autodiff<CpuBackend>;
 
@@ -63,6 +63,7 @@ fn burn_step_secs(model: &CausalLm<B>, recompute: bool) -> (f64, u64) {
 }
 
 fn main() {
+    alloc::keep_freed_memory();
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
