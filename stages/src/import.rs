@@ -670,7 +670,7 @@ impl Converter<'_> {
         // Ignored columns (OpenR1-Math's `messages` repeats a generation) are not decoded.
         let mapped: Vec<&str> = self.columns.named().map(|(_, name)| name).collect();
         let keep = |name: &str| mapped.contains(&name) || !ignore.contains(&name);
-        let (schema, reader) = tabular::parquet_reader_of(file, bytes, keep)?;
+        let (schema, reader) = tabular::parquet_reader(file, bytes, keep)?;
         // Checked against the whole schema (its errors list every column), then planned
         // against the columns read.
         self.plan(file, &schema, ignore)?;

@@ -55,24 +55,10 @@ impl FileFormat {
     }
 }
 
-/// A Parquet file's batches, decoded from its bytes (already read and hashed).
+/// The batches of a Parquet file's top-level columns that `keep` accepts (by name), decoded
+/// from its bytes (already read and hashed), and the file's whole schema: columns left out
+/// are never decompressed or decoded.
 pub fn parquet_reader(
-    file: &Path,
-    bytes: bytes::Bytes,
-) -> Result<ParquetRecordBatchReader, StageError> {
-    ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .and_then(|b| b.with_batch_size(BATCH_ROWS).build())
-        .map_err(|e| {
-            StageError::Input(format!(
-                "{}: not a readable Parquet file (truncated or corrupt?): {e}",
-                file.display()
-            ))
-        })
-}
-
-/// A reader of the top-level columns of a Parquet file that `keep` accepts (by name), and the
-/// file's whole schema: columns left out are never decompressed or decoded.
-pub fn parquet_reader_of(
     file: &Path,
     bytes: bytes::Bytes,
     keep: impl Fn(&str) -> bool,
@@ -98,21 +84,6 @@ pub fn parquet_reader_of(
         .build()
         .map_err(unreadable)?;
     Ok((schema, reader))
-}
-
-/// The schema of a Parquet file, from its footer.
-pub fn parquet_schema(
-    file: &Path,
-    bytes: bytes::Bytes,
-) -> Result<arrow_schema::SchemaRef, StageError> {
-    ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .map(|b| b.schema().clone())
-        .map_err(|e| {
-            StageError::Input(format!(
-                "{}: not a readable Parquet file (truncated or corrupt?): {e}",
-                file.display()
-            ))
-        })
 }
 
 /// The error for a batch that failed to decode (a corrupt page).
@@ -332,7 +303,7 @@ pub fn parquet_records(
     file: &Path,
     bytes: bytes::Bytes,
 ) -> Result<Vec<Map<String, Value>>, StageError> {
-    let schema = parquet_schema(file, bytes.clone())?;
+    let (schema, reader) = parquet_reader(file, bytes, |_| true)?;
     for f in schema.fields() {
         if !json_supported(f.data_type()) {
             return Err(StageError::Input(format!(
@@ -344,7 +315,7 @@ pub fn parquet_records(
         }
     }
     let mut out = Vec::new();
-    for batch in parquet_reader(file, bytes)? {
+    for batch in reader {
         let batch: RecordBatch = batch.map_err(|e| batch_error(file, e))?;
         let names: Vec<&String> = batch
             .schema_ref()

@@ -401,26 +401,34 @@ impl ModelConfig {
             self.intermediate_size as u64,
             self.vocab_size as u64,
         );
-        let q = (self.num_attention_heads * self.head_dim) as u64;
-        let kv = (self.num_key_value_heads * self.head_dim) as u64;
-        let attn = d * q
-            + 2 * d * kv
-            + q * d
-            + if self.qkv_bias { q + 2 * kv } else { 0 }
-            + if self.o_bias { d } else { 0 };
-        let mlp = 3 * d * i + if self.mlp_bias { 2 * i + d } else { 0 };
-        let layer = attn + mlp + 2 * d;
+        let (q, kv) = self.attention_widths();
+        let biases = if self.qkv_bias { q + 2 * kv } else { 0 }
+            + if self.o_bias { d } else { 0 }
+            + if self.mlp_bias { 2 * i + d } else { 0 };
+        // Per layer, besides the linear weights: biases and the two norms.
+        let layer_rest = biases + 2 * d;
         let head = if self.tie_word_embeddings { 0 } else { v * d };
-        v * d + self.num_hidden_layers as u64 * layer + d + head
+        self.num_linear_weight_parameters()
+            + self.num_hidden_layers as u64 * layer_rest
+            + v * d
+            + d
+            + head
     }
 
     /// Parameters in the decoder layers' linear weight matrices (biases excluded): what an
     /// 8- or 4-bit base quantizes, the embeddings, norms and `lm_head` staying in bf16.
     pub fn num_linear_weight_parameters(&self) -> u64 {
         let (d, i) = (self.hidden_size as u64, self.intermediate_size as u64);
-        let q = (self.num_attention_heads * self.head_dim) as u64;
-        let kv = (self.num_key_value_heads * self.head_dim) as u64;
+        let (q, kv) = self.attention_widths();
         self.num_hidden_layers as u64 * (2 * d * q + 2 * d * kv + 3 * d * i)
+    }
+
+    /// Output widths of the query and of each key/value projection.
+    fn attention_widths(&self) -> (u64, u64) {
+        (
+            (self.num_attention_heads * self.head_dim) as u64,
+            (self.num_key_value_heads * self.head_dim) as u64,
+        )
     }
 
     /// RoPE inverse frequencies (length `head_dim / 2`), following transformers' rope init functions.
