@@ -197,6 +197,10 @@ enum Command {
         /// Shard weight files above this many GB.
         #[arg(long, default_value_t = 5.0)]
         max_shard_gb: f64,
+        /// Write only a (Q)LoRA run's adapter in PEFT's layout (for `PeftModel` on the base)
+        /// instead of the merged model.
+        #[arg(long)]
+        adapter: bool,
     },
     /// Generate synthetic problems with reference answers (for demos and tests).
     Synth {
@@ -448,6 +452,7 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             out: path,
             dtype,
             max_shard_gb,
+            adapter,
         } => {
             let db = open_existing(cli.db).await?;
             let run = runs::find(&db, &run).await?;
@@ -460,6 +465,7 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
                     model_cmd::Precision::Bf16 => distill_stages::export::ExportDtype::Bf16,
                 },
                 max_shard_gb,
+                adapter,
             };
             let summary = distill_stages::export::export(&db, run.id, &params, &path).await?;
             eprintln!("exported step {} to {}", summary["step"], path.display());

@@ -52,6 +52,8 @@ pub enum PlanMethod {
     Full,
     /// Low-rank adapters on a frozen base.
     Lora,
+    /// Low-rank adapters on a frozen 4-bit (NF4) base: QLoRA, `lora.base_bits = 4`.
+    Qlora,
 }
 
 /// `distill model` subcommands.
@@ -81,17 +83,18 @@ pub enum ModelCommand {
     },
     /// Estimate per-GPU memory of fine-tuning a model and say whether it fits.
     ///
-    /// Counts weights, bf16 compute copies, gradients, AdamW state and activations
-    /// (Burn 0.21 keeps attention scores for backward: they are counted) and, when the
-    /// run does not fit, which single change would make it fit.
+    /// Counts weights (a QLoRA base's linear weights in 4 bits), bf16 compute copies,
+    /// gradients, AdamW state and activations (Burn 0.21 keeps attention scores for
+    /// backward: they are counted) and, when the run does not fit, which single change
+    /// would make it fit.
     Plan {
         /// A model folder or its config.json (or use --published).
         #[arg(required_unless_present = "published")]
         model: Option<PathBuf>,
-        /// Full fine-tuning or LoRA.
+        /// Full fine-tuning, LoRA or QLoRA.
         #[arg(long, value_enum, default_value = "full")]
         method: PlanMethod,
-        /// LoRA rank.
+        /// Adapter rank of LoRA and QLoRA.
         #[arg(long, default_value_t = 16)]
         lora_rank: usize,
         /// Tokens per sequence.
@@ -112,6 +115,10 @@ pub enum ModelCommand {
         /// f32 compute instead of bf16.
         #[arg(long)]
         f32: bool,
+        /// Query rows per attention chunk under recomputation (the train stage's
+        /// `attention_chunk_tokens`).
+        #[arg(long, default_value_t = 2048)]
+        attention_chunk_tokens: usize,
         /// Print the table for DeepSeek's published R1-Distill students instead.
         #[arg(long)]
         published: bool,
@@ -218,6 +225,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             gpu_mem_gib,
             no_recompute,
             f32,
+            attention_chunk_tokens,
             published,
             json,
         } => {
@@ -229,10 +237,15 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 return Ok(());
             }
             let model = model.expect("clap requires it");
+            anyhow::ensure!(
+                attention_chunk_tokens > 0,
+                "--attention-chunk-tokens must be positive"
+            );
             let settings = PlanSettings {
                 method: match method {
                     PlanMethod::Full => Method::Full,
                     PlanMethod::Lora => Method::Lora { rank: lora_rank },
+                    PlanMethod::Qlora => Method::Qlora { rank: lora_rank },
                 },
                 seq_len,
                 micro_batch,
@@ -240,6 +253,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 gpu_mem_gib,
                 recompute: !no_recompute,
                 bf16: !f32,
+                attention_chunk_tokens,
                 ..defaults
             };
             let plan = plan_for(&model, &settings)
@@ -253,6 +267,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     match settings.method {
                         Method::Full => "full fine-tuning".to_string(),
                         Method::Lora { rank } => format!("LoRA rank {rank}"),
+                        Method::Qlora { rank } => format!("QLoRA rank {rank} (4-bit NF4 base)"),
                     },
                     seq_len,
                     micro_batch,
@@ -260,20 +275,25 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     gpu_mem_gib,
                     if settings.bf16 { "bf16" } else { "f32" },
                     if settings.recompute {
-                        " · recompute"
+                        format!(" · recompute, attention chunks of {attention_chunk_tokens}")
                     } else {
-                        ""
+                        String::new()
                     },
                 );
                 for (name, b) in [
                     ("weights", plan.weights),
                     ("compute copies", plan.compute_copies),
+                    ("dequant scratch", plan.dequant_scratch),
                     ("gradients", plan.gradients),
                     ("optimizer", plan.optimizer),
                     ("activations", plan.activations),
                     ("overhead", plan.overhead),
                     ("total per GPU", plan.total),
                 ] {
+                    // Only QLoRA dequantizes.
+                    if name == "dequant scratch" && b == 0 {
+                        continue;
+                    }
                     text.push_str(&format!("  {name:<15} {}\n", bytes(b)));
                 }
                 text.push_str(&format!(

@@ -49,6 +49,12 @@ pub struct ExportParams {
     /// Shard weight files above this many GB (transformers' default is 5).
     #[serde(default = "default_shard_gb")]
     pub max_shard_gb: f64,
+    /// Write only the (Q)LoRA adapter in PEFT's layout (`adapter_config.json` and
+    /// `adapter_model.safetensors`, for `PeftModel.from_pretrained` on the base model) instead
+    /// of the merged model. Left out of the identity when false, so existing runs keep their
+    /// fingerprints.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adapter: bool,
 }
 
 fn default_shard_gb() -> f64 {
@@ -171,6 +177,16 @@ pub async fn export(
             crate::checkpoint_files::list(&damage)
         )));
     }
+    if params.adapter {
+        let card = model_card(db, run_id, train, chosen.step).await?;
+        let out = out.to_path_buf();
+        let written = tokio::task::spawn_blocking(move || write_adapter(&source, &out, &card))
+            .await
+            .map_err(|e| StageError::Failed(format!("export panicked: {e}")))??;
+        return Ok(
+            json!({ "step": chosen.step, "out": written.0, "files": written.1, "adapter": true }),
+        );
+    }
     if !chosen.r#final && source.join(distill_student::train::ADAPTER_FILE).exists() {
         return Err(StageError::Input(format!(
             "{} is an intermediate LoRA checkpoint (adapters only): export the final model, which has them merged",
@@ -233,6 +249,49 @@ fn write_folder(
         .iter()
         .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
         .collect();
+    files.push("README.md".into());
+    Ok((out.display().to_string(), files))
+}
+
+/// Copies a (Q)LoRA run's PEFT adapter (from a final export's `adapter/` or an intermediate
+/// checkpoint, which holds nothing else) with the tokenizer files and the card. Returns the
+/// folder and its files.
+fn write_adapter(
+    source: &Path,
+    out: &Path,
+    card: &str,
+) -> Result<(String, Vec<String>), StageError> {
+    use distill_student::train::{ADAPTER_CONFIG_FILE, ADAPTER_DIR, ADAPTER_FILE};
+    let fail =
+        |e: &dyn std::fmt::Display| StageError::Failed(format!("export to {}: {e}", out.display()));
+    let from = [source.join(ADAPTER_DIR), source.to_path_buf()]
+        .into_iter()
+        .find(|d| d.join(ADAPTER_FILE).is_file())
+        .ok_or_else(|| {
+            StageError::Input(format!(
+                "{} holds no LoRA adapter (`{ADAPTER_DIR}/{ADAPTER_FILE}`): the train stage trained every weight, so export the merged model (leave `adapter` out)",
+                source.display()
+            ))
+        })?;
+    std::fs::create_dir_all(out).map_err(|e| fail(&e))?;
+    let mut files = Vec::new();
+    for name in [ADAPTER_FILE, ADAPTER_CONFIG_FILE] {
+        std::fs::copy(from.join(name), out.join(name))
+            .map_err(|e| fail(&format!("copying {}: {e}", from.join(name).display())))?;
+        files.push(name.to_string());
+    }
+    let copied =
+        distill_student::weights::copy_tokenizer_files(source, out).map_err(|e| fail(&e))?;
+    if !copied.is_empty() {
+        ensure_think_generation_prompt(out).map_err(|e| fail(&e))?;
+    }
+    files.extend(
+        copied
+            .iter()
+            .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned())),
+    );
+    let card = card.replacen("library_name: transformers", "library_name: peft", 1);
+    std::fs::write(out.join("README.md"), card).map_err(|e| fail(&e))?;
     files.push("README.md".into());
     Ok((out.display().to_string(), files))
 }

@@ -199,6 +199,7 @@ fn check_plan(
     let defaults = PlanSettings::default();
     let settings = PlanSettings {
         method: match &config.lora {
+            Some(l) if l.quantized_base() => Method::Qlora { rank: l.rank },
             Some(l) => Method::Lora { rank: l.rank },
             None => Method::Full,
         },
@@ -608,7 +609,7 @@ impl TrainJob {
         }
     }
 
-    fn train<B: burn::tensor::backend::AutodiffBackend>(
+    fn train<B: distill_student::train::TrainBackend>(
         self,
         devices: &[B::Device],
     ) -> Result<Finished, StageError> {
@@ -688,5 +689,45 @@ impl TrainJob {
             data,
             devices: trainer.devices().len(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distill_student::train::LoraConfig;
+
+    /// R1-Distill-Llama-70B's shape (Llama-3.3-70B) on one H200 at 4k tokens, bf16 with
+    /// recomputation: `lora.base_bits = 4` is planned as QLoRA and fits; the same LoRA on a
+    /// bf16 base is refused, naming QLoRA.
+    #[test]
+    fn check_plan_plans_a_quantized_base_as_qlora() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 8192,
+                "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+                "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 500000.0,
+                "tie_word_embeddings": false}"#,
+        )
+        .unwrap();
+        let config = |base_bits| TrainConfig {
+            lora: Some(LoraConfig {
+                base_bits,
+                ..LoraConfig::default()
+            }),
+            max_seq_len: 4096,
+            precision: Precision::Bf16,
+            recompute: true,
+            ..TrainConfig::default()
+        };
+        check_plan(dir.path(), &config(Some(4)), None).unwrap();
+        let err = check_plan(dir.path(), &config(None), None).unwrap_err();
+        assert!(
+            err.message
+                .contains("would fit: QLoRA (4-bit base, rank 16"),
+            "{}",
+            err.message
+        );
     }
 }

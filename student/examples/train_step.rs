@@ -5,7 +5,8 @@
 //!     DEVICE MODEL SEQ BATCH STEPS PRECISION MODE METHOD`
 //! - DEVICE: `cpu` or `cuda`
 //! - MODEL: a model folder with weights (loaded), or a folder / `config.json` without (random init)
-//! - PRECISION: `f32` or `bf16`; MODE: `plain` or `recompute`; METHOD: `full` or `lora16` (any rank)
+//! - PRECISION: `f32` or `bf16`; MODE: `plain` or `recompute`; METHOD: `full`, `lora16` (any rank)
+//!   or `qlora16` (the same on a 4-bit NF4 base)
 //!
 //! Prints one JSON line per step (the trainer's metrics) and one with the plan. With
 //! `TRAIN_STEP_SAVE=DIR` it also writes `DIR/checkpoint` and `DIR/export` (adapters merged), for
@@ -14,21 +15,23 @@
 //! replicas): each device takes one micro-batch of BATCH sequences per step.
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
 use distill_student::plan::{Method, PlanSettings, plan};
+use distill_student::train::TrainBackend;
 use distill_student::train::{LoraConfig, MicroBatch, Precision, TrainConfig, Trainer};
 use distill_student::{CausalLm, ModelConfig};
 
 #[path = "../benches/support/synthetic.rs"]
 mod synthetic;
 
-fn run<B: AutodiffBackend>(device_of: impl Fn(usize) -> B::Device, args: &[String]) {
+fn run<B: TrainBackend>(device_of: impl Fn(usize) -> B::Device, args: &[String]) {
     let [_, model, seq, batch, steps, precision, mode, method] = args else {
-        panic!("usage: DEVICE MODEL SEQ BATCH STEPS f32|bf16 plain|recompute full|loraR");
+        panic!("usage: DEVICE MODEL SEQ BATCH STEPS f32|bf16 plain|recompute full|loraR|qloraR");
     };
     let num = |s: &str| s.parse::<usize>().expect("a number");
     let (seq, batch, steps) = (num(seq), num(batch), num(steps));
-    let lora = method.strip_prefix("lora").map(num);
+    // `qloraR`: LoRA of rank R on a 4-bit NF4 base.
+    let qlora = method.starts_with("qlora");
+    let lora = method.trim_start_matches('q').strip_prefix("lora").map(num);
     let devices: Vec<B::Device> = std::env::var("TRAIN_STEP_DEVICES")
         .unwrap_or_else(|_| "0".into())
         .split(',')
@@ -54,6 +57,7 @@ fn run<B: AutodiffBackend>(device_of: impl Fn(usize) -> B::Device, args: &[Strin
         lora: lora.map(|rank| LoraConfig {
             rank,
             alpha: 2.0 * rank as f64,
+            base_bits: qlora.then_some(4),
             ..LoraConfig::default()
         }),
         ..TrainConfig::default()
@@ -85,7 +89,11 @@ fn run<B: AutodiffBackend>(device_of: impl Fn(usize) -> B::Device, args: &[Strin
     let p = plan(
         &mc,
         &PlanSettings {
-            method: lora.map_or(Method::Full, |rank| Method::Lora { rank }),
+            method: match lora {
+                Some(rank) if qlora => Method::Qlora { rank },
+                Some(rank) => Method::Lora { rank },
+                None => Method::Full,
+            },
             seq_len: seq,
             micro_batch: batch,
             recompute: config.recompute,

@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod plan;
+pub mod quant;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -4,37 +4,51 @@
 //! (`train::Trainer`; formulas below), not from a generic rule of thumb. Notation: `P` parameters
 //! (`P_l` per decoder layer, `L` layers), `d` hidden, `I` MLP width, `h`/`kv` query/KV heads of
 //! width `hd`, `V` vocabulary, `b` sequences of `N` tokens per micro-batch, `T = b·N`, `e` bytes per
-//! compute element (2 for bf16, 4 for f32), `r` LoRA rank, `C = min(T, loss_chunk_tokens)`.
+//! compute element (2 for bf16, 4 for f32), `r` LoRA rank, `C = min(T, loss_chunk_tokens)`,
+//! `P_lin` the decoder layers' linear weights (q, k, v, o, gate, up, down; biases excluded).
 //!
 //! - **weights**: full fine-tuning keeps f32 masters, `4P`; LoRA keeps the frozen base in the
-//!   compute dtype, `e·P`, plus f32 adapters `4·P_lora`.
+//!   compute dtype, `e·P`, plus f32 adapters `4·P_lora`. QLoRA (`lora.base_bits = 4`) stores
+//!   every decoder linear weight as NF4 (`crate::quant`), a 4-bit code plus an f32 scale per
+//!   block of 64 weights, `P_lin/2 + 4·P_lin/64` (4.5 bits, 0.5625 bytes a weight; `model
+//!   info`'s 4-bit figure; a matrix whose input width is not a multiple of 64 is padded to one);
+//!   the rest (embeddings, norms, biases, LM head) in the compute dtype, `e·(P − P_lin)`; plus
+//!   f32 adapters `4·P_lora`.
 //! - **compute copies** (bf16 with f32 masters): every weight is cast to bf16 where it is used and
 //!   the copy lives until backward: `2·L·P_l` without recomputation, `2·2·P_l` with it (one layer
-//!   in the re-run plus one in the no-grad pass); plus `2·V·d` for the head. 0 in f32.
+//!   in the re-run plus one in the no-grad pass); plus `2·V·d` for the head. LoRA and QLoRA cast
+//!   only the adapters, `2·P_lora`. 0 in f32.
+//! - **dequantization scratch** (QLoRA): products dequantize the NF4 base one tile of at most
+//!   `E_t = DEQUANT_TILE_ELEMENTS` (2²⁴) weights at a time, forward and backward, and keep no
+//!   dequantized copy for backward, so the base costs one tile in flight besides its codes:
+//!   `E_t·(16 + e)` bytes (`DEQUANT_SCRATCH_BYTES_PER_ELEMENT` = 16 of unpacked code, gather
+//!   index and f32 level, plus the compute-dtype value; 288 MiB in bf16).
 //! - **gradients**: f32 for trainable parameters, `4·P_train`, plus one stage's gradients while
-//!   they are added in (`4·max(V·d, P_l)`, full fine-tuning).
-//! - **optimizer**: AdamW's two f32 moments, `8·P_train`.
+//!   they are added in (`4·max(V·d, P_l)`, full fine-tuning). (Q)LoRA: the adapters', `4·P_lora`.
+//! - **optimizer**: AdamW's two f32 moments, `8·P_train` (`8·P_lora` for (Q)LoRA).
 //! - **activations**: tensors autodiff keeps for backward. Per layer
 //!   `A = 16·T·d + e·T·(2d + 6·h·hd + 2·kv·hd + 5I) + 2·e·b·h·N² + 4N²` (two RMSNorms keep an f32
 //!   input and an f32 normalised copy; the q/k/v input, RoPE inputs of q and k, the KV-expanded
 //!   attention inputs, the o_proj input, the MLP input and its four `[T, I]` intermediates; and —
 //!   because Burn 0.21 has no fused attention under autodiff — the softmax numerator and the
-//!   probabilities `[b, h, N, N]`, plus the causal mask). LoRA adds `e·T·r` per adapted module.
-//!   Without recomputation all `L` layers are held: `L·A`; with per-layer recomputation only the
-//!   layer inputs `L·e·T·d` plus one layer's `A`. Recomputation also runs attention in query
-//!   chunks of `Q = attention_chunk_tokens` rows when `N > Q`: every `N²` above becomes `Q·N`,
-//!   and the layer holds q, k, v, context and their gradients, `7·e·T·h·hd`, besides. On top:
-//!   embeddings and final norm `(e + 8)·T·d`, the scored rows `e·T·d`, one loss chunk
-//!   `(e + 16)·C·V` (f32 logits, exp and their gradients), and backward's working set
-//!   `2·e·b·h·N² + 2·e·T·I` (gradients of the attention probabilities and scores, of the MLP
-//!   intermediates; `Q·N` for `N²` when chunked).
+//!   probabilities `[b, h, N, N]`, plus the causal mask). LoRA and QLoRA add `e·T·r` per adapted
+//!   module (the NF4 product saves only its input, counted above, and re-dequantizes in
+//!   backward). Without recomputation all `L` layers are held: `L·A`; with per-layer
+//!   recomputation only the layer inputs `L·e·T·d` plus one layer's `A`. Recomputation also runs
+//!   attention in query chunks of `Q = attention_chunk_tokens` rows when `N > Q`: every `N²`
+//!   above becomes `Q·N`, and the layer holds q, k, v, context and their gradients,
+//!   `7·e·T·h·hd`, besides. On top: embeddings and final norm `(e + 8)·T·d`, the scored rows
+//!   `e·T·d`, one loss chunk `(e + 16)·C·V` (f32 logits, exp and their gradients), and
+//!   backward's working set `2·e·b·h·N² + 2·e·T·I` (gradients of the attention probabilities
+//!   and scores, of the MLP intermediates; `Q·N` for `N²` when chunked).
 //! - **overhead**: CUDA context and allocator slack, `1 GiB + 5%` of the GPU.
 //!
 //! Several GPUs are planned as ZeRO-3/FSDP sharding (weights, gradients and optimizer state
-//! divided by the GPU count, plus two gathered layers in flight), which is what open-r1 runs with
-//! DeepSpeed. This crate's trainer does not shard: its data parallelism replicates the whole
-//! state on every GPU, so each of its GPUs needs the one-GPU figure; the multi-GPU rows say what
-//! a sharded run would need.
+//! divided by the GPU count, plus two gathered layers in flight: `2·e·P_l`, or for QLoRA two
+//! layers as stored, NF4 linear weights and the rest in `e`), which is what open-r1 runs with
+//! DeepSpeed; the dequantization scratch is per GPU and not divided. This crate's trainer does
+//! not shard: its data parallelism replicates the whole state on every GPU, so each of its GPUs
+//! needs the one-GPU figure; the multi-GPU rows say what a sharded run would need.
 
 use std::path::Path;
 
@@ -43,6 +57,7 @@ use serde_json::json;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::quant::{BLOCK, DEQUANT_SCRATCH_BYTES_PER_ELEMENT, DEQUANT_TILE_ELEMENTS};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -60,12 +75,28 @@ pub enum Method {
         /// Adapter rank.
         rank: usize,
     },
+    /// QLoRA: LoRA of this rank on a frozen base whose decoder linear weights are NF4 (4 bits
+    /// and an f32 scale per 64 weights), dequantized tile by tile inside each product.
+    Qlora {
+        /// Adapter rank.
+        rank: usize,
+    },
+}
+
+impl Method {
+    /// Adapter rank, `None` for full fine-tuning.
+    pub fn rank(self) -> Option<usize> {
+        match self {
+            Method::Full => None,
+            Method::Lora { rank } | Method::Qlora { rank } => Some(rank),
+        }
+    }
 }
 
 /// The run to plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanSettings {
-    /// Full fine-tuning or LoRA.
+    /// Full fine-tuning, LoRA or QLoRA.
     pub method: Method,
     /// Tokens per sequence.
     pub seq_len: usize,
@@ -114,6 +145,8 @@ pub struct Plan {
     pub weights: u64,
     /// bf16 copies of f32 weights made for compute.
     pub compute_copies: u64,
+    /// QLoRA: the one tile of the NF4 base dequantized at a time, with its working memory.
+    pub dequant_scratch: u64,
     /// Gradients, this GPU's share.
     pub gradients: u64,
     /// AdamW moments, this GPU's share.
@@ -164,6 +197,24 @@ pub fn lora_params(c: &ModelConfig, rank: usize) -> u64 {
     per_layer * rank as u64 * c.num_hidden_layers as u64
 }
 
+/// Bytes of one decoder layer's seven linear weights as NF4 ([`crate::quant::Nf4Matrix`]): per
+/// output column, the inputs rounded up to whole blocks of [`BLOCK`], half a byte a code and an
+/// f32 scale a block. `P_l,lin/2 + 4·P_l,lin/64` (4.5 bits a weight, `model info`'s 4-bit
+/// figure) when every input width (`d`, `h·hd`, `I`) is a multiple of 64, as in every published
+/// config.
+fn nf4_layer_bytes(c: &ModelConfig) -> u64 {
+    let (d, i) = (c.hidden_size as u64, c.intermediate_size as u64);
+    let q = (c.num_attention_heads * c.head_dim) as u64;
+    let kv = (c.num_key_value_heads * c.head_dim) as u64;
+    let block = BLOCK as u64;
+    let matrix = |d_in: u64, d_out: u64| {
+        let padded = d_in.div_ceil(block) * block;
+        padded * d_out / 2 + 4 * (padded / block) * d_out
+    };
+    // q, k, v and gate, up read d; o reads h·hd; down reads I.
+    matrix(d, q) + 2 * matrix(d, kv) + matrix(q, d) + 2 * matrix(d, i) + matrix(i, d)
+}
+
 /// Plans `settings` for the model described by `config`.
 pub fn plan(config: &ModelConfig, settings: &PlanSettings) -> Plan {
     let mut p = estimate(config, settings);
@@ -198,15 +249,17 @@ fn estimate(c: &ModelConfig, s: &PlanSettings) -> Plan {
     let t = b * n;
     let chunk = t.min(s.loss_chunk_tokens as u64);
 
-    let (lora, rank) = match s.method {
-        Method::Full => (0, 0),
-        Method::Lora { rank } => (lora_params(c, rank), rank as u64),
+    let (lora, rank) = match s.method.rank() {
+        None => (0, 0),
+        Some(rank) => (lora_params(c, rank), rank as u64),
     };
+    let qlora = matches!(s.method, Method::Qlora { .. });
+    let linear = c.num_linear_weight_parameters();
     let trainable = if lora > 0 { lora } else { params };
-    let weights = if lora > 0 {
-        e * params + 4 * lora
-    } else {
-        4 * params
+    let weights = match s.method {
+        Method::Full => 4 * params,
+        Method::Lora { .. } => e * params + 4 * lora,
+        Method::Qlora { .. } => layers * nf4_layer_bytes(c) + e * (params - linear) + 4 * lora,
     };
     let compute_copies = match (s.bf16, lora > 0) {
         (false, _) => 0,
@@ -219,6 +272,11 @@ fn estimate(c: &ModelConfig, s: &PlanSettings) -> Plan {
             };
             trunk + 2 * v * d
         }
+    };
+    let dequant_scratch = if qlora {
+        DEQUANT_TILE_ELEMENTS as u64 * (DEQUANT_SCRATCH_BYTES_PER_ELEMENT + e)
+    } else {
+        0
     };
     let gradients = 4 * trainable + if lora > 0 { 0 } else { 4 * (v * d).max(pl) };
     let optimizer = 8 * trainable;
@@ -252,7 +310,11 @@ fn estimate(c: &ModelConfig, s: &PlanSettings) -> Plan {
 
     // ZeRO-3: state sharded, two layers gathered in flight.
     let shard = |x: u64| if g > 1 { x.div_ceil(g) } else { x };
-    let gathered = if g > 1 { 2 * e * pl } else { 0 };
+    let gathered = match (g > 1, qlora) {
+        (false, _) => 0,
+        (true, false) => 2 * e * pl,
+        (true, true) => 2 * (nf4_layer_bytes(c) + e * (pl - linear / layers.max(1))),
+    };
     let gpu_bytes = (s.gpu_mem_gib * GIB) as u64;
     let overhead = (GIB + 0.05 * gpu_bytes as f64) as u64;
     let (weights, gradients, optimizer) = (
@@ -260,13 +322,15 @@ fn estimate(c: &ModelConfig, s: &PlanSettings) -> Plan {
         shard(gradients),
         shard(optimizer),
     );
-    let total = weights + compute_copies + gradients + optimizer + activations + overhead;
+    let total =
+        weights + compute_copies + dequant_scratch + gradients + optimizer + activations + overhead;
     Plan {
         settings: s.clone(),
         params,
         trainable_params: trainable,
         weights,
         compute_copies,
+        dequant_scratch,
         gradients,
         optimizer,
         activations,
@@ -320,6 +384,51 @@ fn suggestions(c: &ModelConfig, s: &PlanSettings) -> Vec<String> {
             }
         }
     }
+    // A 4-bit base, for full fine-tuning (rank 16) or LoRA (its rank) that does not fit.
+    if let Some(rank) = match s.method {
+        Method::Full => Some(16),
+        Method::Lora { rank } => Some(rank),
+        Method::Qlora { .. } => None,
+    } {
+        for recompute in [s.recompute, true] {
+            let t = PlanSettings {
+                method: Method::Qlora { rank },
+                recompute,
+                ..s.clone()
+            };
+            if let Some(total) = fits(&t) {
+                let extra = if recompute && !s.recompute {
+                    " with recompute = true"
+                } else {
+                    ""
+                };
+                out.push(format!(
+                    "QLoRA (4-bit base, rank {rank}; lora.base_bits = 4){extra}: {} per GPU",
+                    gib(total)
+                ));
+                break;
+            }
+        }
+    }
+    // Smaller attention chunks under recomputation: the largest halving (down to 128 rows) that
+    // fits.
+    if s.recompute {
+        let mut rows = s.attention_chunk_tokens.min(s.seq_len) / 2;
+        while rows >= 128 {
+            let t = PlanSettings {
+                attention_chunk_tokens: rows,
+                ..s.clone()
+            };
+            if let Some(total) = fits(&t) {
+                out.push(format!(
+                    "attention_chunk_tokens = {rows}: {} per GPU",
+                    gib(total)
+                ));
+                break;
+            }
+            rows /= 2;
+        }
+    }
     if s.micro_batch > 1 {
         let t = PlanSettings {
             micro_batch: 1,
@@ -364,7 +473,7 @@ fn suggestions(c: &ModelConfig, s: &PlanSettings) -> Vec<String> {
         out.push(format!("seq_len = {}: {} per GPU", lo * 512, gib(total)));
     }
     if out.is_empty() {
-        out.push("no single change fits (recompute, LoRA, up to 64 GPUs, shorter sequences); combine them or quantise the base".into());
+        out.push("no single change fits (recompute, LoRA, QLoRA, smaller attention chunks, up to 64 GPUs, shorter sequences); combine them".into());
     }
     out
 }
@@ -466,11 +575,11 @@ pub fn r1_distill_students() -> Vec<(&'static str, &'static str, ModelConfig)> {
 }
 
 /// Markdown table of the R1-distill students on 1 and 8 GPUs of `gpu_mem_gib` at 32k and 4k
-/// tokens (micro-batch 1, bf16): full fine-tuning with and without recomputation, LoRA rank 16
-/// with recomputation. Cells are GiB per GPU, ✗ where it does not fit.
+/// tokens (micro-batch 1, bf16): full fine-tuning with and without recomputation, LoRA and QLoRA
+/// rank 16 with recomputation. Cells are GiB per GPU, ✗ where it does not fit.
 pub fn r1_distill_table(gpu_mem_gib: f64) -> String {
     let mut out = String::from(
-        "| student | params | seq | GPUs | full | full + recompute | LoRA r16 + recompute |\n|---|---|---|---|---|---|---|\n",
+        "| student | params | seq | GPUs | full | full + recompute | LoRA r16 + recompute | QLoRA r16 + recompute |\n|---|---|---|---|---|---|---|---|\n",
     );
     for (name, _, c) in r1_distill_students() {
         for seq in [32768, 4096] {
@@ -491,7 +600,7 @@ pub fn r1_distill_table(gpu_mem_gib: f64) -> String {
                     format!("{:.0}{mark}", p.total_gib())
                 };
                 out.push_str(&format!(
-                    "| {} | {:.1}B | {}k | {} | {} | {} | {} |\n",
+                    "| {} | {:.1}B | {}k | {} | {} | {} | {} | {} |\n",
                     name.trim_start_matches("DeepSeek-R1-Distill-"),
                     c.num_parameters() as f64 / 1e9,
                     seq / 1024,
@@ -499,6 +608,7 @@ pub fn r1_distill_table(gpu_mem_gib: f64) -> String {
                     cell(Method::Full, false),
                     cell(Method::Full, true),
                     cell(Method::Lora { rank: 16 }, true),
+                    cell(Method::Qlora { rank: 16 }, true),
                 ));
             }
         }
@@ -594,6 +704,156 @@ mod tests {
             l.total,
             l.weights + l.gradients + l.optimizer + l.activations + l.overhead
         );
+    }
+
+    #[test]
+    fn qlora_hand_computed_tiny_plan() {
+        let c = tiny();
+        // The seven linear weights of each layer: q 64·64, k/v 2·64·32, o 64·64, MLP 3·64·128.
+        let linear = 2 * (4096 + 4096 + 4096 + 24_576);
+        assert_eq!(c.num_linear_weight_parameters(), linear);
+        // NF4: half a byte a weight and an f32 scale per 64 weights, 0.5625 bytes a weight.
+        let nf4 = linear / 2 + linear / 64 * 4;
+        assert_eq!(nf4, 41_472);
+        assert_eq!(nf4 * 16, linear * 9);
+        // Embeddings, head, final norm; per layer the q/k/v biases and two norms.
+        let rest = 2 * 100 * 64 + 64 + 2 * (128 + 2 * 64);
+        assert_eq!(c.num_parameters() - linear, rest);
+        let lp = lora_params(&c, 2);
+        let s = PlanSettings {
+            method: Method::Qlora { rank: 2 },
+            seq_len: 8,
+            micro_batch: 2,
+            gpus: 1,
+            gpu_mem_gib: 1.0,
+            recompute: false,
+            bf16: false,
+            loss_chunk_tokens: 4,
+            attention_chunk_tokens: 8,
+        };
+        let q = plan(&c, &s);
+        let l = plan(
+            &c,
+            &PlanSettings {
+                method: Method::Lora { rank: 2 },
+                ..s.clone()
+            },
+        );
+        // f32: the rest in 4 bytes; no compute copies; one tile of 2²⁴ weights dequantized at a
+        // time, 16 scratch bytes and the 4-byte value each.
+        assert_eq!(q.weights, nf4 + 4 * rest + 4 * lp);
+        assert_eq!(q.compute_copies, 0);
+        assert_eq!(q.dequant_scratch, (1 << 24) * (16 + 4));
+        assert_eq!(
+            (q.trainable_params, q.gradients, q.optimizer),
+            (lp, 4 * lp, 8 * lp)
+        );
+        assert_eq!(q.activations, l.activations);
+        assert_eq!(
+            q.total,
+            q.weights + q.dequant_scratch + q.gradients + q.optimizer + q.activations + q.overhead
+        );
+        assert_eq!(l.dequant_scratch, 0);
+        // bf16: the rest in 2 bytes, bf16 copies of the adapters.
+        let b = plan(
+            &c,
+            &PlanSettings {
+                bf16: true,
+                ..s.clone()
+            },
+        );
+        assert_eq!(b.weights, nf4 + 2 * rest + 4 * lp);
+        assert_eq!(b.compute_copies, 2 * lp);
+        assert_eq!(b.dequant_scratch, (1 << 24) * (16 + 2));
+        // Two GPUs: the stored state halves, plus two layers in flight as stored (NF4 linear
+        // weights, bf16 biases and norms); the scratch is per GPU.
+        let g = plan(
+            &c,
+            &PlanSettings {
+                bf16: true,
+                gpus: 2,
+                ..s.clone()
+            },
+        );
+        assert_eq!(
+            g.weights,
+            (nf4 + 2 * rest + 4 * lp).div_ceil(2) + 2 * (nf4 / 2 + 2 * (128 + 2 * 64))
+        );
+        assert_eq!((g.gradients, g.optimizer), (2 * lp, 4 * lp));
+        assert_eq!(g.dequant_scratch, b.dequant_scratch);
+        // An input width that is not a multiple of 64 is padded to whole blocks, as
+        // `quant::Nf4Matrix` stores it: down_proj reads I = 96, stored as 128 rows.
+        let odd = ModelConfig::from_value(
+            json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+                   "intermediate_size": 96, "num_hidden_layers": 1, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "tie_word_embeddings": true}),
+            Path::new("odd"),
+        )
+        .unwrap();
+        let aligned = (64 * 64 + 2 * 64 * 32 + 64 * 64 + 2 * 64 * 96) * 9 / 16;
+        assert_eq!(nf4_layer_bytes(&odd), aligned + 128 * 64 / 2 + 2 * 64 * 4);
+    }
+
+    /// R1-Distill-Llama-70B (Llama-3.3-70B's shape) with QLoRA rank 16, bf16, recomputation:
+    /// one H200, where full fine-tuning and LoRA on a bf16 base (131 GiB of weights) do not fit
+    /// and name QLoRA.
+    #[test]
+    fn llama_70b_qlora_fits_one_h200() {
+        let (name, _, c) = r1_distill_students().pop().unwrap();
+        assert_eq!(name, "DeepSeek-R1-Distill-Llama-70B");
+        let qlora = Method::Qlora { rank: 16 };
+        let at = |method, seq_len, attention_chunk_tokens| {
+            plan(
+                &c,
+                &PlanSettings {
+                    method,
+                    seq_len,
+                    attention_chunk_tokens,
+                    ..PlanSettings::default()
+                },
+            )
+        };
+        // 80 layers × 855,638,016 linear weights in NF4, the other 2,102,665,216 parameters in
+        // bf16 (`model info`'s 4-bit figure, 39.8 GiB), plus the f32 adapters.
+        let linear = 80 * 855_638_016u64;
+        let rest = 70_553_706_496 - linear;
+        let lp = lora_params(&c, 16);
+        let q = at(qlora, 4096, 2048);
+        assert_eq!(q.weights, linear / 2 + linear / 64 * 4 + 2 * rest + 4 * lp);
+        assert_eq!(q.dequant_scratch, (1 << 24) * 18);
+        assert!((39.0..41.0).contains(&(q.weights as f64 / GIB)));
+        // At 32k tokens the layer's attention probabilities are the largest term: with 2048-row
+        // query chunks it does not fit, and the planner names the chunk size that does.
+        let wide = at(qlora, 32768, 2048);
+        assert!(!wide.fits, "{:.1} GiB", wide.total_gib());
+        assert!(
+            wide.suggestions
+                .iter()
+                .any(|s| s.starts_with("attention_chunk_tokens = 1024: ")),
+            "{:?}",
+            wide.suggestions
+        );
+        for (seq, chunk, range) in [(4096, 2048, 60.0..75.0), (32768, 1024, 130.0..H200_GIB)] {
+            let q = at(qlora, seq, chunk);
+            assert!(
+                q.fits && q.suggestions.is_empty() && range.contains(&q.total_gib()),
+                "{seq}: {:.1} GiB",
+                q.total_gib()
+            );
+            for method in [Method::Full, Method::Lora { rank: 16 }] {
+                let p = at(method, seq, chunk);
+                assert!(!p.fits, "{method:?} at {seq}: {:.1} GiB", p.total_gib());
+                let named = format!(
+                    "QLoRA (4-bit base, rank 16; lora.base_bits = 4): {}",
+                    gib(q.total)
+                );
+                assert!(
+                    p.suggestions.iter().any(|s| s.starts_with(&named)),
+                    "{method:?} at {seq}: {:?}",
+                    p.suggestions
+                );
+            }
+        }
     }
 
     #[test]

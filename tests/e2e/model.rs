@@ -169,6 +169,111 @@ const LLAMA_3_3_70B: &str = r#"{"architectures": ["LlamaForCausalLM"], "attentio
   "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
   "transformers_version": "4.47.0.dev0", "use_cache": true, "vocab_size": 128256}"#;
 
+/// `model plan --method qlora` on Llama-3.3-70B's config: the 4-bit base is `model info`'s
+/// 4-bit figure plus the f32 adapters, it fits one H200 at 4k tokens where full fine-tuning and
+/// LoRA on the bf16 base do not, and those plans name QLoRA.
+#[test]
+fn plan_qlora_fits_a_70b_on_one_h200() {
+    let w = Workdir::new();
+    w.write("llama70b/config.json", LLAMA_3_3_70B);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["model"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        serde_json::from_str(&w.run(&all).ok().stdout()).unwrap()
+    };
+    let info = json(&["info", "llama70b"]);
+    let plan = json(&[
+        "plan",
+        "llama70b",
+        "--method",
+        "qlora",
+        "--lora-rank",
+        "16",
+        "--seq-len",
+        "4096",
+    ]);
+    assert_eq!(plan["settings"]["method"]["qlora"]["rank"], 16);
+    // 16 adapters' (in + out) per layer: q, k, v, o, gate, up, down.
+    let lora = 80
+        * 16
+        * ((8192 + 8192) + 2 * (8192 + 1024) + (8192 + 8192) + 2 * (8192 + 28672) + (28672 + 8192))
+            as u64;
+    assert_eq!(plan["trainable_params"], lora);
+    assert_eq!(
+        plan["weights"].as_u64().unwrap(),
+        info["memory_4bit_bytes"].as_u64().unwrap() + 4 * lora
+    );
+    assert_eq!(plan["dequant_scratch"], (1u64 << 24) * 18);
+    assert_eq!(plan["fits"], true, "{plan}");
+    // 32k tokens fit with 1024-row attention chunks, not with the default 2048, and the plan
+    // says so.
+    let wide = json(&[
+        "plan",
+        "llama70b",
+        "--method",
+        "qlora",
+        "--seq-len",
+        "32768",
+    ]);
+    assert_eq!(wide["fits"], false);
+    assert!(
+        wide["suggestions"].as_array().unwrap().iter().any(|s| s
+            .as_str()
+            .unwrap()
+            .starts_with("attention_chunk_tokens = 1024: ")),
+        "{wide}"
+    );
+    let chunked = json(&[
+        "plan",
+        "llama70b",
+        "--method",
+        "qlora",
+        "--seq-len",
+        "32768",
+        "--attention-chunk-tokens",
+        "1024",
+    ]);
+    assert_eq!(chunked["fits"], true, "{chunked}");
+    // Full fine-tuning and LoRA on the bf16 base do not fit and name QLoRA.
+    for method in ["full", "lora"] {
+        let text = w
+            .run(&[
+                "model",
+                "plan",
+                "llama70b",
+                "--method",
+                method,
+                "--seq-len",
+                "4096",
+            ])
+            .ok()
+            .stdout();
+        assert!(text.contains("does NOT fit"), "{text}");
+        assert!(
+            text.contains("would fit: QLoRA (4-bit base, rank 16; lora.base_bits = 4)"),
+            "{text}"
+        );
+    }
+    let text = w
+        .run(&[
+            "model",
+            "plan",
+            "llama70b",
+            "--method",
+            "qlora",
+            "--seq-len",
+            "4096",
+        ])
+        .ok()
+        .stdout();
+    assert!(
+        text.contains("QLoRA rank 16") && text.contains("dequant scratch"),
+        "{text}"
+    );
+    assert!(text.contains("  fits"), "{text}");
+}
+
 /// A 70B plan is checked before fetching 140 GB: `model info` describes a folder holding only
 /// `config.json`, or the file itself, with the memory each precision needs.
 #[test]

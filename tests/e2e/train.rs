@@ -604,3 +604,85 @@ async fn export_refuses_a_damaged_final_model_naming_the_file() {
     assert!(!w.path().join("x/model.safetensors").exists());
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qlora_run_exports_the_merged_model_and_its_peft_adapter() {
+    let server = FakeTeacher::start(FakeConfig::default().responder(reply))
+        .await
+        .unwrap();
+    let lora = "lora = { rank = 4, alpha = 8.0, base_bits = 4 }";
+    let w = setup(&server.url(), 3, 0, &lora.replace("= 4 }", "= 8 }"));
+    let bad = w.run(&["validate", "pipeline.toml"]);
+    assert_ne!(bad.code(), 0);
+    assert!(
+        bad.stderr().contains("lora.base_bits") && bad.stderr().contains("8 is not supported"),
+        "{}",
+        bad.stderr()
+    );
+    w.write("pipeline.toml", &config(&server.url(), 3, 0, lora));
+    run(&w, &["run", "pipeline.toml"]).await.ok();
+    // The final folder is a plain HF model (the adapter in a subfolder, where transformers
+    // does not mistake the folder for a PEFT one).
+    let fin = w.path().join("runs/sft/train/final");
+    assert!(fin.join("model.safetensors").is_file());
+    assert!(!fin.join("adapter_config.json").exists());
+    assert!(fin.join("adapter/adapter_model.safetensors").is_file());
+    w.run(&["export", "sft", "--student", "train", "--out", "merged"])
+        .ok();
+    transformers_loads(&w.path().join("merged"));
+    w.run(&[
+        "export",
+        "sft",
+        "--student",
+        "train",
+        "--out",
+        "peft",
+        "--adapter",
+    ])
+    .ok();
+    let peft = w.path().join("peft");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "README.md",
+    ] {
+        assert!(peft.join(f).is_file(), "{f} missing");
+    }
+    assert!(!peft.join("model.safetensors").exists());
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (settings["peft_type"].as_str(), settings["r"].as_u64()),
+        (Some("LORA"), Some(4))
+    );
+    let card = std::fs::read_to_string(peft.join("README.md")).unwrap();
+    assert!(card.contains("library_name: peft"), "{card}");
+    let adapter = std::fs::read(peft.join("adapter_model.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&adapter)
+        .unwrap()
+        .names()
+        .len();
+    assert_eq!(names, 2 * 7 * 2, "A and B for 7 modules of 2 layers");
+
+    // A fully fine-tuned student has no adapter to export.
+    w.write("pipeline.toml", &config(&server.url(), 3, 0, ""));
+    run(&w, &["run", "pipeline.toml"]).await.ok();
+    let out = w.run(&[
+        "export",
+        "sft",
+        "--student",
+        "train",
+        "--out",
+        "none",
+        "--adapter",
+    ]);
+    assert_ne!(out.code(), 0);
+    assert!(
+        out.stderr().contains("holds no LoRA adapter"),
+        "{}",
+        out.stderr()
+    );
+    assert!(!w.path().join("none/adapter_model.safetensors").exists());
+    server.shutdown().await;
+}

@@ -123,6 +123,15 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Which linear layers get adapters.
     pub target_modules: Vec<LoraTarget>,
+    /// `Some(4)`: QLoRA. Every decoder linear weight of the frozen base (all seven, whatever
+    /// `target_modules` adapts, as bitsandbytes quantizes every linear layer) is stored as NF4
+    /// (4-bit NormalFloat, an f32 scale per block of 64; see [`crate::quant`]) and dequantized
+    /// tile by tile inside each product; embeddings, norms, biases and the LM head keep the
+    /// storage dtype.
+    /// `None`: the base stays in the storage dtype. Left out of the serialised form when
+    /// `None`, so existing runs keep their fingerprints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_bits: Option<u8>,
 }
 
 impl Default for LoraConfig {
@@ -132,6 +141,7 @@ impl Default for LoraConfig {
             alpha: 32.0,
             dropout: 0.0,
             target_modules: LoraTarget::ALL.to_vec(),
+            base_bits: None,
         }
     }
 }
@@ -140,6 +150,11 @@ impl LoraConfig {
     /// `alpha / rank`.
     pub fn scale(&self) -> f64 {
         self.alpha / self.rank as f64
+    }
+
+    /// True for QLoRA (a 4-bit base).
+    pub fn quantized_base(&self) -> bool {
+        self.base_bits.is_some()
     }
 }
 
@@ -326,6 +341,16 @@ impl TrainConfig {
             }
             if l.target_modules.is_empty() {
                 return bad("lora.target_modules", "is empty".into());
+            }
+            if let Some(bits) = l.base_bits
+                && bits != 4
+            {
+                return bad(
+                    "lora.base_bits",
+                    format!(
+                        "{bits} is not supported (4 = NF4, as QLoRA; leave it out for an unquantized base)"
+                    ),
+                );
             }
         }
         Ok(())

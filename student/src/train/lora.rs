@@ -115,7 +115,7 @@ pub fn target_linear<B: Backend>(layer: &DecoderLayer<B>, target: LoraTarget) ->
     }
 }
 
-fn target_linear_mut<B: Backend>(
+pub(crate) fn target_linear_mut<B: Backend>(
     layer: &mut DecoderLayer<B>,
     target: LoraTarget,
 ) -> &mut Linear<B> {

@@ -29,6 +29,7 @@ mod error;
 mod lora;
 mod model;
 mod parallel;
+mod qlora;
 mod schedule;
 mod trainer;
 
@@ -40,8 +41,23 @@ pub use data::{DataStats, SftRecord, examples_from_records};
 pub use error::{TrainError, TrainResult};
 pub use lora::{ADAPTER_CONFIG_FILE, ADAPTER_FILE, LoraAdapters, LoraLayer, LoraPair};
 pub use model::TrainModel;
+pub use qlora::{QuantLayer, dequantize_base, quantize_base};
 pub use schedule::{learning_rate, warmup_steps};
-pub use trainer::{CheckpointInfo, NamedTensor, StepMetrics, Trainer, peak_rss_bytes};
+pub use trainer::{ADAPTER_DIR, CheckpointInfo, NamedTensor, StepMetrics, Trainer, peak_rss_bytes};
+
+/// What the trainer runs on: an autodiff backend whose both levels have the NF4 products
+/// QLoRA needs (Flex and CUDA do, through [`crate::quant::QuantOps`]' defaults).
+pub trait TrainBackend:
+    burn::tensor::backend::AutodiffBackend<InnerBackend: crate::quant::QuantOps>
+    + crate::quant::QuantOps
+{
+}
+
+impl<B> TrainBackend for B where
+    B: burn::tensor::backend::AutodiffBackend<InnerBackend: crate::quant::QuantOps>
+        + crate::quant::QuantOps
+{
+}
 
 /// The CPU training backend.
 pub type CpuTrainBackend = burn::backend::Autodiff<crate::CpuBackend>;

@@ -18,8 +18,10 @@ use burn::tensor::{DType, Distribution};
 use super::config::LoraTarget;
 use super::data::mix;
 use super::lora::{LoraAdapters, LoraLayer, LoraPair, target_index};
+use super::qlora::{QuantLayer, dequantize_base};
 use crate::config::ModelConfig;
 use crate::model::{Attention, CausalLm, DecoderLayer, Mlp};
+use crate::quant::{Nf4Weight, QuantOps};
 
 /// A base model plus (for LoRA runs) its adapters: the module the optimizer updates.
 #[derive(Module, Debug)]
@@ -28,6 +30,9 @@ pub struct TrainModel<B: Backend> {
     pub base: CausalLm<B>,
     /// Adapters, for LoRA runs.
     pub lora: Option<LoraAdapters<B>>,
+    /// QLoRA: the NF4 form of every decoder linear weight, one entry per layer (the dense
+    /// weights in `base` are then empty placeholders). Empty otherwise.
+    pub quant: Vec<QuantLayer<B>>,
 }
 
 /// Per-forward constants: RoPE tables, compute dtype, LoRA dropout.
@@ -99,8 +104,9 @@ pub(crate) fn to_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType
 /// Rows of all sequences go through one 2D product: Burn multiplies a `[b, s, d]` input by a
 /// broadcast weight as `b` separate products and sums `b` weight gradients afterwards, while
 /// `[b·s, d]` is one product each way (and one weight gradient), split across threads by gemm.
-fn lin<B: Backend>(
+fn lin<B: QuantOps>(
     l: &Linear<B>,
+    quant: Option<&Nf4Weight<B>>,
     adapter: Option<&LoraPair<B>>,
     scale: f64,
     x: Tensor<B, 3>,
@@ -109,10 +115,19 @@ fn lin<B: Backend>(
 ) -> Tensor<B, 3> {
     let [rows, seq, d] = x.dims();
     let x = x.reshape([rows * seq, d]);
-    let w = to_dtype(l.weight.val(), f.dtype);
     let b = l.bias.as_ref().map(|b| to_dtype(b.val(), f.dtype));
+    let base = |x: Tensor<B, 2>| match quant {
+        Some(q) => {
+            let y = q.matmul(x);
+            match b {
+                Some(b) => y + b.unsqueeze(),
+                None => y,
+            }
+        }
+        None => linear(x, to_dtype(l.weight.val(), f.dtype), b),
+    };
     let y = match adapter {
-        None => linear(x, w, b),
+        None => base(x),
         Some(p) => {
             let xa = if f.dropout > 0.0 {
                 B::seed(&x.device(), seed);
@@ -126,7 +141,7 @@ fn lin<B: Backend>(
             };
             // Scaling the rank-r intermediate is the cheapest place for `alpha / rank`.
             let low = linear(xa, to_dtype(p.a.val(), f.dtype), None).mul_scalar(scale);
-            linear(x, w, b) + linear(low, to_dtype(p.b.val(), f.dtype), None)
+            base(x) + linear(low, to_dtype(p.b.val(), f.dtype), None)
         }
     };
     let out = y.dims()[1];
@@ -144,15 +159,17 @@ pub(crate) fn rms_norm<B: Backend>(n: &RmsNorm<B>, x: Tensor<B, 3>, dtype: DType
 /// What one layer's linear layers need besides their weights: adapters, scale, dropout seeds.
 struct LayerCtx<'a, B: Backend> {
     lora: Option<&'a LoraLayer<B>>,
+    quant: Option<&'a QuantLayer<B>>,
     scale: f64,
     seed: u64,
 }
 
-impl<B: Backend> LayerCtx<'_, B> {
+impl<B: QuantOps> LayerCtx<'_, B> {
     fn lin(&self, l: &Linear<B>, t: LoraTarget, x: Tensor<B, 3>, f: &Fwd<B>) -> Tensor<B, 3> {
         let adapter = self.lora.and_then(|a| a.get(t));
         lin(
             l,
+            self.quant.map(|q| q.get(t)),
             adapter,
             self.scale,
             x,
@@ -199,7 +216,7 @@ pub(crate) fn causal_attention<B: Backend>(
     }
 }
 
-impl<B: Backend> TrainModel<B> {
+impl<B: QuantOps> TrainModel<B> {
     /// Decoder layers.
     pub fn num_layers(&self) -> usize {
         self.base.model.layers.len()
@@ -216,6 +233,7 @@ impl<B: Backend> TrainModel<B> {
     fn layer_ctx(&self, i: usize, f: &Fwd<B>) -> LayerCtx<'_, B> {
         LayerCtx {
             lora: self.lora.as_ref().map(|l| &l.layers[i]),
+            quant: self.quant.get(i),
             scale: self.lora.as_ref().map_or(0.0, |l| l.config.scale()),
             seed: mix(f.dropout_seed, i as u64),
         }
@@ -316,11 +334,24 @@ impl<B: Backend> TrainModel<B> {
         self.head(h.reshape([b * s, d]), dtype)
             .reshape([b, s, self.base.config.vocab_size])
     }
+}
 
-    /// The base with the adapters folded in (the base itself for full fine-tuning).
+impl<B: Backend> TrainModel<B> {
+    /// The base the forward computes with: a QLoRA base dequantized (in the dtype of the
+    /// embeddings), any other base as it is.
+    pub fn effective_base(&self) -> CausalLm<B> {
+        if self.quant.is_empty() {
+            return self.base.clone();
+        }
+        let dtype = self.base.model.embed_tokens.weight.val().dtype();
+        dequantize_base(self.base.clone(), &self.quant, dtype)
+    }
+
+    /// The base with the adapters folded in (the base itself for full fine-tuning); a QLoRA
+    /// run's adapters go into its dequantized base, the function it trained.
     pub fn merged(&self) -> CausalLm<B> {
         match &self.lora {
-            Some(l) => l.merge_into(self.base.clone()),
+            Some(l) => l.merge_into(self.effective_base()),
             None => self.base.clone(),
         }
     }

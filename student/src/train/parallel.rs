@@ -16,16 +16,16 @@
 //! multi-node case; the latter (NCCL all-reduce on CUDA; it does build beside `flex`) could not
 //! be run here, since NCCL refuses two ranks on one GPU and only one-GPU machines were available.
 
+use super::TrainBackend;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
 
 use super::model::TrainModel;
 use super::trainer::Adam;
 
 /// A copy of the model and its optimizer state on another device.
-pub(super) struct Replica<B: AutodiffBackend> {
+pub(super) struct Replica<B: TrainBackend> {
     pub device: B::Device,
     /// Taken only while its update is applied.
     pub model: Option<TrainModel<B>>,
@@ -33,7 +33,7 @@ pub(super) struct Replica<B: AutodiffBackend> {
     pub opt_plain: Adam<B>,
 }
 
-impl<B: AutodiffBackend> Replica<B> {
+impl<B: TrainBackend> Replica<B> {
     /// Forks `model` (ids and trainability kept) and copies both optimizers' state to `device`.
     pub fn fork(
         model: &TrainModel<B>,
@@ -57,17 +57,17 @@ pub(super) fn share(r: usize, n: usize, micro_batches: usize) -> impl Iterator<I
 
 /// Sums every parameter's gradient over `parts` (one per replica, in device order) on
 /// `devices[0]` and returns, for each replica, the total on its own device.
-pub(super) fn all_reduce<B: AutodiffBackend>(
+pub(super) fn all_reduce<B: TrainBackend>(
     model: &TrainModel<B>,
     parts: Vec<GradientsParams>,
     devices: &[B::Device],
 ) -> Vec<GradientsParams> {
-    struct Reduce<'a, B: AutodiffBackend> {
+    struct Reduce<'a, B: TrainBackend> {
         parts: Vec<GradientsParams>,
         out: Vec<GradientsParams>,
         devices: &'a [B::Device],
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Reduce<'_, B> {
+    impl<B: TrainBackend> ModuleVisitor<B> for Reduce<'_, B> {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
             let mut total: Option<Tensor<B::InnerBackend, D>> = None;
             for part in &mut self.parts {

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::TrainBackend;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
@@ -26,7 +27,6 @@ use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::backend::AutodiffBackend;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{
@@ -36,8 +36,13 @@ use super::config::{Precision, TrainConfig};
 use super::data::{self, Batch, DataStats, Sequence};
 use super::error::{TrainError, TrainResult};
 use super::lora::LoraAdapters;
+
+/// Subfolder of a LoRA run's export holding its adapter in PEFT's layout (a subfolder, because
+/// transformers treats a top-level `adapter_config.json` as a PEFT folder and loads the base).
+pub const ADAPTER_DIR: &str = "adapter";
 use super::model::{Fwd, SequentialIds, TrainModel, causal_attention, to_dtype};
 use super::parallel::{self, Replica};
+use super::qlora::quantize_base;
 use super::schedule;
 use crate::model::CausalLm;
 use crate::tokenizer::SftExample;
@@ -97,7 +102,7 @@ pub(super) type Adam<B> = OptimizerAdaptor<AdamW, TrainModel<B>, B>;
 type OptimRecord<B> = <Adam<B> as Optimizer<TrainModel<B>, B>>::Record;
 
 /// Supervised fine-tuning of a [`CausalLm`] (full or LoRA) on tokenised examples.
-pub struct Trainer<B: AutodiffBackend> {
+pub struct Trainer<B: TrainBackend> {
     model: Option<TrainModel<B>>,
     /// Matrices (weight decay applies).
     opt_decay: Adam<B>,
@@ -173,12 +178,12 @@ impl<B: Backend> ModuleVisitor<B> for ParamList {
 }
 
 /// Sum of squared gradient entries, per tensor, in f32.
-struct SquaredNorms<'a, B: AutodiffBackend> {
+struct SquaredNorms<'a, B: TrainBackend> {
     grads: &'a GradientsParams,
     parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorms<'_, B> {
+impl<B: TrainBackend> ModuleVisitor<B> for SquaredNorms<'_, B> {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
             self.parts.push(to_dtype(g, DType::F32).square().sum());
@@ -187,7 +192,7 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorms<'_, B> {
 }
 
 /// Scales every gradient (clipping) and splits them into the decay / no-decay groups.
-struct ScaleAndSplit<'a, B: AutodiffBackend> {
+struct ScaleAndSplit<'a, B: TrainBackend> {
     all: GradientsParams,
     factor: Option<f64>,
     decay_ids: &'a HashSet<ParamId>,
@@ -196,7 +201,7 @@ struct ScaleAndSplit<'a, B: AutodiffBackend> {
     _b: std::marker::PhantomData<B>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for ScaleAndSplit<'_, B> {
+impl<B: TrainBackend> ModuleVisitor<B> for ScaleAndSplit<'_, B> {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
         if let Some(mut g) = self.all.remove::<B::InnerBackend, D>(p.id) {
             if let Some(f) = self.factor {
@@ -248,7 +253,7 @@ fn gpu_reserved_bytes<B: Backend>(devices: &[B::Device]) -> Option<u64> {
     }
 }
 
-fn adam<B: AutodiffBackend>(config: &TrainConfig, weight_decay: f64) -> Adam<B> {
+fn adam<B: TrainBackend>(config: &TrainConfig, weight_decay: f64) -> Adam<B> {
     AdamWConfig::new()
         .with_beta_1(config.adam_beta1 as f32)
         .with_beta_2(config.adam_beta2 as f32)
@@ -258,7 +263,7 @@ fn adam<B: AutodiffBackend>(config: &TrainConfig, weight_decay: f64) -> Adam<B> 
         .init()
 }
 
-impl<B: AutodiffBackend> Trainer<B> {
+impl<B: TrainBackend> Trainer<B> {
     /// Loads the HF model folder `model_dir` (f32 masters; a LoRA run's base in the compute
     /// dtype) and prepares `examples` under `config`. Tokenizer files found in `model_dir` are
     /// copied into every checkpoint and export.
@@ -379,16 +384,21 @@ impl<B: AutodiffBackend> Trainer<B> {
         device: &B::Device,
     ) -> TrainResult<Self> {
         let (seqs, stats) = data::prepare(examples, &config, base.config.vocab_size)?;
-        let (base, lora) = match &config.lora {
+        let (base, lora, quant) = match &config.lora {
             Some(lc) => {
                 let base = base.no_grad();
                 let adapters =
                     adapters.unwrap_or_else(|| LoraAdapters::init(&base, lc, config.seed, device));
-                (base, Some(adapters))
+                let (base, quant) = if lc.quantized_base() {
+                    quantize_base(base)
+                } else {
+                    (base, Vec::new())
+                };
+                (base, Some(adapters), quant)
             }
-            None => (base, None),
+            None => (base, None, Vec::new()),
         };
-        let model = TrainModel { base, lora }.map(&mut SequentialIds { next: 0 });
+        let model = TrainModel { base, lora, quant }.map(&mut SequentialIds { next: 0 });
         let mut list = ParamList::default();
         model.visit(&mut list);
         let decay_ids = list
@@ -469,9 +479,25 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// The trained model in plain HF form, adapters merged, without autodiff (for generation
-    /// and evaluation).
+    /// and evaluation). A QLoRA run's adapters are merged into its dequantized base, the
+    /// function it trained; [`Self::export`] merges into the original base instead.
     pub fn merged_model(&self) -> CausalLm<B::InnerBackend> {
         self.model().valid().merged()
+    }
+
+    /// What [`Self::export`] writes: for a QLoRA run with a base folder, the adapters folded
+    /// into the original (unquantized) base weights re-read from it, as QLoRA's recipe and
+    /// PEFT's `merge_and_unload` on the 16-bit base do; otherwise [`Self::merged_model`].
+    pub fn export_model(&self) -> TrainResult<CausalLm<B::InnerBackend>> {
+        let model = self.model();
+        match (&model.lora, &self.base_dir) {
+            (Some(lora), Some(dir)) if !model.quant.is_empty() => {
+                let base =
+                    load_model::<B::InnerBackend>(dir, &self.device, storage_dtype(&self.config))?;
+                Ok(lora.valid().merge_into(base))
+            }
+            _ => Ok(self.merged_model()),
+        }
     }
 
     /// Learning rate of the next step.
@@ -731,7 +757,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
     }
 
-    /// Writes the trained model (adapters merged) as a plain HF folder, atomically; `opts.dtype`
+    /// Writes the trained model (adapters merged) as a plain HF folder, atomically, and for a
+    /// (Q)LoRA run the adapters alone in PEFT's layout under [`ADAPTER_DIR`]; `opts.dtype`
     /// picks the dtype on disk (e.g. bf16), tokenizer files come from the base folder unless
     /// `opts.tokenizer_dir` says otherwise.
     pub fn export(
@@ -744,7 +771,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             opts.tokenizer_dir = self.base_dir.clone();
         }
         let tmp = checkpoint::begin(dir)?;
-        let mut saved = save_pretrained(&self.merged_model(), &tmp, &opts)?;
+        let mut saved = save_pretrained(&self.export_model()?, &tmp, &opts)?;
+        if let Some(lora) = &self.model().lora {
+            let adapter = tmp.join(ADAPTER_DIR);
+            std::fs::create_dir_all(&adapter).map_err(|e| TrainError::io(&adapter, e))?;
+            lora.save_peft(&adapter, self.base_dir.as_deref())?;
+        }
         checkpoint::commit(&tmp, dir)?;
         for f in &mut saved.files {
             if let Some(name) = f.file_name() {
@@ -790,7 +822,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             names: std::vec::IntoIter<String>,
             out: Vec<NamedTensor>,
         }
-        impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+        impl<B: TrainBackend> ModuleVisitor<B> for Collect<'_> {
             fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
                 let name = self.names.next().expect("one name per parameter");
                 let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) else {
@@ -820,7 +852,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 }
 
 /// What one device computes for a step: the gradient of its share of the micro-batches.
-struct ShareOut<B: AutodiffBackend> {
+struct ShareOut<B: TrainBackend> {
     grads: GradientsParams,
     totals: Totals,
     /// Summed NLL of each loss chunk, still on the device (read once every share is launched).
@@ -844,7 +876,7 @@ impl Totals {
 }
 
 /// Forward and backward of micro-batches on one device.
-struct Worker<'a, B: AutodiffBackend> {
+struct Worker<'a, B: TrainBackend> {
     config: &'a TrainConfig,
     seqs: &'a [Sequence],
     device: &'a B::Device,
@@ -853,7 +885,7 @@ struct Worker<'a, B: AutodiffBackend> {
     step_seed: u64,
 }
 
-impl<B: AutodiffBackend> Worker<'_, B> {
+impl<B: TrainBackend> Worker<'_, B> {
     /// Gradients and totals of the step's micro-batches `share` (index in the step, members).
     fn run(&self, model: &TrainModel<B>, share: &[(usize, &[usize])]) -> ShareOut<B> {
         let mut acc = GradientsAccumulator::<TrainModel<B>>::new();
@@ -990,7 +1022,7 @@ fn sum_f64<B: Backend>(parts: Vec<Tensor<B, 1>>) -> f64 {
 }
 
 /// Clips (`factor`) and applies one AdamW update, decayed and plain groups apart.
-fn update<B: AutodiffBackend>(
+fn update<B: TrainBackend>(
     model: TrainModel<B>,
     grads: GradientsParams,
     factor: Option<f64>,
@@ -1050,7 +1082,7 @@ fn select_rows<B: Backend>(h: Tensor<B, 3>, index: Tensor<B, 1, Int>) -> Tensor<
 /// projections. Only one chunk's attention probabilities exist at a time. Returns the gradient
 /// of the layer input.
 #[allow(clippy::too_many_arguments)]
-fn layer_backward_chunked<B: AutodiffBackend>(
+fn layer_backward_chunked<B: TrainBackend>(
     model: &TrainModel<B>,
     inner: &TrainModel<B::InnerBackend>,
     i: usize,
@@ -1109,7 +1141,7 @@ fn layer_backward_chunked<B: AutodiffBackend>(
 
 /// Backward of `sum(out · grad)`: pushes an upstream gradient through `out`'s graph into `acc`,
 /// returning the gradient of `leaf` when one is given.
-fn backprop<B: AutodiffBackend, const D: usize, const L: usize>(
+fn backprop<B: TrainBackend, const D: usize, const L: usize>(
     model: &TrainModel<B>,
     out: Tensor<B, D>,
     grad: Tensor<B::InnerBackend, D>,

@@ -9,5 +9,6 @@ mod cpu_kernels;
 mod cuda;
 mod errors;
 mod parity;
+mod qlora;
 mod train;
 mod weights;

@@ -170,6 +170,7 @@ fn training_forward_matches_inference_forward() {
         let tm = distill_student::train::TrainModel {
             base: model,
             lora: None,
+            quant: Vec::new(),
         };
         let got = to_vec(tm.logits(ids_tensor(&r.input_ids), DType::F32));
         assert_close(name, &got, &want, 1e-5);
@@ -288,10 +289,28 @@ fn lora_trains_with_frozen_base_and_merges_exactly() {
     // Merged export = base + (alpha/rank)·B·A, from the PEFT adapter file of a checkpoint.
     let ckpt = tmp.path().join("ckpt");
     trainer.save_checkpoint(&ckpt).unwrap();
-    let adapter = tensors(&ckpt.join("adapter_model.safetensors"));
-    assert_eq!(adapter.len(), 3 * 7 * 2);
     let merged_dir = tmp.path().join("merged");
     trainer.export(&merged_dir, SaveOptions::default()).unwrap();
+    let checked = assert_merged_is_base_plus_adapters(&merged_dir, &ckpt, &base, &lora);
+    assert_eq!(checked, 3 * 7);
+
+    // The merged folder reloads and computes what the adapted model computes.
+    let reloaded = load_model::<B>(&merged_dir, &device(), DType::F32).unwrap();
+    let ids = ids_tensor(&[examples[0].prompt_ids.clone()]);
+    let want = to_vec(trainer.model().valid().logits(ids.clone(), DType::F32));
+    assert_close("merged logits", &to_vec(reloaded.forward(ids)), &want, 1e-4);
+}
+
+/// Checks that the export in `merged_dir` holds `base + (alpha/rank)·B·A` (within 1e-6) for every
+/// adapter in the PEFT file of the checkpoint `ckpt`, and `base` unchanged elsewhere; returns
+/// how many weights were adapted.
+pub(crate) fn assert_merged_is_base_plus_adapters(
+    merged_dir: &Path,
+    ckpt: &Path,
+    base: &HashMap<String, (Vec<usize>, Vec<f32>)>,
+    lora: &LoraConfig,
+) -> usize {
+    let adapter = tensors(&ckpt.join("adapter_model.safetensors"));
     let merged = tensors(&merged_dir.join("model.safetensors"));
     let scale = (lora.alpha / lora.rank as f64) as f32;
     let mut checked = 0;
@@ -318,13 +337,12 @@ fn lora_trains_with_frozen_base_and_merges_exactly() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 3 * 7);
-
-    // The merged folder reloads and computes what the adapted model computes.
-    let reloaded = load_model::<B>(&merged_dir, &device(), DType::F32).unwrap();
-    let ids = ids_tensor(&[examples[0].prompt_ids.clone()]);
-    let want = to_vec(trainer.model().valid().logits(ids.clone(), DType::F32));
-    assert_close("merged logits", &to_vec(reloaded.forward(ids)), &want, 1e-4);
+    assert_eq!(
+        adapter.len(),
+        2 * checked,
+        "one A and one B per adapted weight"
+    );
+    checked
 }
 
 pub(crate) fn resume_config(lora: bool) -> TrainConfig {
