@@ -17,8 +17,10 @@
 use burn::backend::Autodiff;
 use distill_student::plan::{Method, PlanSettings, plan};
 use distill_student::train::TrainBackend;
-use distill_student::train::{LoraConfig, MicroBatch, Precision, TrainConfig, Trainer};
-use distill_student::{CausalLm, ModelConfig};
+use distill_student::train::{
+    LoraConfig, MicroBatch, Precision, TrainConfig, Trainer, init_quantized,
+};
+use distill_student::{CausalLm, DType, ModelConfig};
 
 #[path = "../benches/support/synthetic.rs"]
 mod synthetic;
@@ -69,6 +71,16 @@ fn run<B: TrainBackend>(device_of: impl Fn(usize) -> B::Device, args: &[String])
         || path.join("model.safetensors.index.json").is_file()
     {
         Trainer::<B>::new(path, &data, config.clone(), device).expect("trainer")
+    } else if qlora {
+        // Made on the device layer by layer, each quantized at once: a 70B shape never
+        // exists dense (its bf16 weights alone would fill an H200).
+        let dtype = if precision == "bf16" {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let (base, quant) = init_quantized::<B>(&mc, device, dtype);
+        Trainer::<B>::from_quantized(base, quant, &data, config.clone(), device).expect("trainer")
     } else {
         let base = CausalLm::<B>::init(&mc, device);
         Trainer::<B>::from_model(base, &data, config.clone(), device).expect("trainer")

@@ -436,6 +436,16 @@ impl<B: Backend> CausalLm<B> {
     /// the config's `initializer_range`, default 0.02; zero biases; unit norms). For training from
     /// scratch, benchmarks and tests; real weights come from [`crate::weights::load_model`].
     pub fn init(config: &ModelConfig, device: &B::Device) -> Self {
+        Self::init_with(config, device, |layer| layer)
+    }
+
+    /// [`Self::init`], passing each decoder layer through `each_layer` as soon as it is made,
+    /// so a caller that shrinks layers (QLoRA quantizes them) never holds the dense model.
+    pub fn init_with(
+        config: &ModelConfig,
+        device: &B::Device,
+        mut each_layer: impl FnMut(DecoderLayer<B>) -> DecoderLayer<B>,
+    ) -> Self {
         let c = config;
         let std = c
             .raw
@@ -472,6 +482,7 @@ impl<B: Backend> CausalLm<B> {
                 input_layernorm: norm(),
                 post_attention_layernorm: norm(),
             })
+            .map(&mut each_layer)
             .collect();
         let model = DecoderModel {
             embed_tokens: EmbeddingConfig::new(c.vocab_size, d)

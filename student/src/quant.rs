@@ -186,6 +186,56 @@ pub struct Nf4Weight<B: Backend> {
 }
 
 impl<B: Backend> Nf4Weight<B> {
+    /// Quantizes Burn's `[in, out]` weight `w` on its own device, with the arithmetic of
+    /// [`Nf4Matrix::quantize`] (same codes and scales, checked by a test): no host round trip,
+    /// and the dense weight can be dropped right after.
+    pub fn quantize(w: Tensor<B, 2>) -> Self {
+        let [d_in, d_out] = w.dims();
+        let device = w.device();
+        let rows = d_in.div_ceil(BLOCK) * BLOCK;
+        let w = w.cast(DType::F32);
+        let w = if rows == d_in {
+            w
+        } else {
+            Tensor::cat(
+                vec![
+                    w,
+                    Tensor::zeros([rows - d_in, d_out], (&device, DType::F32)),
+                ],
+                0,
+            )
+        };
+        let blocks = w.reshape([rows / BLOCK, BLOCK, d_out]);
+        let absmax = blocks.clone().abs().max_dim(1);
+        // An all-zero block divides by 1 instead: its values are 0, code `nf4_code(0.0)`.
+        let denom = absmax
+            .clone()
+            .mask_fill(absmax.clone().equal_elem(0.0), 1.0);
+        let x = blocks / denom;
+        // The code is the number of level midpoints below x (`nf4_code`'s loop).
+        let mut codes =
+            Tensor::<B, 3, Int>::zeros([rows / BLOCK, BLOCK, d_out], (&device, DType::I32));
+        for k in 0..15 {
+            let mid = 0.5 * (NF4[k] + NF4[k + 1]);
+            codes = codes + x.clone().greater_elem(mid).int().cast(DType::I32);
+        }
+        let codes = codes.reshape([rows / CODES_PER_WORD, CODES_PER_WORD, d_out]);
+        let mut packed = codes.clone().narrow(1, 0, 1);
+        for j in 1..CODES_PER_WORD {
+            let nibble = codes
+                .clone()
+                .narrow(1, j, 1)
+                .bitwise_left_shift_scalar((4 * j as i32).elem());
+            packed = packed.bitwise_or(nibble);
+        }
+        Nf4Weight {
+            codes: packed.reshape([rows / CODES_PER_WORD, d_out]),
+            scales: absmax.reshape([rows / BLOCK, d_out]),
+            d_in,
+            tile_columns: tile_columns(d_in, d_out),
+        }
+    }
+
     /// The same weight with products walking `n` output columns at a time (tests, tuning).
     pub fn with_tile_columns(mut self, n: usize) -> Self {
         self.tile_columns = n.max(1);

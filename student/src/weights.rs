@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use crate::config::ModelConfig;
 use crate::error::{Result, StudentError, read_json, write_json};
 use crate::model::{Attention, CausalLm, DecoderLayer, DecoderModel, Mlp};
+use crate::quant::{Nf4Matrix, Nf4Weight};
 
 /// Name of the single-file checkpoint.
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -169,6 +170,21 @@ impl Checkpoint {
         Ok(out)
     }
 
+    /// One stored tensor as f32 values in its stored (HF) layout, with its shape.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let parsed = self.parse()?;
+        for (st, (path, _)) in parsed.iter().zip(&self.files) {
+            if let Ok(view) = st.tensor(name) {
+                return Ok((view.shape().to_vec(), view_to_f32(&view, path, name)?));
+            }
+        }
+        Err(StudentError::MissingTensor {
+            dir: self.dir.clone(),
+            name: name.to_string(),
+            expected: vec![],
+        })
+    }
+
     /// Name, dtype and shape of every tensor (for `model info`).
     pub fn tensor_infos(&self) -> Result<Vec<(String, String, Vec<usize>)>> {
         let parsed = self.parse()?;
@@ -240,6 +256,9 @@ struct Loader<'a, B: Backend> {
     used: HashSet<String>,
     device: B::Device,
     dtype: DType,
+    /// `Some`: decoder linear weights are quantized to NF4 on the host as they are read and
+    /// collected here in load order (an empty placeholder takes their place in the model).
+    nf4: Option<Vec<Nf4Weight<B>>>,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -314,6 +333,37 @@ impl<B: Backend> Loader<'_, B> {
         })
     }
 
+    /// A decoder linear layer: as [`Self::linear`], or with its weight quantized to NF4 when
+    /// the loader collects NF4 weights, so the dense weight never reaches the device.
+    fn decoder_linear(
+        &mut self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<Linear<B>> {
+        if self.nf4.is_none() {
+            return self.linear(prefix, d_in, d_out, bias);
+        }
+        let (data, _) = self.read(&format!("{prefix}.weight"), &[d_out, d_in], true)?;
+        let q = Nf4Matrix::quantize(&data, d_in, d_out).to_device::<B>(&self.device);
+        drop(data);
+        self.nf4.as_mut().expect("checked above").push(q);
+        let bias = if bias {
+            Some(Param::from_tensor(self.tensor::<1>(
+                &format!("{prefix}.bias"),
+                &[d_out],
+                false,
+            )?))
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(Tensor::empty([0, 0], (&self.device, self.dtype))),
+            bias,
+        })
+    }
+
     fn norm(&mut self, prefix: &str, d: usize, eps: f64) -> Result<RmsNorm<B>> {
         Ok(RmsNorm {
             gamma: Param::from_tensor(self.tensor::<1>(
@@ -346,6 +396,31 @@ pub fn load_model<B: Backend>(
     load_from_checkpoint(&ckpt, config, device, dtype)
 }
 
+/// Per decoder layer, its seven NF4 linear weights (`q, k, v, o, gate, up, down`).
+pub type Nf4Layers<B> = Vec<Vec<Nf4Weight<B>>>;
+
+/// [`load_model`] for a QLoRA base: each decoder linear weight is read, quantized to NF4 on the
+/// host and uploaded packed, one at a time, so neither the host nor the device ever holds the
+/// dense base (a 70B model's bf16 weights are 131 GiB). The model's decoder linear weights are
+/// empty placeholders; the NF4 weights come back per layer in `q, k, v, o, gate, up, down`
+/// order. Biases, norms, embeddings and the head load in `dtype`.
+pub fn load_model_nf4<B: Backend>(
+    dir: impl AsRef<Path>,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<(CausalLm<B>, Nf4Layers<B>)> {
+    let dir = dir.as_ref();
+    let config = ModelConfig::from_file(dir.join("config.json"))?;
+    let layers = config.num_hidden_layers;
+    let ckpt = Checkpoint::open(dir)?;
+    let (model, nf4) = load_checkpoint(&ckpt, config, device, dtype, true)?;
+    let mut nf4 = nf4.expect("collected").into_iter();
+    let per_layer = (0..layers)
+        .map(|_| nf4.by_ref().take(7).collect())
+        .collect();
+    Ok((model, per_layer))
+}
+
 /// Loads weights from an opened checkpoint for a given config (lets callers override the config).
 pub fn load_from_checkpoint<B: Backend>(
     ckpt: &Checkpoint,
@@ -353,6 +428,18 @@ pub fn load_from_checkpoint<B: Backend>(
     device: &B::Device,
     dtype: DType,
 ) -> Result<CausalLm<B>> {
+    Ok(load_checkpoint(ckpt, config, device, dtype, false)?.0)
+}
+
+type Loaded<B> = (CausalLm<B>, Option<Vec<Nf4Weight<B>>>);
+
+fn load_checkpoint<B: Backend>(
+    ckpt: &Checkpoint,
+    config: ModelConfig,
+    device: &B::Device,
+    dtype: DType,
+    nf4: bool,
+) -> Result<Loaded<B>> {
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(StudentError::InvalidArgument(format!(
             "cannot load a model as {dtype:?} (use f32, bf16 or f16)"
@@ -367,6 +454,7 @@ pub fn load_from_checkpoint<B: Backend>(
         used: HashSet::new(),
         device: device.clone(),
         dtype,
+        nf4: nf4.then(Vec::new),
     };
     let c = &config;
     let (d, q, kvd, inter) = (
@@ -381,18 +469,18 @@ pub fn load_from_checkpoint<B: Backend>(
         let p = format!("model.layers.{i}");
         layers.push(DecoderLayer {
             self_attn: Attention {
-                q_proj: l.linear(&format!("{p}.self_attn.q_proj"), d, q, c.qkv_bias)?,
-                k_proj: l.linear(&format!("{p}.self_attn.k_proj"), d, kvd, c.qkv_bias)?,
-                v_proj: l.linear(&format!("{p}.self_attn.v_proj"), d, kvd, c.qkv_bias)?,
-                o_proj: l.linear(&format!("{p}.self_attn.o_proj"), q, d, c.o_bias)?,
+                q_proj: l.decoder_linear(&format!("{p}.self_attn.q_proj"), d, q, c.qkv_bias)?,
+                k_proj: l.decoder_linear(&format!("{p}.self_attn.k_proj"), d, kvd, c.qkv_bias)?,
+                v_proj: l.decoder_linear(&format!("{p}.self_attn.v_proj"), d, kvd, c.qkv_bias)?,
+                o_proj: l.decoder_linear(&format!("{p}.self_attn.o_proj"), q, d, c.o_bias)?,
                 num_heads: c.num_attention_heads,
                 num_kv_heads: c.num_key_value_heads,
                 head_dim: c.head_dim,
             },
             mlp: Mlp {
-                gate_proj: l.linear(&format!("{p}.mlp.gate_proj"), d, inter, c.mlp_bias)?,
-                up_proj: l.linear(&format!("{p}.mlp.up_proj"), d, inter, c.mlp_bias)?,
-                down_proj: l.linear(&format!("{p}.mlp.down_proj"), inter, d, c.mlp_bias)?,
+                gate_proj: l.decoder_linear(&format!("{p}.mlp.gate_proj"), d, inter, c.mlp_bias)?,
+                up_proj: l.decoder_linear(&format!("{p}.mlp.up_proj"), d, inter, c.mlp_bias)?,
+                down_proj: l.decoder_linear(&format!("{p}.mlp.down_proj"), inter, d, c.mlp_bias)?,
             },
             input_layernorm: l.norm(&format!("{p}.input_layernorm"), d, c.rms_norm_eps)?,
             post_attention_layernorm: l.norm(
@@ -433,7 +521,7 @@ pub fn load_from_checkpoint<B: Backend>(
         layers,
         norm,
     };
-    Ok(CausalLm::from_parts(model, lm_head, config))
+    Ok((CausalLm::from_parts(model, lm_head, config), l.nf4))
 }
 
 /// How to write a checkpoint.
@@ -481,19 +569,36 @@ struct OutTensor<B: Backend> {
 enum OutSource<B: Backend> {
     /// Burn `[in, out]` matrix written as `[out, in]`.
     LinearWeight(Tensor<B, 2>),
+    /// A linear weight the model holds only as an empty placeholder (a QLoRA base): its
+    /// `[out, in]` values come from the caller's [`LinearFill`] when its shard is written.
+    Filled,
     Plain2(Tensor<B, 2>),
     Plain1(Tensor<B, 1>),
 }
 
+/// The values of a placeholder linear weight by HF tensor name, in HF `[out, in]` layout.
+pub type LinearFill<'a> = dyn Fn(&str) -> Result<Vec<f32>> + 'a;
+
 fn out_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<OutTensor<B>> {
     let mut out = Vec::new();
-    let lin = |prefix: String, l: &Linear<B>, out: &mut Vec<OutTensor<B>>| {
+    let c = &model.config;
+    let (d, q, kvd, inter) = (
+        c.hidden_size,
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let lin = |prefix: String, l: &Linear<B>, [i, o]: [usize; 2], out: &mut Vec<OutTensor<B>>| {
         let w = l.weight.val();
-        let [i, o] = w.dims();
+        let source = if w.dims() == [0, 0] {
+            OutSource::Filled
+        } else {
+            OutSource::LinearWeight(w)
+        };
         out.push(OutTensor {
             name: format!("{prefix}.weight"),
             shape: vec![o, i],
-            source: OutSource::LinearWeight(w),
+            source,
         });
         if let Some(b) = &l.bias {
             out.push(OutTensor {
@@ -520,13 +625,38 @@ fn out_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<OutTensor<B>> {
     for (i, layer) in model.model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         let a = &layer.self_attn;
-        lin(format!("{p}.self_attn.q_proj"), &a.q_proj, &mut out);
-        lin(format!("{p}.self_attn.k_proj"), &a.k_proj, &mut out);
-        lin(format!("{p}.self_attn.v_proj"), &a.v_proj, &mut out);
-        lin(format!("{p}.self_attn.o_proj"), &a.o_proj, &mut out);
-        lin(format!("{p}.mlp.gate_proj"), &layer.mlp.gate_proj, &mut out);
-        lin(format!("{p}.mlp.up_proj"), &layer.mlp.up_proj, &mut out);
-        lin(format!("{p}.mlp.down_proj"), &layer.mlp.down_proj, &mut out);
+        lin(format!("{p}.self_attn.q_proj"), &a.q_proj, [d, q], &mut out);
+        lin(
+            format!("{p}.self_attn.k_proj"),
+            &a.k_proj,
+            [d, kvd],
+            &mut out,
+        );
+        lin(
+            format!("{p}.self_attn.v_proj"),
+            &a.v_proj,
+            [d, kvd],
+            &mut out,
+        );
+        lin(format!("{p}.self_attn.o_proj"), &a.o_proj, [q, d], &mut out);
+        lin(
+            format!("{p}.mlp.gate_proj"),
+            &layer.mlp.gate_proj,
+            [d, inter],
+            &mut out,
+        );
+        lin(
+            format!("{p}.mlp.up_proj"),
+            &layer.mlp.up_proj,
+            [d, inter],
+            &mut out,
+        );
+        lin(
+            format!("{p}.mlp.down_proj"),
+            &layer.mlp.down_proj,
+            [inter, d],
+            &mut out,
+        );
         norm(
             format!("{p}.input_layernorm.weight"),
             &layer.input_layernorm,
@@ -540,7 +670,7 @@ fn out_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<OutTensor<B>> {
     }
     norm("model.norm.weight".into(), &model.model.norm, &mut out);
     if let Some(head) = &model.lm_head {
-        lin("lm_head".into(), head, &mut out);
+        lin("lm_head".into(), head, [d, c.vocab_size], &mut out);
     }
     out
 }
@@ -567,8 +697,30 @@ impl View for &Encoded {
     }
 }
 
-fn encode<B: Backend>(t: &OutTensor<B>, dtype: DType) -> Encoded {
+fn encode<B: Backend>(
+    t: &OutTensor<B>,
+    dtype: DType,
+    fill: Option<&LinearFill>,
+) -> Result<Encoded> {
     let values: Vec<f32> = match &t.source {
+        OutSource::Filled => {
+            let fill = fill.ok_or_else(|| {
+                StudentError::InvalidArgument(format!(
+                    "`{}` is a placeholder (a quantized base) and nothing fills it",
+                    t.name
+                ))
+            })?;
+            let v = fill(&t.name)?;
+            if v.len() != t.shape.iter().product::<usize>() {
+                return Err(StudentError::InvalidArgument(format!(
+                    "`{}`: {} values for shape {:?}",
+                    t.name,
+                    v.len(),
+                    t.shape
+                )));
+            }
+            v
+        }
         OutSource::LinearWeight(w) => {
             let [i, o] = w.dims();
             let v = w
@@ -612,11 +764,11 @@ fn encode<B: Backend>(t: &OutTensor<B>, dtype: DType) -> Encoded {
             values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         ),
     };
-    Encoded {
+    Ok(Encoded {
         dtype: st,
         shape: t.shape.clone(),
         bytes,
-    }
+    })
 }
 
 fn elem_bytes(dtype: DType) -> u64 {
@@ -631,6 +783,15 @@ pub fn save_weights<B: Backend>(
     model: &CausalLm<B>,
     dir: &Path,
     opts: &SaveOptions,
+) -> Result<SavedCheckpoint> {
+    save_weights_filled(model, dir, opts, None)
+}
+
+fn save_weights_filled<B: Backend>(
+    model: &CausalLm<B>,
+    dir: &Path,
+    opts: &SaveOptions,
+    fill: Option<&LinearFill>,
 ) -> Result<SavedCheckpoint> {
     let dtype = opts.dtype.unwrap_or_else(|| model.dtype());
     std::fs::create_dir_all(dir).map_err(|e| StudentError::io(dir, e))?;
@@ -664,8 +825,8 @@ pub fn save_weights<B: Backend>(
         // Encode one shard at a time so peak memory is a shard, not the model.
         let encoded: Vec<(String, Encoded)> = members
             .iter()
-            .map(|&i| (tensors[i].name.clone(), encode(&tensors[i], dtype)))
-            .collect();
+            .map(|&i| Ok((tensors[i].name.clone(), encode(&tensors[i], dtype, fill)?)))
+            .collect::<Result<_>>()?;
         for (name, _) in &encoded {
             weight_map.insert(name.clone(), json!(file));
         }
@@ -717,9 +878,21 @@ pub fn save_pretrained<B: Backend>(
     dir: impl AsRef<Path>,
     opts: &SaveOptions,
 ) -> Result<SavedCheckpoint> {
+    save_pretrained_filled(model, dir, opts, None)
+}
+
+/// [`save_pretrained`] for a model whose decoder linear weights may be empty placeholders (a
+/// QLoRA base): their values come from `fill` one shard at a time, so the dense weights are
+/// never all in memory at once.
+pub fn save_pretrained_filled<B: Backend>(
+    model: &CausalLm<B>,
+    dir: impl AsRef<Path>,
+    opts: &SaveOptions,
+    fill: Option<&LinearFill>,
+) -> Result<SavedCheckpoint> {
     let dir = dir.as_ref();
     let dtype = opts.dtype.unwrap_or_else(|| model.dtype());
-    let mut saved = save_weights(model, dir, opts)?;
+    let mut saved = save_weights_filled(model, dir, opts, fill)?;
     let config_path = dir.join("config.json");
     write_json(&config_path, &model.config.to_hf_json(dtype_name(dtype)))?;
     saved.files.push(config_path);

@@ -103,18 +103,6 @@ pub struct LoraAdapters<B: Backend> {
 }
 
 /// The base linear layer an adapter target names.
-pub fn target_linear<B: Backend>(layer: &DecoderLayer<B>, target: LoraTarget) -> &Linear<B> {
-    match target {
-        LoraTarget::QProj => &layer.self_attn.q_proj,
-        LoraTarget::KProj => &layer.self_attn.k_proj,
-        LoraTarget::VProj => &layer.self_attn.v_proj,
-        LoraTarget::OProj => &layer.self_attn.o_proj,
-        LoraTarget::GateProj => &layer.mlp.gate_proj,
-        LoraTarget::UpProj => &layer.mlp.up_proj,
-        LoraTarget::DownProj => &layer.mlp.down_proj,
-    }
-}
-
 pub(crate) fn target_linear_mut<B: Backend>(
     layer: &mut DecoderLayer<B>,
     target: LoraTarget,
@@ -127,6 +115,23 @@ pub(crate) fn target_linear_mut<B: Backend>(
         LoraTarget::GateProj => &mut layer.mlp.gate_proj,
         LoraTarget::UpProj => &mut layer.mlp.up_proj,
         LoraTarget::DownProj => &mut layer.mlp.down_proj,
+    }
+}
+
+/// `[in, out]` of the base weight `target` names, from the config (a QLoRA base holds no
+/// dense weights to read it from).
+pub(crate) fn target_dims(c: &crate::config::ModelConfig, target: LoraTarget) -> [usize; 2] {
+    let (d, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    match target {
+        LoraTarget::QProj => [d, q],
+        LoraTarget::KProj | LoraTarget::VProj => [d, kv],
+        LoraTarget::OProj => [q, d],
+        LoraTarget::GateProj | LoraTarget::UpProj => [d, i],
+        LoraTarget::DownProj => [i, d],
     }
 }
 
@@ -160,10 +165,10 @@ impl<B: Backend> LoraAdapters<B> {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, layer)| {
+            .map(|(i, _)| {
                 let mut out = LoraLayer::empty();
                 for &t in &config.target_modules {
-                    let [d_in, d_out] = target_linear(layer, t).weight.val().dims();
+                    let [d_in, d_out] = target_dims(&base.config, t);
                     let mut rng =
                         ChaCha8Rng::seed_from_u64(mix(mix(seed, i as u64), target_index(t)));
                     let bound = 1.0 / (d_in as f32).sqrt();
@@ -207,6 +212,28 @@ impl<B: Backend> LoraAdapters<B> {
             }
         }
         base
+    }
+
+    /// `(alpha/rank)·(A·B)ᵀ` in HF `[out, in]` layout, f32, for the base weight with HF name
+    /// `name` (`model.layers.3.mlp.up_proj.weight`), or `None` when no adapter sits on it.
+    pub fn delta_hf(&self, name: &str) -> Option<Vec<f32>> {
+        let rest = name.strip_prefix("model.layers.")?;
+        let (layer, module) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let t = *self
+            .config
+            .target_modules
+            .iter()
+            .find(|t| module == format!("{}.{}.weight", t.parent(), t.name()))?;
+        let pair = self.layers.get(layer)?.get(t)?;
+        let delta = pair
+            .a
+            .val()
+            .cast(DType::F32)
+            .matmul(pair.b.val().cast(DType::F32))
+            .mul_scalar(self.config.scale())
+            .transpose();
+        Some(delta.into_data().to_vec::<f32>().expect("f32 delta"))
     }
 
     /// Writes PEFT's `adapter_model.safetensors` (f32, `lora_A [rank, in]`, `lora_B [out, rank]`)
@@ -278,10 +305,10 @@ impl<B: Backend> LoraAdapters<B> {
             .map_err(|e| TrainError::checkpoint(&path, e.to_string()))?;
         let r = config.rank;
         let mut layers = Vec::with_capacity(base.model.layers.len());
-        for (i, layer) in base.model.layers.iter().enumerate() {
+        for i in 0..base.model.layers.len() {
             let mut out = LoraLayer::empty();
             for &t in &config.target_modules {
-                let [d_in, d_out] = target_linear(layer, t).weight.val().dims();
+                let [d_in, d_out] = target_dims(&base.config, t);
                 let prefix = format!(
                     "base_model.model.model.layers.{i}.{}.{}",
                     t.parent(),

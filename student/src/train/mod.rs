@@ -41,7 +41,7 @@ pub use data::{DataStats, SftRecord, examples_from_records};
 pub use error::{TrainError, TrainResult};
 pub use lora::{ADAPTER_CONFIG_FILE, ADAPTER_FILE, LoraAdapters, LoraLayer, LoraPair};
 pub use model::TrainModel;
-pub use qlora::{QuantLayer, dequantize_base, quantize_base};
+pub use qlora::{QuantLayer, dequantize_base, init_quantized, load_quantized, quantize_base};
 pub use schedule::{learning_rate, warmup_steps};
 pub use trainer::{ADAPTER_DIR, CheckpointInfo, NamedTensor, StepMetrics, Trainer, peak_rss_bytes};
 

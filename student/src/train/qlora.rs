@@ -10,8 +10,8 @@ use burn::tensor::DType;
 
 use super::config::LoraTarget;
 use super::lora::target_linear_mut;
-use crate::model::CausalLm;
-use crate::quant::{Nf4Matrix, Nf4Weight};
+use crate::model::{CausalLm, DecoderLayer};
+use crate::quant::Nf4Weight;
 
 /// The NF4 weights of one decoder layer, by target (all seven are quantized).
 #[derive(Module, Debug)]
@@ -31,29 +31,63 @@ impl<B: Backend> QuantLayer<B> {
     }
 }
 
-/// Quantizes every decoder linear weight of `base` to NF4 on `base`'s device, one weight at a
-/// time (the host holds one layer's f32 copy at most), and leaves placeholders in their place.
+/// Quantizes every decoder linear weight of a `base` already in memory to NF4 on its device, one
+/// weight at a time, and leaves placeholders in their place (the codes [`load_quantized`] makes).
 pub fn quantize_base<B: Backend>(mut base: CausalLm<B>) -> (CausalLm<B>, Vec<QuantLayer<B>>) {
-    let mut out = Vec::with_capacity(base.model.layers.len());
-    for layer in &mut base.model.layers {
-        let mut weights = Vec::with_capacity(LoraTarget::ALL.len());
-        for t in LoraTarget::ALL {
+    let quant = base
+        .model
+        .layers
+        .iter_mut()
+        .map(|layer| quantize_layer(layer))
+        .collect();
+    (base, quant)
+}
+
+/// Replaces `layer`'s seven linear weights by placeholders and returns their NF4 form.
+fn quantize_layer<B: Backend>(layer: &mut DecoderLayer<B>) -> QuantLayer<B> {
+    let weights = LoraTarget::ALL
+        .into_iter()
+        .map(|t| {
             let lin = target_linear_mut(layer, t);
             let w = lin.weight.val();
-            let device = w.device();
-            let [d_in, d_out] = w.dims();
-            let values = w
-                .cast(DType::F32)
-                .into_data()
-                .to_vec::<f32>()
-                .expect("f32 weight");
-            weights.push(Nf4Matrix::quantize(&values, d_in, d_out).to_device::<B>(&device));
-            let empty = Tensor::<B, 2>::empty([0, 0], (&device, lin.weight.val().dtype()));
+            let empty = Tensor::<B, 2>::empty([0, 0], (&w.device(), w.dtype()));
             lin.weight = Param::initialized(lin.weight.id, empty);
-        }
-        out.push(QuantLayer { weights });
-    }
-    (base, out)
+            Nf4Weight::quantize(w)
+        })
+        .collect();
+    QuantLayer { weights }
+}
+
+/// A random model (as [`CausalLm::init`]) for QLoRA, each layer quantized as soon as it is made,
+/// so a 70B-shaped model can be made on the device that trains it (benchmarks); the rest is
+/// cast to `dtype`.
+pub fn init_quantized<B: Backend>(
+    config: &crate::config::ModelConfig,
+    device: &B::Device,
+    dtype: DType,
+) -> (CausalLm<B>, Vec<QuantLayer<B>>) {
+    let mut quant = Vec::with_capacity(config.num_hidden_layers);
+    let base = CausalLm::<B>::init_with(config, device, |mut layer| {
+        quant.push(quantize_layer(&mut layer));
+        layer
+    });
+    (base.map(&mut super::trainer::CastParams(dtype)), quant)
+}
+
+/// Loads the base folder `dir` for QLoRA: every decoder linear weight quantized on the host as
+/// it is read ([`crate::weights::load_model_nf4`]), the rest in `dtype`.
+pub fn load_quantized<B: Backend>(
+    dir: &std::path::Path,
+    device: &B::Device,
+    dtype: DType,
+) -> crate::error::Result<(CausalLm<B>, Vec<QuantLayer<B>>)> {
+    let (base, nf4) = crate::weights::load_model_nf4::<B>(dir, device, dtype)?;
+    Ok((
+        base,
+        nf4.into_iter()
+            .map(|weights| QuantLayer { weights })
+            .collect(),
+    ))
 }
 
 /// `base` with the placeholders filled by the dequantized NF4 weights in `dtype`: the base the

@@ -42,12 +42,13 @@ use super::lora::LoraAdapters;
 pub const ADAPTER_DIR: &str = "adapter";
 use super::model::{Fwd, SequentialIds, TrainModel, causal_attention, to_dtype};
 use super::parallel::{self, Replica};
-use super::qlora::quantize_base;
+use super::qlora::{QuantLayer, load_quantized, quantize_base};
 use super::schedule;
 use crate::model::CausalLm;
 use crate::tokenizer::SftExample;
 use crate::weights::{
-    SaveOptions, SavedCheckpoint, copy_tokenizer_files, load_model, save_pretrained,
+    Checkpoint, SaveOptions, SavedCheckpoint, copy_tokenizer_files, load_model, save_pretrained,
+    save_pretrained_filled,
 };
 
 /// What one optimizer step did.
@@ -145,8 +146,22 @@ fn compute_dtype(config: &TrainConfig) -> DType {
     }
 }
 
+/// The base model of a run: a QLoRA base quantized while it loads, any other dense.
+fn load_base<B: TrainBackend>(
+    dir: &Path,
+    config: &TrainConfig,
+    device: &B::Device,
+) -> TrainResult<(CausalLm<B>, Vec<QuantLayer<B>>)> {
+    let dtype = storage_dtype(config);
+    if config.lora.as_ref().is_some_and(|l| l.quantized_base()) {
+        Ok(load_quantized::<B>(dir, device, dtype)?)
+    } else {
+        Ok((load_model::<B>(dir, device, dtype)?, Vec::new()))
+    }
+}
+
 /// Casts every parameter to `dtype`, keeping ids and trainability.
-struct CastParams(DType);
+pub(crate) struct CastParams(pub DType);
 
 impl<B: Backend> burn::module::ModuleMapper<B> for CastParams {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
@@ -275,10 +290,10 @@ impl<B: TrainBackend> Trainer<B> {
     ) -> TrainResult<Self> {
         config.validate()?;
         let dir = model_dir.as_ref();
-        let base = load_model::<B>(dir, device, storage_dtype(&config))?;
+        let (base, quant) = load_base::<B>(dir, &config, device)?;
         // Absolute, so a resume from another working directory finds the base again.
         let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-        Self::build(base, None, Some(dir), examples, config, device)
+        Self::build(base, None, quant, Some(dir), examples, config, device)
     }
 
     /// Trains a model already in memory (benchmarks, tests). Checkpoints hold no tokenizer.
@@ -290,7 +305,27 @@ impl<B: TrainBackend> Trainer<B> {
     ) -> TrainResult<Self> {
         config.validate()?;
         let base = base.map(&mut CastParams(storage_dtype(&config)));
-        Self::build(base, None, None, examples, config, device)
+        Self::build(base, None, Vec::new(), None, examples, config, device)
+    }
+
+    /// Trains a QLoRA model already in memory and quantized ([`super::init_quantized`],
+    /// benchmarks): `quant` holds its NF4 weights, `base` their placeholders.
+    pub fn from_quantized(
+        base: CausalLm<B>,
+        quant: Vec<QuantLayer<B>>,
+        examples: &[SftExample],
+        config: TrainConfig,
+        device: &B::Device,
+    ) -> TrainResult<Self> {
+        config.validate()?;
+        if !config.lora.as_ref().is_some_and(|l| l.quantized_base()) {
+            return Err(TrainError::config(
+                "lora.base_bits",
+                "a quantized model trains only with QLoRA (lora.base_bits = 4)".to_string(),
+            ));
+        }
+        let base = base.map(&mut CastParams(storage_dtype(&config)));
+        Self::build(base, None, quant, None, examples, config, device)
     }
 
     /// Continues the run saved in `checkpoint` with the same `examples` (checked by
@@ -319,7 +354,7 @@ impl<B: TrainBackend> Trainer<B> {
         let base_dir = base_model
             .map(Path::to_path_buf)
             .or_else(|| state.base_model.clone());
-        let (base, adapters) = match &config.lora {
+        let (base, adapters, quant) = match &config.lora {
             Some(lora) => {
                 let dir = base_dir.as_deref().ok_or_else(|| {
                     TrainError::checkpoint(
@@ -327,13 +362,13 @@ impl<B: TrainBackend> Trainer<B> {
                         "field `base_model`: a LoRA checkpoint needs its base model folder",
                     )
                 })?;
-                let base = load_model::<B>(dir, device, storage_dtype(&config))?;
+                let (base, quant) = load_base::<B>(dir, &config, device)?;
                 let adapters = LoraAdapters::load_peft(ckpt, &base, lora, device)?;
-                (base, Some(adapters))
+                (base, Some(adapters), quant)
             }
-            None => (load_model::<B>(ckpt, device, DType::F32)?, None),
+            None => (load_model::<B>(ckpt, device, DType::F32)?, None, Vec::new()),
         };
-        let mut t = Self::build(base, adapters, base_dir, examples, config, device)?;
+        let mut t = Self::build(base, adapters, quant, base_dir, examples, config, device)?;
         let state_path = ckpt.join(checkpoint::STATE_FILE);
         let fp = format!("{:016x}", t.fingerprint);
         if fp != state.data_fingerprint || t.stats != state.data {
@@ -375,9 +410,13 @@ impl<B: TrainBackend> Trainer<B> {
         Ok(t)
     }
 
+    /// `quant`: a QLoRA base's NF4 weights when it was loaded quantized (empty: `base` is
+    /// dense, and a QLoRA config quantizes it here).
+    #[allow(clippy::too_many_arguments)]
     fn build(
         base: CausalLm<B>,
         adapters: Option<LoraAdapters<B>>,
+        quant: Vec<QuantLayer<B>>,
         base_dir: Option<PathBuf>,
         examples: &[SftExample],
         config: TrainConfig,
@@ -389,10 +428,10 @@ impl<B: TrainBackend> Trainer<B> {
                 let base = base.no_grad();
                 let adapters =
                     adapters.unwrap_or_else(|| LoraAdapters::init(&base, lc, config.seed, device));
-                let (base, quant) = if lc.quantized_base() {
+                let (base, quant) = if lc.quantized_base() && quant.is_empty() {
                     quantize_base(base)
                 } else {
-                    (base, Vec::new())
+                    (base, quant)
                 };
                 (base, Some(adapters), quant)
             }
@@ -483,21 +522,6 @@ impl<B: TrainBackend> Trainer<B> {
     /// function it trained; [`Self::export`] merges into the original base instead.
     pub fn merged_model(&self) -> CausalLm<B::InnerBackend> {
         self.model().valid().merged()
-    }
-
-    /// What [`Self::export`] writes: for a QLoRA run with a base folder, the adapters folded
-    /// into the original (unquantized) base weights re-read from it, as QLoRA's recipe and
-    /// PEFT's `merge_and_unload` on the 16-bit base do; otherwise [`Self::merged_model`].
-    pub fn export_model(&self) -> TrainResult<CausalLm<B::InnerBackend>> {
-        let model = self.model();
-        match (&model.lora, &self.base_dir) {
-            (Some(lora), Some(dir)) if !model.quant.is_empty() => {
-                let base =
-                    load_model::<B::InnerBackend>(dir, &self.device, storage_dtype(&self.config))?;
-                Ok(lora.valid().merge_into(base))
-            }
-            _ => Ok(self.merged_model()),
-        }
     }
 
     /// Learning rate of the next step.
@@ -758,7 +782,10 @@ impl<B: TrainBackend> Trainer<B> {
     }
 
     /// Writes the trained model (adapters merged) as a plain HF folder, atomically, and for a
-    /// (Q)LoRA run the adapters alone in PEFT's layout under [`ADAPTER_DIR`]; `opts.dtype`
+    /// (Q)LoRA run the adapters alone in PEFT's layout under [`ADAPTER_DIR`]. A QLoRA run's
+    /// adapters are folded into the original (unquantized) base re-read from its folder, as
+    /// QLoRA's recipe and PEFT's `merge_and_unload` on the 16-bit base do, one weight at a time
+    /// while each shard is written, so the dense base is never whole in memory; `opts.dtype`
     /// picks the dtype on disk (e.g. bf16), tokenizer files come from the base folder unless
     /// `opts.tokenizer_dir` says otherwise.
     pub fn export(
@@ -771,7 +798,24 @@ impl<B: TrainBackend> Trainer<B> {
             opts.tokenizer_dir = self.base_dir.clone();
         }
         let tmp = checkpoint::begin(dir)?;
-        let mut saved = save_pretrained(&self.export_model()?, &tmp, &opts)?;
+        let model = self.model();
+        let mut saved = match (&model.lora, &self.base_dir) {
+            (Some(lora), Some(base_dir)) if !model.quant.is_empty() => {
+                let lora = lora.valid();
+                let original = Checkpoint::open(base_dir)?;
+                let fill = |name: &str| -> crate::error::Result<Vec<f32>> {
+                    let (_, mut w) = original.read_f32(name)?;
+                    if let Some(delta) = lora.delta_hf(name) {
+                        for (x, d) in w.iter_mut().zip(delta) {
+                            *x += d;
+                        }
+                    }
+                    Ok(w)
+                };
+                save_pretrained_filled(&model.valid().base, &tmp, &opts, Some(&fill))?
+            }
+            _ => save_pretrained(&self.merged_model(), &tmp, &opts)?,
+        };
         if let Some(lora) = &self.model().lora {
             let adapter = tmp.join(ADAPTER_DIR);
             std::fs::create_dir_all(&adapter).map_err(|e| TrainError::io(&adapter, e))?;

@@ -7,10 +7,11 @@ use std::path::Path;
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use distill_student::quant::{BLOCK, Nf4Matrix};
+use distill_student::quant::{BLOCK, Nf4Matrix, Nf4Weight};
 use distill_student::train::{
     LoraConfig, MicroBatch, TrainConfig, Trainer, dequantize_base, quantize_base,
 };
+use distill_student::weights::load_model_nf4;
 use distill_student::{DType, SaveOptions, load_model, save_pretrained};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,6 +37,21 @@ fn nf4_products_equal_products_with_the_dequantized_weight() {
         Tensor::<B, 2>::from_data(TensorData::new(dense.clone(), [d_in, d_out]), &device());
     let x = random(rows * d_in, 2);
     let r = random(rows * d_out, 3);
+    // Quantizing on the device gives the host's codes and scales, byte for byte (a zero block
+    // included).
+    let mut w = random(d_in * d_out, 1);
+    for r in 64..128 {
+        w[r * d_out + 3] = 0.0;
+    }
+    let on_device = Nf4Weight::<B>::quantize(Tensor::from_data(
+        TensorData::new(w.clone(), [d_in, d_out]),
+        &device(),
+    ));
+    let on_host = Nf4Matrix::quantize(&w, d_in, d_out).to_device::<B>(&device());
+    assert!(
+        on_device.to_bytes() == on_host.to_bytes(),
+        "device and host NF4 differ"
+    );
     for tile in [d_out, 16] {
         let q = host.to_device::<B>(&device()).with_tile_columns(tile);
         // The device's dequantization is the host's, bit for bit.
@@ -59,6 +75,26 @@ fn nf4_products_equal_products_with_the_dequantized_weight() {
         let rt = Tensor::<B, 2>::from_data(TensorData::new(r.clone(), [rows, d_out]), &device());
         let want = to_vec(rt.matmul(w_dense.clone().transpose()));
         assert_close(&format!("input gradient, tile {tile}"), &got, &want, 1e-5);
+    }
+}
+
+#[test]
+fn loading_quantized_equals_quantizing_the_loaded_model() {
+    // The streaming load (each weight quantized on the host as it is read, the dense base never
+    // on the device) must give the NF4 weights quantizing the dense model gives.
+    for name in ["qwen2-untied", "llama-bias-tied"] {
+        let dir = fixture(name);
+        let (dense_side, quant) = quantize_base(load(&dir));
+        let (streamed_side, nf4) = load_model_nf4::<B>(&dir, &device(), DType::F32).unwrap();
+        assert_eq!(nf4.len(), quant.len(), "{name}");
+        for (a, b) in quant.iter().zip(&nf4) {
+            assert_eq!(a.weights.len(), b.len());
+            for (x, y) in a.weights.iter().zip(b) {
+                assert!(x.to_bytes() == y.to_bytes(), "{name}: NF4 weights differ");
+            }
+        }
+        // Everything else (embeddings, norms, biases, head) is the same.
+        assert_eq!(params(&dense_side), params(&streamed_side), "{name}");
     }
 }
 
