@@ -74,6 +74,9 @@ impl Db {
             // 64 MiB of page cache (default 2 MiB): a long write transaction (an import)
             // spills and rewrites far fewer pages.
             .pragma("cache_size", "-65536")
+            // Statement journals (a multi-row INSERT inside a transaction keeps one) in memory
+            // rather than in a temporary file: 4% of an import's time went to writing them.
+            .pragma("temp_store", "memory")
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)

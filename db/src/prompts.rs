@@ -73,8 +73,9 @@ pub async fn insert_many(
         .await?;
     let first_id = max.unwrap_or(0) + 1;
     // 8 parameters a row.
-    for (c, chunk) in rows.chunks(1000).enumerate() {
-        let offset = (c * 1000) as i64;
+    const CHUNK: usize = 1000;
+    for (c, chunk) in rows.chunks(CHUNK).enumerate() {
+        let offset = (c * CHUNK) as i64;
         let mut q = sqlx::QueryBuilder::new(
             "INSERT INTO prompts (id, stage_id, idx, source_id, prompt, answer, content_hash, extra) ",
         );
@@ -89,7 +90,11 @@ pub async fn insert_many(
                 .push_bind(p.content_hash.as_str())
                 .push_bind(p.extra.as_deref());
         });
-        q.build().persistent(false).execute(&mut **tx).await?;
+        // Full chunks share one SQL text, compiled once when cached.
+        q.build()
+            .persistent(chunk.len() == CHUNK)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok((0..rows.len() as i64).map(|n| first_id + n).collect())
 }

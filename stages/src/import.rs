@@ -434,14 +434,107 @@ impl Import {
         &self,
         mut emit: Option<&mut dyn FnMut(Record) -> Result<(), StageError>>,
     ) -> Result<Scanned, StageError> {
-        let ignore: Vec<&str> = self
-            .params
+        let ignore = self.ignored();
+        let paths = expand(&self.pattern)?;
+        if emit.is_none()
+            && self.params.limit.is_none()
+            && paths.len() > 1
+            && let Some(scanned) = self.dry_scan_in_parallel(&paths, &ignore)
+        {
+            return Ok(scanned);
+        }
+        let mut conv = self.converter();
+        let mut files = Vec::with_capacity(paths.len());
+        for file in &paths {
+            if conv.rows >= conv.limit {
+                break;
+            }
+            files.push(self.scan_file(&mut conv, file, &ignore, &mut emit)?);
+        }
+        Ok(Scanned {
+            files,
+            prompts: conv.rows.min(conv.limit),
+            samples: conv.samples,
+            system: conv.system.map(|(s, _)| s),
+        })
+    }
+
+    /// The dry pass with the files spread over the cores, each checked on its own and the
+    /// results joined in file order. `None` when any file or the join finds a problem: the
+    /// sequential pass then reports the first one in row order, exactly as before.
+    fn dry_scan_in_parallel(&self, paths: &[PathBuf], ignore: &[&str]) -> Option<Scanned> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(paths.len());
+        if threads < 2 {
+            return None;
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut results: Vec<Option<(String, String, Converter<'_>)>> =
+            (0..paths.len()).map(|_| None).collect();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(file) = paths.get(i) else { break };
+                            let mut conv = self.converter();
+                            let scanned = self.scan_file(&mut conv, file, ignore, &mut None);
+                            done.push((i, scanned.ok().map(|(shown, hash)| (shown, hash, conv))));
+                        }
+                        done
+                    })
+                })
+                .collect();
+            for w in workers {
+                for (i, r) in w.join().unwrap_or_default() {
+                    results[i] = r;
+                }
+            }
+        });
+        let mut files = Vec::with_capacity(paths.len());
+        let (mut prompts, mut samples) = (0, 0);
+        let mut system: Option<String> = None;
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for r in results {
+            let (shown, hash, conv) = r?;
+            prompts += conv.rows;
+            samples += conv.samples;
+            if let Some((s, _)) = conv.system {
+                match &system {
+                    Some(first) if *first != s => return None,
+                    Some(_) => {}
+                    None => system = Some(s),
+                }
+            }
+            for (id, at) in conv.seen_ids {
+                if seen.insert(id, at).is_some() {
+                    return None;
+                }
+            }
+            files.push((shown, hash));
+        }
+        Some(Scanned {
+            files,
+            prompts,
+            samples,
+            system,
+        })
+    }
+
+    fn ignored(&self) -> Vec<&str> {
+        self.params
             .ignore
             .iter()
             .flatten()
             .map(String::as_str)
-            .collect();
-        let mut conv = Converter {
+            .collect()
+    }
+
+    fn converter(&self) -> Converter<'_> {
+        Converter {
             columns: &self.params.columns,
             model: self.params.dataset.as_deref().unwrap_or(""),
             seen_ids: HashMap::new(),
@@ -450,41 +543,38 @@ impl Import {
             file_rows: 0,
             samples: 0,
             limit: self.params.limit.unwrap_or(usize::MAX),
-        };
-        let paths = expand(&self.pattern)?;
-        let mut files = Vec::with_capacity(paths.len());
-        for file in &paths {
-            if conv.rows >= conv.limit {
-                break;
-            }
-            let bytes = std::fs::read(file)
-                .map_err(|e| StageError::Input(format!("cannot read {}: {e}", file.display())))?;
-            let hash = crate::hash::hex128(&bytes);
-            let shown = file
-                .strip_prefix(&self.workdir)
-                .unwrap_or(file)
-                .display()
-                .to_string();
-            conv.file_rows = 0;
-            let origin = Origin {
-                file,
-                shown: &shown,
-                hash: &hash,
-            };
-            match self.params.format.resolve(file) {
-                FileFormat::Parquet => {
-                    conv.parquet(&origin, bytes::Bytes::from(bytes), &ignore, &mut emit)?
-                }
-                format => conv.json(&origin, &bytes, format, &ignore, &mut emit)?,
-            }
-            files.push((shown, hash));
         }
-        Ok(Scanned {
-            files,
-            prompts: conv.rows.min(conv.limit),
-            samples: conv.samples,
-            system: conv.system.map(|(s, _)| s),
-        })
+    }
+
+    /// Reads one file through `conv`; returns its name as shown and its content hash.
+    fn scan_file(
+        &self,
+        conv: &mut Converter<'_>,
+        file: &Path,
+        ignore: &[&str],
+        emit: &mut Emit<'_>,
+    ) -> Result<(String, String), StageError> {
+        let bytes = std::fs::read(file)
+            .map_err(|e| StageError::Input(format!("cannot read {}: {e}", file.display())))?;
+        let hash = crate::hash::hex128(&bytes);
+        let shown = file
+            .strip_prefix(&self.workdir)
+            .unwrap_or(file)
+            .display()
+            .to_string();
+        conv.file_rows = 0;
+        let origin = Origin {
+            file,
+            shown: &shown,
+            hash: &hash,
+        };
+        match self.params.format.resolve(file) {
+            FileFormat::Parquet => {
+                conv.parquet(&origin, bytes::Bytes::from(bytes), ignore, emit)?
+            }
+            format => conv.json(&origin, &bytes, format, ignore, emit)?,
+        }
+        Ok((shown, hash))
     }
 }
 
@@ -587,7 +677,7 @@ impl Stage for Import {
 }
 
 /// Rows converted per message to the writer.
-const CHUNK: usize = 1024;
+const CHUNK: usize = 1000;
 
 /// The file a row came from.
 struct Origin<'a> {
@@ -814,7 +904,8 @@ impl Converter<'_> {
                     finish_reason: finish_text.and_then(|f| f.get(i)),
                 });
             }
-            for &(c, per_sample) in &plan.extra {
+            // Recorded columns are only converted for the write; a dry pass skips them.
+            for &(c, per_sample) in plan.extra.iter().filter(|_| emit.is_some()) {
                 let name = schema.field(c).name().as_str();
                 let v = tabular::json_at(batch.column(c).as_ref(), i);
                 match v {
@@ -1226,20 +1317,21 @@ const END_SOLUTION: &str = "<|end_of_solution|>";
 /// separate reasoning field combined with the content, `<think>` inline; and the
 /// Sky-T1 / OpenThoughts markers, whose solution block is the answer.
 pub fn split(reasoning: Option<&str>, text: &str) -> (String, String) {
+    use distill_teacher::find;
     if let Some(r) = reasoning {
         return distill_teacher::normalize(r, text);
     }
-    if let Some(start) = text.find(BEGIN_THOUGHT) {
+    if let Some(start) = find(text, BEGIN_THOUGHT) {
         let body = &text[start + BEGIN_THOUGHT.len()..];
-        let (thought, rest) = match body.find(END_THOUGHT) {
+        let (thought, rest) = match find(body, END_THOUGHT) {
             Some(end) => (&body[..end], &body[end + END_THOUGHT.len()..]),
             // Cut off while thinking: all reasoning, no answer.
             None => (body, ""),
         };
-        let answer = match rest.find(BEGIN_SOLUTION) {
+        let answer = match find(rest, BEGIN_SOLUTION) {
             Some(s) => {
                 let sol = &rest[s + BEGIN_SOLUTION.len()..];
-                sol.find(END_SOLUTION).map_or(sol, |e| &sol[..e])
+                find(sol, END_SOLUTION).map_or(sol, |e| &sol[..e])
             }
             None => rest,
         };
@@ -1331,6 +1423,58 @@ mod tests {
         assert_eq!(counts, [2, 2, 4, 2, 3]);
         assert_eq!(got[2].1[3].sample_index, 3);
         assert_eq!(got[0].0.answer.as_deref(), Some("4"));
+    }
+
+    #[test]
+    fn the_parallel_dry_pass_agrees_with_the_sequential_one_and_defers_errors_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = |ids: [u32; 2], system: &str| {
+            ids.iter()
+                .map(|i| {
+                    format!(
+                        "{{\"q\":\"p{i}\",\"g\":[\"x\",\"y\"],\"id\":{i},\"s\":\"{system}\"}}\n"
+                    )
+                })
+                .collect::<String>()
+        };
+        let mut p = params("*.jsonl", None);
+        p.columns = Columns {
+            prompt: col("q"),
+            generations: col("g"),
+            id: col("id"),
+            system: col("s"),
+            ..Columns::default()
+        };
+        let scan = |a: String, b: String| {
+            std::fs::write(dir.path().join("a.jsonl"), a).unwrap();
+            std::fs::write(dir.path().join("b.jsonl"), b).unwrap();
+            let imp = Import::new(p.clone(), dir.path()).unwrap();
+            let dry = imp.scan(None);
+            let full = imp.scan(Some(&mut |_| Ok(())));
+            (dry, full)
+        };
+        let (dry, full) = scan(rows([1, 2], "S"), rows([3, 4], "S"));
+        let (dry, full) = (dry.unwrap(), full.unwrap());
+        assert_eq!(
+            (dry.prompts, dry.samples, &dry.files, &dry.system),
+            (4, 8, &full.files, &Some("S".to_string()))
+        );
+        assert_eq!((full.prompts, full.samples), (4, 8));
+        // An id repeated across files, and system prompts that differ across files: the
+        // error the sequential pass gives, naming the later row and the earlier one.
+        let (dry, _) = scan(rows([1, 2], "S"), rows([3, 2], "S"));
+        let err = dry.unwrap_err().to_string();
+        assert!(
+            err.contains("b.jsonl: row 2: column `id`") && err.contains("a.jsonl: row 2"),
+            "{err}"
+        );
+        let (dry, _) = scan(rows([1, 2], "S"), rows([3, 4], "T"));
+        let err = dry.unwrap_err().to_string();
+        assert!(
+            err.contains("b.jsonl: row 1")
+                && err.contains("differs from the one at a.jsonl: row 1"),
+            "{err}"
+        );
     }
 
     #[test]

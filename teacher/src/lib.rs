@@ -28,7 +28,7 @@ pub use client::{ClientStats, OpenAiClient};
 pub use config::{BaseUrls, TeacherConfig};
 pub use error::TeacherError;
 pub use pool::EndpointStatus;
-pub use reasoning::{normalize, split_think};
+pub use reasoning::{find, normalize, split_think};
 pub use types::{ChatRequest, Completion, Message, Role};
 
 /// The client for `config`: [`OpenAiClient::new`] for a server, or, for a simulated

@@ -12,7 +12,7 @@ const CLOSE: &str = "</think>";
 pub fn split_think(content: &str) -> (&str, &str) {
     let body = content.trim_start();
     let after_open = body.strip_prefix(OPEN);
-    match body.find(CLOSE) {
+    match find(body, CLOSE) {
         Some(end) => {
             let reasoning = &body[..end];
             let reasoning = reasoning.strip_prefix(OPEN).unwrap_or(reasoning);
@@ -23,6 +23,14 @@ pub fn split_think(content: &str) -> (&str, &str) {
             None => ("", content.trim()),
         },
     }
+}
+
+/// Byte offset of the first `needle` in `haystack`: memchr's SIMD substring search, several
+/// times faster than `str::find` on the kilobytes of a reasoning trace (imports split
+/// hundreds of thousands). Offsets are char boundaries: a match of a valid UTF-8 needle
+/// starts on one.
+pub fn find(haystack: &str, needle: &str) -> Option<usize> {
+    memchr::memmem::find(haystack.as_bytes(), needle.as_bytes())
 }
 
 /// Combines a separately delivered reasoning field with the content, either of
