@@ -363,10 +363,11 @@ fn suggestions(c: &ModelConfig, s: &PlanSettings) -> Vec<String> {
             out.push(format!("recompute = true: {} per GPU", gib(total)));
         }
     }
-    if s.method == Method::Full {
+    // A cheaper method, first as configured, then with recomputation.
+    let mut cheaper = |method: Method, label: String| {
         for recompute in [s.recompute, true] {
             let t = PlanSettings {
-                method: Method::Lora { rank: 16 },
+                method,
                 recompute,
                 ..s.clone()
             };
@@ -376,13 +377,16 @@ fn suggestions(c: &ModelConfig, s: &PlanSettings) -> Vec<String> {
                 } else {
                     ""
                 };
-                out.push(format!(
-                    "LoRA rank 16 on all linear layers{extra}: {} per GPU",
-                    gib(total)
-                ));
+                out.push(format!("{label}{extra}: {} per GPU", gib(total)));
                 break;
             }
         }
+    };
+    if s.method == Method::Full {
+        cheaper(
+            Method::Lora { rank: 16 },
+            "LoRA rank 16 on all linear layers".into(),
+        );
     }
     // A 4-bit base, for full fine-tuning (rank 16) or LoRA (its rank) that does not fit.
     if let Some(rank) = match s.method {
@@ -390,25 +394,10 @@ fn suggestions(c: &ModelConfig, s: &PlanSettings) -> Vec<String> {
         Method::Lora { rank } => Some(rank),
         Method::Qlora { .. } => None,
     } {
-        for recompute in [s.recompute, true] {
-            let t = PlanSettings {
-                method: Method::Qlora { rank },
-                recompute,
-                ..s.clone()
-            };
-            if let Some(total) = fits(&t) {
-                let extra = if recompute && !s.recompute {
-                    " with recompute = true"
-                } else {
-                    ""
-                };
-                out.push(format!(
-                    "QLoRA (4-bit base, rank {rank}; lora.base_bits = 4){extra}: {} per GPU",
-                    gib(total)
-                ));
-                break;
-            }
-        }
+        cheaper(
+            Method::Qlora { rank },
+            format!("QLoRA (4-bit base, rank {rank}; lora.base_bits = 4)"),
+        );
     }
     // Smaller attention chunks under recomputation: the largest halving (down to 128 rows) that
     // fits.

@@ -395,77 +395,62 @@ impl QuantOps for crate::CudaBackend {}
 
 impl<B: QuantOps, C: CheckpointStrategy> QuantOps for Autodiff<B, C> {
     fn nf4_matmul(x: FloatTensor<Self>, w: Nf4Primitive<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct Nf4Matmul;
-
-        impl<B: QuantOps> Backward<B, 1> for Nf4Matmul {
-            type State = Nf4Primitive<B>;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let w = ops.state;
-                unary::<B, _>(ops.parents, ops.node, grads, |g| B::nf4_matmul_t(g, w));
-            }
-        }
-
-        let inner = Nf4Primitive::<B> {
-            codes: w.codes,
-            scales: w.scales.primitive,
-            d_in: w.d_in,
-            tile_columns: w.tile_columns,
-        };
-        match Nf4Matmul
-            .prepare::<C>([x.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let y = B::nf4_matmul(x.primitive, inner.clone());
-                prep.finish(inner, y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::nf4_matmul(x.primitive, inner)),
-        }
+        nf4_node::<B, C>(x, w, false)
     }
 
     fn nf4_matmul_t(g: FloatTensor<Self>, w: Nf4Primitive<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct Nf4MatmulT;
+        nf4_node::<B, C>(g, w, true)
+    }
+}
 
-        impl<B: QuantOps> Backward<B, 1> for Nf4MatmulT {
-            type State = Nf4Primitive<B>;
+/// The autodiff node of an NF4 product (`x·W`, or `x·Wᵀ` when `transposed`): its state is the
+/// packed weight, and its backward is the other product, dequantizing again.
+#[derive(Debug)]
+struct Nf4Product;
 
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let w = ops.state;
-                unary::<B, _>(ops.parents, ops.node, grads, |g| B::nf4_matmul(g, w));
+impl<B: QuantOps> Backward<B, 1> for Nf4Product {
+    type State = (Nf4Primitive<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (w, transposed) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |g| {
+            if transposed {
+                B::nf4_matmul(g, w)
+            } else {
+                B::nf4_matmul_t(g, w)
             }
-        }
+        });
+    }
+}
 
-        let inner = Nf4Primitive::<B> {
-            codes: w.codes,
-            scales: w.scales.primitive,
-            d_in: w.d_in,
-            tile_columns: w.tile_columns,
-        };
-        match Nf4MatmulT
-            .prepare::<C>([g.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let y = B::nf4_matmul_t(g.primitive, inner.clone());
-                prep.finish(inner, y)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::nf4_matmul_t(g.primitive, inner)),
+fn nf4_node<B: QuantOps, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    w: Nf4Primitive<Autodiff<B, C>>,
+    transposed: bool,
+) -> FloatTensor<Autodiff<B, C>> {
+    let w = Nf4Primitive::<B> {
+        codes: w.codes,
+        scales: w.scales.primitive,
+        d_in: w.d_in,
+        tile_columns: w.tile_columns,
+    };
+    let product = |x, w| {
+        if transposed {
+            B::nf4_matmul_t(x, w)
+        } else {
+            B::nf4_matmul(x, w)
         }
+    };
+    match Nf4Product
+        .prepare::<C>([x.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let y = product(x.primitive, w.clone());
+            prep.finish((w, transposed), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(product(x.primitive, w)),
     }
 }
 

@@ -318,19 +318,23 @@ impl<B: Backend> Loader<'_, B> {
 
     fn linear(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
         let weight = self.tensor::<2>(&format!("{prefix}.weight"), &[d_out, d_in], true)?;
-        let bias = if bias {
-            Some(Param::from_tensor(self.tensor::<1>(
-                &format!("{prefix}.bias"),
-                &[d_out],
-                false,
-            )?))
-        } else {
-            None
-        };
         Ok(Linear {
             weight: Param::from_tensor(weight),
-            bias,
+            bias: self.bias(prefix, d_out, bias)?,
         })
+    }
+
+    fn bias(
+        &mut self,
+        prefix: &str,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<Option<Param<Tensor<B, 1>>>> {
+        if !bias {
+            return Ok(None);
+        }
+        let b = self.tensor::<1>(&format!("{prefix}.bias"), &[d_out], false)?;
+        Ok(Some(Param::from_tensor(b)))
     }
 
     /// A decoder linear layer: as [`Self::linear`], or with its weight quantized to NF4 when
@@ -349,18 +353,9 @@ impl<B: Backend> Loader<'_, B> {
         let q = Nf4Matrix::quantize(&data, d_in, d_out).to_device::<B>(&self.device);
         drop(data);
         self.nf4.as_mut().expect("checked above").push(q);
-        let bias = if bias {
-            Some(Param::from_tensor(self.tensor::<1>(
-                &format!("{prefix}.bias"),
-                &[d_out],
-                false,
-            )?))
-        } else {
-            None
-        };
         Ok(Linear {
             weight: Param::from_tensor(Tensor::empty([0, 0], (&self.device, self.dtype))),
-            bias,
+            bias: self.bias(prefix, d_out, bias)?,
         })
     }
 
