@@ -75,7 +75,7 @@ pub enum BenchmarkSpec {
 #[serde(deny_unknown_fields)]
 pub struct DecontaminateParams {
     /// Benchmark JSONL files to protect; absent: the shipped math benchmarks
-    /// ([`DEFAULT_BENCHMARKS`]).
+    /// (`DEFAULT_BENCHMARKS`).
     #[serde(default)]
     pub benchmarks: Option<Vec<BenchmarkSpec>>,
     /// Words per n-gram.

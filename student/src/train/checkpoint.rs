@@ -43,7 +43,7 @@ pub struct RngState {
 /// Everything besides weights and optimizer moments that a resumed run needs, as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerState {
-    /// Layout version ([`STATE_FORMAT`]).
+    /// Layout version (`STATE_FORMAT` in `train/checkpoint.rs`).
     pub format: u32,
     /// Optimizer steps completed.
     pub global_step: usize,

@@ -545,7 +545,7 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// Spreads every later step's micro-batches over `devices` as well as the trainer's own:
     /// each gets a copy of the model and optimizer state, gradients are summed across them
-    /// before the update (see [`parallel`]), and the result equals a one-device run's up to
+    /// before the update (see `train/parallel.rs`), and the result equals a one-device run's up to
     /// float summation order. `grad_accum` counts micro-batches per step across all devices, so
     /// it must be a multiple of the device count. Checkpoints and exports come from the
     /// trainer's own device, so a run may resume on a different number of devices.
