@@ -702,15 +702,8 @@ mod tests {
     /// bf16 base is refused, naming QLoRA.
     #[test]
     fn check_plan_plans_a_quantized_base_as_qlora() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("config.json"),
-            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 8192,
-                "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
-                "num_key_value_heads": 8, "head_dim": 128, "rope_theta": 500000.0,
-                "tie_word_embeddings": false}"#,
-        )
-        .unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/models/llama-3.3-70b");
         let config = |base_bits| TrainConfig {
             lora: Some(LoraConfig {
                 base_bits,
@@ -721,8 +714,8 @@ mod tests {
             recompute: true,
             ..TrainConfig::default()
         };
-        check_plan(dir.path(), &config(Some(4)), None).unwrap();
-        let err = check_plan(dir.path(), &config(None), None).unwrap_err();
+        check_plan(&dir, &config(Some(4)), None).unwrap();
+        let err = check_plan(&dir, &config(None), None).unwrap_err();
         assert!(
             err.message
                 .contains("would fit: QLoRA (4-bit base, rank 16"),

@@ -418,9 +418,19 @@ impl ModelConfig {
     /// Parameters in the decoder layers' linear weight matrices (biases excluded): what an
     /// 8- or 4-bit base quantizes, the embeddings, norms and `lm_head` staying in bf16.
     pub fn num_linear_weight_parameters(&self) -> u64 {
-        let (d, i) = (self.hidden_size as u64, self.intermediate_size as u64);
-        let (q, kv) = self.attention_widths();
-        self.num_hidden_layers as u64 * (2 * d * q + 2 * d * kv + 3 * d * i)
+        let per_layer: usize = self.linear_dims().iter().map(|[i, o]| i * o).sum();
+        self.num_hidden_layers as u64 * per_layer as u64
+    }
+
+    /// `[in, out]` of each decoder layer's linear weights, in the order `q, k, v, o, gate, up,
+    /// down` (the order of `train::LoraTarget::ALL`).
+    pub fn linear_dims(&self) -> [[usize; 2]; 7] {
+        let (d, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
+        [[d, q], [d, kv], [d, kv], [q, d], [d, i], [d, i], [i, d]]
     }
 
     /// Output widths of the query and of each key/value projection.

@@ -203,16 +203,13 @@ pub fn lora_params(c: &ModelConfig, rank: usize) -> u64 {
 /// figure) when every input width (`d`, `h·hd`, `I`) is a multiple of 64, as in every published
 /// config.
 fn nf4_layer_bytes(c: &ModelConfig) -> u64 {
-    let (d, i) = (c.hidden_size as u64, c.intermediate_size as u64);
-    let q = (c.num_attention_heads * c.head_dim) as u64;
-    let kv = (c.num_key_value_heads * c.head_dim) as u64;
-    let block = BLOCK as u64;
-    let matrix = |d_in: u64, d_out: u64| {
-        let padded = d_in.div_ceil(block) * block;
-        padded * d_out / 2 + 4 * (padded / block) * d_out
-    };
-    // q, k, v and gate, up read d; o reads h·hd; down reads I.
-    matrix(d, q) + 2 * matrix(d, kv) + matrix(q, d) + 2 * matrix(d, i) + matrix(i, d)
+    c.linear_dims()
+        .iter()
+        .map(|&[d_in, d_out]| {
+            let padded = d_in.div_ceil(BLOCK) * BLOCK;
+            (padded * d_out / 2 + 4 * (padded / BLOCK) * d_out) as u64
+        })
+        .sum()
 }
 
 /// Plans `settings` for the model described by `config`.

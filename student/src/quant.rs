@@ -36,8 +36,9 @@ pub const BLOCK: usize = 64;
 /// Most weights dequantized at once by a product (one tile of output columns).
 pub const DEQUANT_TILE_ELEMENTS: usize = 1 << 24;
 
-/// Scratch bytes per dequantized weight besides the compute-dtype copy: the unpacked i32 code,
-/// the index the gather reads (8 bytes on the CPU backend) and the f32 level.
+/// Scratch bytes per dequantized weight besides the compute-dtype copy, on the tensor-op path
+/// GPUs take: the unpacked i32 code, the index the gather reads (up to 8 bytes) and the f32
+/// level. (The CPU backend decodes in one pass and needs only the f32 value.)
 pub const DEQUANT_SCRATCH_BYTES_PER_ELEMENT: u64 = 16;
 
 /// The 16 NF4 levels (bitsandbytes' table: quantiles of N(0, 1) scaled to [-1, 1], with an exact 0).
@@ -141,11 +142,6 @@ impl Nf4Matrix {
             }
         }
         w
-    }
-
-    /// Bytes the packed form takes on a device: half a byte per code, four per scale.
-    pub fn packed_bytes(&self) -> usize {
-        self.codes.len() / 2 + 4 * self.scales.len()
     }
 
     /// Uploads the packed codes and scales to `device`.
@@ -292,6 +288,27 @@ pub struct Nf4Primitive<B: Backend> {
     pub tile_columns: usize,
 }
 
+impl<B: Backend> Nf4Primitive<B> {
+    /// The packed words of output columns `[c0, c0 + n)`: `[padded_in / 8, n]`.
+    fn codes_tile(&self, c0: usize, n: usize) -> Tensor<B, 2, Int> {
+        Tensor::<B, 2, Int>::from_primitive(self.codes.clone()).narrow(1, c0, n)
+    }
+
+    /// The block scales of output columns `[c0, c0 + n)`: `[padded_in / 64, n]`.
+    fn scales_tile(&self, c0: usize, n: usize) -> Tensor<B, 2> {
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(self.scales.clone())).narrow(1, c0, n)
+    }
+}
+
+/// `tile` (f32) in `dtype`.
+fn in_dtype<B: Backend>(tile: Tensor<B, 2>, dtype: DType) -> Tensor<B, 2> {
+    if dtype == DType::F32 {
+        tile
+    } else {
+        tile.cast(dtype)
+    }
+}
+
 /// Output columns `[c0, c0 + n)` of the weight, dequantized to `dtype`: `[d_in, n]`.
 fn dequantize_tile<B: Backend>(
     w: &Nf4Primitive<B>,
@@ -299,7 +316,7 @@ fn dequantize_tile<B: Backend>(
     n: usize,
     dtype: DType,
 ) -> Tensor<B, 2> {
-    let codes = Tensor::<B, 2, Int>::from_primitive(w.codes.clone()).narrow(1, c0, n);
+    let codes = w.codes_tile(c0, n);
     let device = codes.device();
     let words = codes.dims()[0];
     let rows = words * CODES_PER_WORD;
@@ -318,20 +335,14 @@ fn dequantize_tile<B: Backend>(
     let levels =
         Tensor::<B, 1>::from_data(TensorData::new(NF4.to_vec(), [16]), (&device, DType::F32));
     let values = levels.select(0, idx).reshape([rows / BLOCK, BLOCK, n]);
-    let scales = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(w.scales.clone()))
-        .narrow(1, c0, n)
-        .unsqueeze_dim::<3>(1);
+    let scales = w.scales_tile(c0, n).unsqueeze_dim::<3>(1);
     let tile = (values * scales).reshape([rows, n]);
     let tile = if rows == w.d_in {
         tile
     } else {
         tile.narrow(0, 0, w.d_in)
     };
-    if dtype == DType::F32 {
-        tile
-    } else {
-        tile.cast(dtype)
-    }
+    in_dtype(tile, dtype)
 }
 
 /// Output columns per tile for a weight of `d_in` inputs.
@@ -409,15 +420,15 @@ impl QuantOps for crate::CpuBackend {
         n: usize,
         dtype: DType,
     ) -> Tensor<Self, 2> {
-        let codes = Tensor::<Self, 2, Int>::from_primitive(w.codes.clone()).narrow(1, c0, n);
+        let codes = w.codes_tile(c0, n);
         let device = codes.device();
         let words: Vec<i32> = codes
             .into_data()
             .convert::<i32>()
             .into_vec()
             .expect("i32 codes");
-        let scales = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(w.scales.clone()))
-            .narrow(1, c0, n)
+        let scales = w
+            .scales_tile(c0, n)
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()
@@ -433,11 +444,7 @@ impl QuantOps for crate::CpuBackend {
         }
         let tile =
             Tensor::<Self, 2>::from_data(TensorData::new(out, [w.d_in, n]), (&device, DType::F32));
-        if dtype == DType::F32 {
-            tile
-        } else {
-            tile.cast(dtype)
-        }
+        in_dtype(tile, dtype)
     }
 }
 

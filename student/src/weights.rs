@@ -170,19 +170,26 @@ impl Checkpoint {
         Ok(out)
     }
 
-    /// One stored tensor as f32 values in its stored (HF) layout, with its shape.
+    /// One stored tensor as f32 values in its stored (HF) layout, with its shape. Only the file
+    /// the index names (or the single file) is parsed, so reading every weight of a sharded
+    /// checkpoint one at a time parses each header once per tensor, not every header.
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        let parsed = self.parse()?;
-        for (st, (path, _)) in parsed.iter().zip(&self.files) {
-            if let Ok(view) = st.tensor(name) {
-                return Ok((view.shape().to_vec(), view_to_f32(&view, path, name)?));
-            }
-        }
-        Err(StudentError::MissingTensor {
+        let missing = || StudentError::MissingTensor {
             dir: self.dir.clone(),
             name: name.to_string(),
             expected: vec![],
-        })
+        };
+        let i = match self.files.len() {
+            1 => 0,
+            _ => *self.index.get(name).ok_or_else(missing)?,
+        };
+        let (path, mmap) = &self.files[i];
+        let st = SafeTensors::deserialize(mmap).map_err(|e| StudentError::CorruptWeights {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let view = st.tensor(name).map_err(|_| missing())?;
+        Ok((view.shape().to_vec(), view_to_f32(&view, path, name)?))
     }
 
     /// Name, dtype and shape of every tensor (for `model info`).
@@ -577,12 +584,7 @@ pub type LinearFill<'a> = dyn Fn(&str) -> Result<Vec<f32>> + 'a;
 fn out_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<OutTensor<B>> {
     let mut out = Vec::new();
     let c = &model.config;
-    let (d, q, kvd, inter) = (
-        c.hidden_size,
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-        c.intermediate_size,
-    );
+    let dims = c.linear_dims();
     let lin = |prefix: String, l: &Linear<B>, [i, o]: [usize; 2], out: &mut Vec<OutTensor<B>>| {
         let w = l.weight.val();
         let source = if w.dims() == [0, 0] {
@@ -619,39 +621,19 @@ fn out_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<OutTensor<B>> {
     });
     for (i, layer) in model.model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        let a = &layer.self_attn;
-        lin(format!("{p}.self_attn.q_proj"), &a.q_proj, [d, q], &mut out);
-        lin(
-            format!("{p}.self_attn.k_proj"),
-            &a.k_proj,
-            [d, kvd],
-            &mut out,
-        );
-        lin(
-            format!("{p}.self_attn.v_proj"),
-            &a.v_proj,
-            [d, kvd],
-            &mut out,
-        );
-        lin(format!("{p}.self_attn.o_proj"), &a.o_proj, [q, d], &mut out);
-        lin(
-            format!("{p}.mlp.gate_proj"),
-            &layer.mlp.gate_proj,
-            [d, inter],
-            &mut out,
-        );
-        lin(
-            format!("{p}.mlp.up_proj"),
-            &layer.mlp.up_proj,
-            [d, inter],
-            &mut out,
-        );
-        lin(
-            format!("{p}.mlp.down_proj"),
-            &layer.mlp.down_proj,
-            [inter, d],
-            &mut out,
-        );
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        let linears = [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ];
+        for ((name, l), dims) in linears.into_iter().zip(dims) {
+            lin(format!("{p}.{name}"), l, dims, &mut out);
+        }
         norm(
             format!("{p}.input_layernorm.weight"),
             &layer.input_layernorm,
@@ -665,7 +647,12 @@ fn out_tensors<B: Backend>(model: &CausalLm<B>) -> Vec<OutTensor<B>> {
     }
     norm("model.norm.weight".into(), &model.model.norm, &mut out);
     if let Some(head) = &model.lm_head {
-        lin("lm_head".into(), head, [d, c.vocab_size], &mut out);
+        lin(
+            "lm_head".into(),
+            head,
+            [c.hidden_size, c.vocab_size],
+            &mut out,
+        );
     }
     out
 }

@@ -157,17 +157,8 @@ fn synth_arithmetic_writes_seeded_disjoint_sets_with_planted_problems() {
 }
 
 /// Llama-3.3-70B-Instruct's `config.json` (the base of DeepSeek-R1-Distill-Llama-70B), as
-/// its model card publishes it.
-const LLAMA_3_3_70B: &str = r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false,
-  "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
-  "head_dim": 128, "hidden_act": "silu", "hidden_size": 8192, "initializer_range": 0.02,
-  "intermediate_size": 28672, "max_position_embeddings": 131072, "mlp_bias": false,
-  "model_type": "llama", "num_attention_heads": 64, "num_hidden_layers": 80,
-  "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-  "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-    "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-  "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
-  "transformers_version": "4.47.0.dev0", "use_cache": true, "vocab_size": 128256}"#;
+/// its model card publishes it; the same fixture `bench/gpu_qlora.sh` plans and trains.
+const LLAMA_3_3_70B: &str = include_str!("../fixtures/models/llama-3.3-70b/config.json");
 
 /// `model plan --method qlora` on Llama-3.3-70B's config: the 4-bit base is `model info`'s
 /// 4-bit figure plus the f32 adapters, it fits one H200 at 4k tokens where full fine-tuning and

@@ -34,6 +34,17 @@ pub struct LoraPair<B: Backend> {
     pub b: Param<Tensor<B, 2>>,
 }
 
+impl<B: Backend> LoraPair<B> {
+    /// `scale·A·B`, `[in, out]` in f32: what merging adds to the base weight.
+    fn delta(&self, scale: f64) -> Tensor<B, 2> {
+        self.a
+            .val()
+            .cast(DType::F32)
+            .matmul(self.b.val().cast(DType::F32))
+            .mul_scalar(scale)
+    }
+}
+
 /// The adapters of one decoder layer (absent where the target list leaves a module out).
 #[derive(Module, Debug)]
 pub struct LoraLayer<B: Backend> {
@@ -121,18 +132,7 @@ pub(crate) fn target_linear_mut<B: Backend>(
 /// `[in, out]` of the base weight `target` names, from the config (a QLoRA base holds no
 /// dense weights to read it from).
 pub(crate) fn target_dims(c: &crate::config::ModelConfig, target: LoraTarget) -> [usize; 2] {
-    let (d, i) = (c.hidden_size, c.intermediate_size);
-    let (q, kv) = (
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-    );
-    match target {
-        LoraTarget::QProj => [d, q],
-        LoraTarget::KProj | LoraTarget::VProj => [d, kv],
-        LoraTarget::OProj => [q, d],
-        LoraTarget::GateProj | LoraTarget::UpProj => [d, i],
-        LoraTarget::DownProj => [i, d],
-    }
+    c.linear_dims()[target_index(target) as usize]
 }
 
 /// Stable index of a target (its position in [`LoraTarget::ALL`]), for seeds.
@@ -201,13 +201,9 @@ impl<B: Backend> LoraAdapters<B> {
                 let lin = target_linear_mut(layer, t);
                 let w = lin.weight.val();
                 let dtype = w.dtype();
-                let delta = pair
-                    .a
-                    .val()
-                    .cast(DType::F32)
-                    .matmul(pair.b.val().cast(DType::F32))
-                    .mul_scalar(scale);
-                let merged = (w.cast(DType::F32) + delta).cast(dtype).detach();
+                let merged = (w.cast(DType::F32) + pair.delta(scale))
+                    .cast(dtype)
+                    .detach();
                 lin.weight = Param::initialized(lin.weight.id, merged);
             }
         }
@@ -226,13 +222,7 @@ impl<B: Backend> LoraAdapters<B> {
             .iter()
             .find(|t| module == format!("{}.{}.weight", t.parent(), t.name()))?;
         let pair = self.layers.get(layer)?.get(t)?;
-        let delta = pair
-            .a
-            .val()
-            .cast(DType::F32)
-            .matmul(pair.b.val().cast(DType::F32))
-            .mul_scalar(self.config.scale())
-            .transpose();
+        let delta = pair.delta(self.config.scale()).transpose();
         Some(delta.into_data().to_vec::<f32>().expect("f32 delta"))
     }
 

@@ -816,7 +816,7 @@ impl<B: TrainBackend> Trainer<B> {
             }
             _ => save_pretrained(&self.merged_model(), &tmp, &opts)?,
         };
-        if let Some(lora) = &self.model().lora {
+        if let Some(lora) = &model.lora {
             let adapter = tmp.join(ADAPTER_DIR);
             std::fs::create_dir_all(&adapter).map_err(|e| TrainError::io(&adapter, e))?;
             lora.save_peft(&adapter, self.base_dir.as_deref())?;
