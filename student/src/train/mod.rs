@@ -26,6 +26,7 @@ mod checkpoint;
 mod config;
 mod data;
 mod error;
+mod grpo;
 mod lora;
 mod model;
 mod parallel;
@@ -39,6 +40,10 @@ pub use config::{
 };
 pub use data::{DataStats, SftRecord, examples_from_records};
 pub use error::{TrainError, TrainResult};
+pub use grpo::{
+    GRPO_STATE_FILE, GrpoConfig, GrpoLoss, GrpoState, GrpoStepMetrics, GrpoTrainer, PromptBatch,
+    Rollout, group_advantages, read_grpo_state,
+};
 pub use lora::{ADAPTER_CONFIG_FILE, ADAPTER_FILE, LoraAdapters, LoraLayer, LoraPair};
 pub use model::TrainModel;
 pub use qlora::{QuantLayer, dequantize_base, init_quantized, load_quantized, quantize_base};

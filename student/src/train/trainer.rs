@@ -100,7 +100,7 @@ pub struct CheckpointInfo {
 
 pub(super) type Adam<B> = OptimizerAdaptor<AdamW, TrainModel<B>, B>;
 /// `hashbrown` map of `ParamId` → AdamW state, as Burn's adaptor keeps it.
-type OptimRecord<B> = <Adam<B> as Optimizer<TrainModel<B>, B>>::Record;
+pub(super) type OptimRecord<B> = <Adam<B> as Optimizer<TrainModel<B>, B>>::Record;
 
 /// Supervised fine-tuning of a [`CausalLm`] (full or LoRA) on tokenised examples.
 pub struct Trainer<B: TrainBackend> {
@@ -132,14 +132,14 @@ pub struct Trainer<B: TrainBackend> {
 
 /// dtype parameters are stored in: f32 masters, except a LoRA run's frozen base, which is kept
 /// in the compute dtype (nothing updates it, so it needs no master copy).
-fn storage_dtype(config: &TrainConfig) -> DType {
+pub(super) fn storage_dtype(config: &TrainConfig) -> DType {
     match (config.lora.is_some(), config.precision) {
         (true, Precision::Bf16) => DType::BF16,
         _ => DType::F32,
     }
 }
 
-fn compute_dtype(config: &TrainConfig) -> DType {
+pub(super) fn compute_dtype(config: &TrainConfig) -> DType {
     match config.precision {
         Precision::F32 => DType::F32,
         Precision::Bf16 => DType::BF16,
@@ -147,7 +147,7 @@ fn compute_dtype(config: &TrainConfig) -> DType {
 }
 
 /// The base model of a run: a QLoRA base quantized while it loads, any other dense.
-fn load_base<B: TrainBackend>(
+pub(super) fn load_base<B: TrainBackend>(
     dir: &Path,
     config: &TrainConfig,
     device: &B::Device,
@@ -174,9 +174,9 @@ impl<B: Backend> burn::module::ModuleMapper<B> for CastParams {
 
 /// Parameter paths (`base.model.layers.0.self_attn.q_proj.weight`), ids, ranks, trainability.
 #[derive(Default)]
-struct ParamList {
+pub(super) struct ParamList {
     path: Vec<String>,
-    entries: Vec<(String, ParamId, usize, bool)>,
+    pub entries: Vec<(String, ParamId, usize, bool)>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for ParamList {
@@ -193,9 +193,9 @@ impl<B: Backend> ModuleVisitor<B> for ParamList {
 }
 
 /// Sum of squared gradient entries, per tensor, in f32.
-struct SquaredNorms<'a, B: TrainBackend> {
-    grads: &'a GradientsParams,
-    parts: Vec<Tensor<B::InnerBackend, 1>>,
+pub(super) struct SquaredNorms<'a, B: TrainBackend> {
+    pub grads: &'a GradientsParams,
+    pub parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: TrainBackend> ModuleVisitor<B> for SquaredNorms<'_, B> {
@@ -245,7 +245,7 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 /// Bytes the CUDA allocator reserves, the largest over `devices`; `None` off CUDA.
-fn gpu_reserved_bytes<B: Backend>(devices: &[B::Device]) -> Option<u64> {
+pub(super) fn gpu_reserved_bytes<B: Backend>(devices: &[B::Device]) -> Option<u64> {
     #[cfg(feature = "cuda")]
     {
         use cubecl::Runtime;
@@ -268,7 +268,7 @@ fn gpu_reserved_bytes<B: Backend>(devices: &[B::Device]) -> Option<u64> {
     }
 }
 
-fn adam<B: TrainBackend>(config: &TrainConfig, weight_decay: f64) -> Adam<B> {
+pub(super) fn adam<B: TrainBackend>(config: &TrainConfig, weight_decay: f64) -> Adam<B> {
     AdamWConfig::new()
         .with_beta_1(config.adam_beta1 as f32)
         .with_beta_2(config.adam_beta2 as f32)
@@ -386,15 +386,7 @@ impl<B: TrainBackend> Trainer<B> {
                 "field `param_names`: the model's parameters differ from the checkpoint's",
             ));
         }
-        let record_path = ckpt.join(format!("{OPTIMIZER_STEM}.mpk"));
-        let record: OptimRecord<B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
-            .load(ckpt.join(OPTIMIZER_STEM), device)
-            .map_err(|e| TrainError::checkpoint(&record_path, e.to_string()))?;
-        let (decay, plain): (OptimRecord<B>, OptimRecord<B>) = record
-            .into_iter()
-            .partition(|(id, _)| t.decay_ids.contains(id));
-        t.opt_decay = adam::<B>(&t.config, t.config.weight_decay).load_record(decay);
-        t.opt_plain = adam::<B>(&t.config, 0.0).load_record(plain);
+        (t.opt_decay, t.opt_plain) = load_optimizer(ckpt, &t.decay_ids, &t.config, device)?;
         t.global_step = state.global_step;
         t.epoch = state.epoch;
         t.micro_index = state.micro_index;
@@ -707,28 +699,13 @@ impl<B: TrainBackend> Trainer<B> {
     pub fn save_checkpoint(&self, dir: impl AsRef<Path>) -> TrainResult<CheckpointInfo> {
         let dir = dir.as_ref();
         let tmp = checkpoint::begin(dir)?;
-        let model = self.model();
-        match &model.lora {
-            Some(l) => {
-                l.save_peft(&tmp, self.base_dir.as_deref())?;
-                if let Some(src) = &self.base_dir {
-                    copy_tokenizer_files(src, &tmp)?;
-                }
-            }
-            None => {
-                let opts = SaveOptions {
-                    tokenizer_dir: self.base_dir.clone(),
-                    ..SaveOptions::default()
-                };
-                save_pretrained(&model.base, &tmp, &opts)?;
-            }
-        }
-        let mut record = self.opt_decay.to_record();
-        record.extend(self.opt_plain.to_record());
-        let record_path = tmp.join(format!("{OPTIMIZER_STEM}.mpk"));
-        NamedMpkFileRecorder::<FullPrecisionSettings>::new()
-            .record(record, tmp.join(OPTIMIZER_STEM))
-            .map_err(|e| TrainError::checkpoint(&record_path, e.to_string()))?;
+        save_weights_and_optimizer(
+            self.model(),
+            &self.opt_decay,
+            &self.opt_plain,
+            self.base_dir.as_deref(),
+            &tmp,
+        )?;
         let state = self.state();
         checkpoint::write_state(&tmp, &state)?;
         let bytes = dir_bytes(&tmp)?;
@@ -788,46 +765,8 @@ impl<B: TrainBackend> Trainer<B> {
     /// while each shard is written, so the dense base is never whole in memory; `opts.dtype`
     /// picks the dtype on disk (e.g. bf16), tokenizer files come from the base folder unless
     /// `opts.tokenizer_dir` says otherwise.
-    pub fn export(
-        &self,
-        dir: impl AsRef<Path>,
-        mut opts: SaveOptions,
-    ) -> TrainResult<SavedCheckpoint> {
-        let dir = dir.as_ref();
-        if opts.tokenizer_dir.is_none() {
-            opts.tokenizer_dir = self.base_dir.clone();
-        }
-        let tmp = checkpoint::begin(dir)?;
-        let model = self.model();
-        let mut saved = match (&model.lora, &self.base_dir) {
-            (Some(lora), Some(base_dir)) if !model.quant.is_empty() => {
-                let lora = lora.valid();
-                let original = Checkpoint::open(base_dir)?;
-                let fill = |name: &str| -> crate::error::Result<Vec<f32>> {
-                    let (_, mut w) = original.read_f32(name)?;
-                    if let Some(delta) = lora.delta_hf(name) {
-                        for (x, d) in w.iter_mut().zip(delta) {
-                            *x += d;
-                        }
-                    }
-                    Ok(w)
-                };
-                save_pretrained_filled(&model.valid().base, &tmp, &opts, Some(&fill))?
-            }
-            _ => save_pretrained(&self.merged_model(), &tmp, &opts)?,
-        };
-        if let Some(lora) = &model.lora {
-            let adapter = tmp.join(ADAPTER_DIR);
-            std::fs::create_dir_all(&adapter).map_err(|e| TrainError::io(&adapter, e))?;
-            lora.save_peft(&adapter, self.base_dir.as_deref())?;
-        }
-        checkpoint::commit(&tmp, dir)?;
-        for f in &mut saved.files {
-            if let Some(name) = f.file_name() {
-                *f = dir.join(name);
-            }
-        }
-        Ok(saved)
+    pub fn export(&self, dir: impl AsRef<Path>, opts: SaveOptions) -> TrainResult<SavedCheckpoint> {
+        export_model(self.model(), self.base_dir.as_deref(), dir.as_ref(), opts)
     }
 
     /// Gradients of the next step's loss (accumulated over its micro-batches, before clipping)
@@ -858,41 +797,144 @@ impl<B: TrainBackend> Trainer<B> {
             let batch = data::build_batch(&self.seqs, idx);
             worker.micro_batch(&model, &batch, 0, &mut acc);
         }
-        let grads = acc.grads();
-        let mut list = ParamList::default();
-        model.visit(&mut list);
-        struct Collect<'a> {
-            grads: &'a GradientsParams,
-            names: std::vec::IntoIter<String>,
-            out: Vec<NamedTensor>,
-        }
-        impl<B: TrainBackend> ModuleVisitor<B> for Collect<'_> {
-            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-                let name = self.names.next().expect("one name per parameter");
-                let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) else {
-                    return;
-                };
-                let g = to_dtype(g, DType::F32);
-                let dims = g.dims().to_vec();
-                let values = g.into_data().to_vec::<f32>().expect("f32 gradient");
-                let (name, shape, values) = hf_layout(&name, dims, values);
-                self.out.push((name, shape, values));
+        let out = named_gradients(&model, &acc.grads());
+        self.model = Some(model);
+        Ok(out)
+    }
+}
+
+/// Writes a model's weights (HF layout, or PEFT for (Q)LoRA with tokenizer files from
+/// `base_dir`) and both optimizers' state into the checkpoint folder being built, `tmp`.
+pub(super) fn save_weights_and_optimizer<B: TrainBackend>(
+    model: &TrainModel<B>,
+    opt_decay: &Adam<B>,
+    opt_plain: &Adam<B>,
+    base_dir: Option<&Path>,
+    tmp: &Path,
+) -> TrainResult<()> {
+    match &model.lora {
+        Some(l) => {
+            l.save_peft(tmp, base_dir)?;
+            if let Some(src) = base_dir {
+                copy_tokenizer_files(src, tmp)?;
             }
         }
-        let mut c = Collect {
-            grads: &grads,
-            names: list
-                .entries
-                .into_iter()
-                .map(|(n, ..)| n)
-                .collect::<Vec<_>>()
-                .into_iter(),
-            out: vec![],
-        };
-        model.visit(&mut c);
-        self.model = Some(model);
-        Ok(c.out)
+        None => {
+            let opts = SaveOptions {
+                tokenizer_dir: base_dir.map(Path::to_path_buf),
+                ..SaveOptions::default()
+            };
+            save_pretrained(&model.base, tmp, &opts)?;
+        }
     }
+    let mut record = opt_decay.to_record();
+    record.extend(opt_plain.to_record());
+    let record_path = tmp.join(format!("{OPTIMIZER_STEM}.mpk"));
+    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+        .record(record, tmp.join(OPTIMIZER_STEM))
+        .map_err(|e| TrainError::checkpoint(&record_path, e.to_string()))
+}
+
+/// Both optimizers as a checkpoint saved them (decayed and plain groups split by `decay_ids`).
+pub(super) fn load_optimizer<B: TrainBackend>(
+    ckpt: &Path,
+    decay_ids: &HashSet<ParamId>,
+    config: &TrainConfig,
+    device: &B::Device,
+) -> TrainResult<(Adam<B>, Adam<B>)> {
+    let record_path = ckpt.join(format!("{OPTIMIZER_STEM}.mpk"));
+    let record: OptimRecord<B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+        .load(ckpt.join(OPTIMIZER_STEM), device)
+        .map_err(|e| TrainError::checkpoint(&record_path, e.to_string()))?;
+    let (decay, plain): (OptimRecord<B>, OptimRecord<B>) = record
+        .into_iter()
+        .partition(|(id, _)| decay_ids.contains(id));
+    Ok((
+        adam::<B>(config, config.weight_decay).load_record(decay),
+        adam::<B>(config, 0.0).load_record(plain),
+    ))
+}
+
+/// [`Trainer::export`] of any trained model: merged HF folder (a QLoRA run's adapters folded
+/// into the original base re-read from `base_dir`) plus the PEFT adapter of a (Q)LoRA run.
+pub(super) fn export_model<B: TrainBackend>(
+    model: &TrainModel<B>,
+    base_dir: Option<&Path>,
+    dir: &Path,
+    mut opts: SaveOptions,
+) -> TrainResult<SavedCheckpoint> {
+    if opts.tokenizer_dir.is_none() {
+        opts.tokenizer_dir = base_dir.map(Path::to_path_buf);
+    }
+    let tmp = checkpoint::begin(dir)?;
+    let mut saved = match (&model.lora, base_dir) {
+        (Some(lora), Some(base_dir)) if !model.quant.is_empty() => {
+            let lora = lora.valid();
+            let original = Checkpoint::open(base_dir)?;
+            let fill = |name: &str| -> crate::error::Result<Vec<f32>> {
+                let (_, mut w) = original.read_f32(name)?;
+                if let Some(delta) = lora.delta_hf(name) {
+                    for (x, d) in w.iter_mut().zip(delta) {
+                        *x += d;
+                    }
+                }
+                Ok(w)
+            };
+            save_pretrained_filled(&model.valid().base, &tmp, &opts, Some(&fill))?
+        }
+        _ => save_pretrained(&model.valid().merged(), &tmp, &opts)?,
+    };
+    if let Some(lora) = &model.lora {
+        let adapter = tmp.join(ADAPTER_DIR);
+        std::fs::create_dir_all(&adapter).map_err(|e| TrainError::io(&adapter, e))?;
+        lora.save_peft(&adapter, base_dir)?;
+    }
+    checkpoint::commit(&tmp, dir)?;
+    for f in &mut saved.files {
+        if let Some(name) = f.file_name() {
+            *f = dir.join(name);
+        }
+    }
+    Ok(saved)
+}
+
+/// `grads` by HF name in `[out, in]` layout, f32, in parameter order (frozen ones left out).
+pub(super) fn named_gradients<B: TrainBackend>(
+    model: &TrainModel<B>,
+    grads: &GradientsParams,
+) -> Vec<NamedTensor> {
+    let mut list = ParamList::default();
+    model.visit(&mut list);
+    struct Collect<'a> {
+        grads: &'a GradientsParams,
+        names: std::vec::IntoIter<String>,
+        out: Vec<NamedTensor>,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let name = self.names.next().expect("one name per parameter");
+            let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) else {
+                return;
+            };
+            let g = to_dtype(g, DType::F32);
+            let dims = g.dims().to_vec();
+            let values = g.into_data().to_vec::<f32>().expect("f32 gradient");
+            let (name, shape, values) = hf_layout(&name, dims, values);
+            self.out.push((name, shape, values));
+        }
+    }
+    let mut c = Collect {
+        grads,
+        names: list
+            .entries
+            .into_iter()
+            .map(|(n, ..)| n)
+            .collect::<Vec<_>>()
+            .into_iter(),
+        out: vec![],
+    };
+    model.visit(&mut c);
+    c.out
 }
 
 /// What one device computes for a step: the gradient of its share of the micro-batches.
@@ -1052,7 +1094,7 @@ impl<B: TrainBackend> Worker<'_, B> {
 }
 
 /// Sum in f64 of f32 values still on the device (one read-back; 0 for none).
-fn sum_f64<B: Backend>(parts: Vec<Tensor<B, 1>>) -> f64 {
+pub(super) fn sum_f64<B: Backend>(parts: Vec<Tensor<B, 1>>) -> f64 {
     if parts.is_empty() {
         return 0.0;
     }
@@ -1066,7 +1108,7 @@ fn sum_f64<B: Backend>(parts: Vec<Tensor<B, 1>>) -> f64 {
 }
 
 /// Clips (`factor`) and applies one AdamW update, decayed and plain groups apart.
-fn update<B: TrainBackend>(
+pub(super) fn update<B: TrainBackend>(
     model: TrainModel<B>,
     grads: GradientsParams,
     factor: Option<f64>,
@@ -1116,7 +1158,7 @@ fn hf_layout(path: &str, dims: Vec<usize>, values: Vec<f32>) -> (String, Vec<usi
 }
 
 /// Rows `index` of `[b, s, d]` hidden states flattened to `[b·s, d]`.
-fn select_rows<B: Backend>(h: Tensor<B, 3>, index: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+pub(super) fn select_rows<B: Backend>(h: Tensor<B, 3>, index: Tensor<B, 1, Int>) -> Tensor<B, 2> {
     let [b, s, d] = h.dims();
     h.reshape([b * s, d]).select(0, index)
 }
@@ -1198,7 +1240,7 @@ fn backprop<B: TrainBackend, const D: usize, const L: usize>(
     g
 }
 
-fn dir_bytes(dir: &Path) -> TrainResult<u64> {
+pub(super) fn dir_bytes(dir: &Path) -> TrainResult<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir).map_err(|e| TrainError::io(dir, e))? {
         let entry = entry.map_err(|e| TrainError::io(dir, e))?;

@@ -8,6 +8,7 @@ mod cpu_kernels;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod errors;
+mod grpo;
 mod parity;
 mod qlora;
 mod train;

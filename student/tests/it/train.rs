@@ -19,7 +19,7 @@ use crate::common::*;
 
 type T = Autodiff<B>;
 
-fn train_fixture(name: &str) -> PathBuf {
+pub(crate) fn train_fixture(name: &str) -> PathBuf {
     std::env::var_os("DISTILL_STUDENT_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
@@ -27,7 +27,7 @@ fn train_fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn read_json(path: &Path) -> serde_json::Value {
+pub(crate) fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
