@@ -12,6 +12,7 @@
 mod error;
 pub mod evals;
 pub mod generations;
+pub mod grpo;
 pub mod prompts;
 pub mod runs;
 pub mod stages;

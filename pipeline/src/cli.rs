@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use distill_db::{Db, generations, runs, verdicts};
+use distill_db::stages::{self, StageRow};
+use distill_db::{Db, generations, grpo, runs, verdicts};
 use distill_stages::Registry;
 use indicatif::{MultiProgress, ProgressDrawTarget};
 use tokio_util::sync::CancellationToken;
@@ -122,11 +123,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show generated or imported traces: prompt, reasoning, answer, finish reason, tokens.
+    /// Show generated or imported traces: prompt, reasoning, answer, finish reason, tokens;
+    /// or, for a grpo stage, the rollouts it kept: prompt, completion, reward, verdict.
     Traces {
         /// The run's name or id.
         run: String,
-        /// Only this generate or import stage.
+        /// Only this generate or import stage, or the kept rollouts of this grpo stage.
         #[arg(long)]
         stage: Option<String>,
         /// At most this many traces.
@@ -164,7 +166,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Draw a run's training curves (loss, learning rate) or its scores by step, as SVG.
+    /// Draw a run's training curves (loss, learning rate; for grpo stages also reward, pass
+    /// rate and completion length) or its scores by step, as SVG.
     Plot {
         /// The run's name or id.
         run: String,
@@ -174,7 +177,7 @@ enum Command {
         /// Draw benchmark scores against training step instead of training curves.
         #[arg(long)]
         scores: bool,
-        /// Only this train stage.
+        /// Only this train or grpo stage.
         #[arg(long, conflicts_with = "scores")]
         stage: Option<String>,
     },
@@ -383,6 +386,22 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
         } => {
             let db = open_existing(cli.db).await?;
             let run = runs::find(&db, &run).await?;
+            if let Some(s) = grpo_stage(&db, run.id, stage.as_deref()).await? {
+                if failed || rejected {
+                    bail!(
+                        "stage `{}` is a grpo stage: --failed and --rejected apply to generate, \
+                         import and curation stages",
+                        s.name
+                    );
+                }
+                let rollouts = grpo::rollouts(db.pool(), s.id, limit).await?;
+                if json {
+                    out(&format!("{}\n", serde_json::to_string_pretty(&rollouts)?));
+                } else {
+                    out(&report::render_rollouts(&s.name, &rollouts, full));
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             if rejected {
                 let items = verdicts::rejected(
                     db.pool(),
@@ -659,6 +678,17 @@ fn write_jsonl<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     Ok(())
 }
 
+/// The stage of a run named `name`, when there is one and it is a grpo stage.
+async fn grpo_stage(db: &Db, run_id: i64, name: Option<&str>) -> Result<Option<StageRow>> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    Ok(stages::list(db.pool(), run_id)
+        .await?
+        .into_iter()
+        .find(|s| s.name == name && s.kind == "grpo"))
+}
+
 async fn find_or_latest(db: &Db, run: Option<String>) -> Result<runs::Run> {
     Ok(match run {
         Some(key) => runs::find(db, &key).await?,
@@ -755,6 +785,77 @@ pub(crate) fn out(text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `distill traces --stage` on a grpo stage reads its kept rollouts with their prompts.
+    #[tokio::test]
+    async fn traces_of_a_grpo_stage_are_its_rollouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let pool = db.pool();
+        sqlx::query(
+            "INSERT INTO runs (id, name, config_path, config, workdir, status, created_at, updated_at)
+             VALUES (1, 'q', 'q.toml', '', '.', 'done', 0, 0)",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        for (id, name, kind) in [(1, "load", "load"), (2, "rl", "grpo")] {
+            sqlx::query(
+                "INSERT INTO stages (id, run_id, name, kind, position, needs, params, fingerprint, status)
+                 VALUES (?, 1, ?, ?, ?, '[]', '{}', 'f', 'done')",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(kind)
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO prompts (id, stage_id, idx, source_id, prompt, answer, content_hash)
+             VALUES (7, 1, 0, 'p7', 'What is 2 + 3?', '5', 'h')",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let mut tx = db.write().await.unwrap();
+        let rows: Vec<grpo::Rollout> = [(0, 0, 1.0, "correct"), (1, 1, 0.0, "incorrect")]
+            .into_iter()
+            .map(|(batch, sample, reward, verdict)| grpo::Rollout {
+                batch,
+                prompt_id: 7,
+                sample,
+                completion: format!("2 + 3 = {}", if reward > 0.0 { 5 } else { 6 }),
+                reward,
+                verdict: verdict.into(),
+                tokens: 9,
+            })
+            .collect();
+        grpo::record_rollouts(&mut tx, 2, &rows).await.unwrap();
+        tx.commit().await.unwrap();
+
+        assert!(grpo_stage(&db, 1, None).await.unwrap().is_none());
+        assert!(grpo_stage(&db, 1, Some("load")).await.unwrap().is_none());
+        assert!(grpo_stage(&db, 1, Some("nope")).await.unwrap().is_none());
+        let stage = grpo_stage(&db, 1, Some("rl")).await.unwrap().unwrap();
+        assert_eq!(stage.id, 2);
+        let rollouts = grpo::rollouts(db.pool(), stage.id, 10).await.unwrap();
+        let text = report::render_rollouts(&stage.name, &rollouts, false);
+        assert_eq!(
+            text,
+            "── rl · batch 1 · prompt p7 · sample 1 · reward 0 · incorrect · 9 tokens\n\
+             PROMPT     What is 2 + 3?\n\
+             COMPLETION 2 + 3 = 6\n\
+             REFERENCE  5\n\
+             \n\
+             ── rl · batch 0 · prompt p7 · sample 0 · reward 1 · correct · 9 tokens\n\
+             PROMPT     What is 2 + 3?\n\
+             COMPLETION 2 + 3 = 5\n\
+             REFERENCE  5\n\
+             \n"
+        );
+    }
 
     #[test]
     fn error_chains_skip_causes_already_in_the_message() {

@@ -274,6 +274,45 @@ pub fn render_traces(traces: &[generations::Trace], full: bool) -> String {
     out
 }
 
+/// `distill traces --stage GRPO`: the rollouts a grpo stage kept, each with its prompt.
+pub fn render_rollouts(
+    stage: &str,
+    rollouts: &[distill_db::grpo::RolloutTrace],
+    full: bool,
+) -> String {
+    if rollouts.is_empty() {
+        return format!("no rollouts kept by stage {stage} yet\n");
+    }
+    let cut = |text: &str, n: usize| excerpt(text, n, full);
+    let mut out = String::new();
+    for r in rollouts {
+        let _ = writeln!(
+            out,
+            "── {stage} · batch {} · prompt {} · sample {} · reward {} · {} · {} tokens",
+            r.batch,
+            r.source_id,
+            r.sample,
+            reward(r.reward),
+            r.verdict,
+            r.tokens
+        );
+        let _ = writeln!(out, "PROMPT     {}", cut(&r.prompt, 300));
+        let _ = writeln!(out, "COMPLETION {}", cut(&r.completion, 600));
+        if let Some(a) = &r.reference {
+            let _ = writeln!(out, "REFERENCE  {}", cut(a, 200));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A reward with at most three decimals and no trailing zeros: `1`, `0.5`, `-0.125`.
+fn reward(v: f64) -> String {
+    let s = format!("{v:.3}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" { "0".into() } else { s.into() }
+}
+
 /// `distill funnel`: items in, kept and dropped (by reason) at each stage that
 /// produces or curates traces.
 #[derive(Debug, Serialize)]
@@ -786,6 +825,7 @@ fn ago(t: i64) -> String {
 mod tests {
     use super::*;
     use distill_db::evals::ScoreRow;
+    use distill_db::grpo::RolloutTrace;
 
     #[test]
     fn durations_read_naturally() {
@@ -842,6 +882,81 @@ mod tests {
         assert_eq!(row["mean_tokens"], 3071.6);
         assert_eq!(row["metrics"]["pass@4"][0], 0.7);
         assert!(json["groups"][0]["rows"][1]["truncated"].is_null());
+    }
+
+    fn rollout(batch: i64, sample: i64, reward: f64, verdict: &str) -> RolloutTrace {
+        RolloutTrace {
+            batch,
+            source_id: "p17".into(),
+            prompt: "Mia has 12 pencils. She buys 5 more. How many does she have?".into(),
+            reference: Some("17".into()),
+            sample,
+            completion: format!(
+                "<think>12 + 5 = 17</think> {}",
+                "so the answer is 17. ".repeat(40)
+            ),
+            reward,
+            verdict: verdict.into(),
+            tokens: 213,
+        }
+    }
+
+    #[test]
+    fn rollouts_show_batch_prompt_reward_verdict_and_the_completion() {
+        let mut no_reference = rollout(2, 1, -0.5, "unknown");
+        no_reference.reference = None;
+        let rows = [rollout(3, 0, 1.0, "correct"), no_reference];
+        let text = render_rollouts("rl", &rows, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "── rl · batch 3 · prompt p17 · sample 0 · reward 1 · correct · 213 tokens"
+        );
+        assert_eq!(
+            lines[1],
+            "PROMPT     Mia has 12 pencils. She buys 5 more. How many does she have?"
+        );
+        let completion_len = rows[0].completion.chars().count();
+        assert_eq!(
+            lines[2],
+            format!(
+                "COMPLETION {}… [{} more chars; --full shows all]",
+                rows[0].completion.chars().take(600).collect::<String>(),
+                completion_len - 600
+            )
+        );
+        assert_eq!(lines[3], "REFERENCE  17");
+        assert_eq!(lines[4], "");
+        assert_eq!(
+            lines[5],
+            "── rl · batch 2 · prompt p17 · sample 1 · reward -0.5 · unknown · 213 tokens"
+        );
+        assert!(
+            !text[text.find("batch 2").unwrap()..].contains("REFERENCE"),
+            "{text}"
+        );
+
+        let full = render_rollouts("rl", &rows, true);
+        assert!(
+            full.contains(&format!("COMPLETION {}\n", rows[0].completion)),
+            "{full}"
+        );
+        assert!(!full.contains("--full shows all"));
+
+        assert_eq!(
+            render_rollouts("rl", &[], false),
+            "no rollouts kept by stage rl yet\n"
+        );
+    }
+
+    #[test]
+    fn rewards_print_without_trailing_zeros() {
+        assert_eq!(reward(1.0), "1");
+        assert_eq!(reward(0.0), "0");
+        assert_eq!(reward(-0.0001), "0");
+        assert_eq!(reward(0.25), "0.25");
+        assert_eq!(reward(-0.125), "-0.125");
+        assert_eq!(reward(2.0 / 3.0), "0.667");
     }
 
     #[test]

@@ -76,10 +76,14 @@ impl StageKind for ExportKind {
     }
     fn build(&self, params: toml::Table, env: &BuildEnv) -> Result<Arc<dyn Stage>, ParamError> {
         let mut p: ExportParams = parse_params(params)?;
-        if env.stages.get(&p.student).map(String::as_str) != Some("train") {
+        if !env
+            .stages
+            .get(&p.student)
+            .is_some_and(|k| crate::grpo::STUDENT_KINDS.contains(&k.as_str()))
+        {
             return Err(ParamError::new(
                 "student",
-                format!("no train stage named `{}` in the config", p.student),
+                format!("no train or grpo stage named `{}` in the config", p.student),
             ));
         }
         if !env.needs.iter().any(|(n, _)| n == &p.student) {
@@ -128,9 +132,12 @@ pub async fn export(
     let stages = db_stages::list(db.pool(), run_id).await?;
     let train = stages
         .iter()
-        .find(|s| s.name == params.student && s.kind == "train")
+        .find(|s| s.name == params.student && crate::grpo::STUDENT_KINDS.contains(&s.kind.as_str()))
         .ok_or_else(|| {
-            StageError::Input(format!("no train stage `{}` in this run", params.student))
+            StageError::Input(format!(
+                "no train or grpo stage `{}` in this run",
+                params.student
+            ))
         })?;
     let checkpoints = training::checkpoints(db.pool(), train.id).await?;
     let chosen = match params.step {
@@ -384,12 +391,18 @@ async fn model_card(
         .await?;
     let identity: Value = serde_json::from_str(&train.params).unwrap_or(Value::Null);
     let base = &identity["base_model"];
+    let start = &identity["start"];
     let base = match (base["dir"].as_str(), base["init_seed"].as_u64()) {
         (Some(dir), _) => format!("`{dir}`"),
         (None, Some(seed)) => {
             format!("none: trained from scratch (random initialisation, seed {seed})")
         }
-        (None, None) => "unknown".into(),
+        // A grpo stage starts from a train stage's final model or a folder.
+        _ => match (start["stage"].as_str(), start["dir"].as_str()) {
+            (Some(stage), _) => format!("the final model of stage `{stage}`"),
+            (None, Some(dir)) => format!("`{dir}`"),
+            (None, None) => "unknown".into(),
+        },
     };
     let mut card = format!(
         "---\nlibrary_name: transformers\ntags:\n- distill\n- reasoning\n- distillation\n---\n\n# {} (step {step})\n\n\
@@ -460,11 +473,22 @@ async fn model_card(
             );
         }
     }
-    let _ = write!(
-        card,
-        "\n## Training\n\nSupervised fine-tuning on the kept traces (loss on `<think>\\n…\\n</think>\\n\\n` + answer only):\n\n```json\n{}\n```\n",
-        serde_json::to_string_pretty(&identity["config"]).unwrap_or_default()
-    );
+    if train.kind == "grpo" {
+        let _ = write!(
+            card,
+            "\n## Training\n\nGRPO (group-relative policy optimisation with verifiable rewards) from the model above:\n\n```json\n{}\n```\n",
+            serde_json::to_string_pretty(
+                &json!({ "config": identity["config"], "rewards": identity["stage"] })
+            )
+            .unwrap_or_default()
+        );
+    } else {
+        let _ = write!(
+            card,
+            "\n## Training\n\nSupervised fine-tuning on the kept traces (loss on `<think>\\n…\\n</think>\\n\\n` + answer only):\n\n```json\n{}\n```\n",
+            serde_json::to_string_pretty(&identity["config"]).unwrap_or_default()
+        );
+    }
     card.push_str(&scores_table(
         &evals::scores_of_run(db.pool(), run_id).await?,
     ));

@@ -15,6 +15,7 @@ mod error;
 pub mod evaluate;
 pub mod export;
 pub mod generate;
+pub mod grpo;
 pub mod hash;
 pub mod import;
 pub mod load;

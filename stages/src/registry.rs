@@ -119,6 +119,7 @@ impl Registry {
         r.register(Box::new(crate::curation::decontaminate::DecontaminateKind));
         r.register(Box::new(crate::evaluate::EvaluateKind));
         r.register(Box::new(crate::train::TrainKind));
+        r.register(Box::new(crate::grpo::GrpoKind));
         r.register(Box::new(crate::export::ExportKind));
         #[cfg(feature = "test-stages")]
         crate::testing::register(&mut r);

@@ -495,7 +495,7 @@ async fn init_base(init: &InitModel, artifacts: &Path) -> Result<PathBuf, StageE
 /// rows and folders (their steps are trained again, so neither pruning nor evaluation may
 /// see them). When every recorded checkpoint is damaged the stage fails naming each
 /// damaged file, rather than silently training from scratch.
-async fn resume_point(ctx: &StageContext) -> Result<Option<PathBuf>, StageError> {
+pub(crate) async fn resume_point(ctx: &StageContext) -> Result<Option<PathBuf>, StageError> {
     let recorded = training::checkpoints(ctx.db.pool(), ctx.stage_id).await?;
     let mut damaged = Vec::new();
     let mut intact = None;
@@ -541,7 +541,7 @@ async fn resume_point(ctx: &StageContext) -> Result<Option<PathBuf>, StageError>
 }
 
 /// Drops the oldest intermediate checkpoints beyond `keep`, folders and rows alike.
-async fn prune(ctx: &StageContext, keep: usize) -> Result<(), StageError> {
+pub(crate) async fn prune(ctx: &StageContext, keep: usize) -> Result<(), StageError> {
     let all = training::checkpoints(ctx.db.pool(), ctx.stage_id).await?;
     let intermediate: Vec<_> = all.iter().filter(|c| !c.r#final).collect();
     if intermediate.len() <= keep {
@@ -558,7 +558,7 @@ async fn prune(ctx: &StageContext, keep: usize) -> Result<(), StageError> {
     Ok(())
 }
 
-fn role_name(role: &distill_teacher::Role) -> &'static str {
+pub(crate) fn role_name(role: &distill_teacher::Role) -> &'static str {
     match role {
         distill_teacher::Role::System => "system",
         distill_teacher::Role::User => "user",

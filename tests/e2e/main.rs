@@ -6,6 +6,7 @@ mod curate;
 mod evaluate;
 mod foundation;
 mod generate;
+mod grpo;
 mod import;
 mod model;
 mod quickstart;

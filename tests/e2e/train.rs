@@ -8,7 +8,7 @@ use distill_fake_teacher::{FakeConfig, FakeTeacher, Reply, ReplyInput};
 
 use crate::common::*;
 
-fn prompts(n: usize) -> String {
+pub(crate) fn prompts(n: usize) -> String {
     (0..n)
         .map(|i| {
             format!(
@@ -19,7 +19,7 @@ fn prompts(n: usize) -> String {
         .collect()
 }
 
-fn reply(input: &ReplyInput<'_>) -> Reply {
+pub(crate) fn reply(input: &ReplyInput<'_>) -> Reply {
     let i: i64 = input
         .prompt
         .split_whitespace()

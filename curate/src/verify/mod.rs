@@ -167,6 +167,14 @@ mod tests {
     }
 
     #[test]
+    fn multi_byte_characters_in_a_sampled_answer_do_not_panic() {
+        // A student's sampled tokens can decode to U+FFFD or any other multi-byte text.
+        assert_ne!(v("9", "9\u{FFFD}has1"), Verdict::Correct);
+        assert_ne!(v("(1, 2)", "(1,\u{FFFD}, 2)"), Verdict::Correct);
+        assert_eq!(v("7", "7"), Verdict::Correct);
+    }
+
+    #[test]
     fn numbers_compare_exactly() {
         assert_eq!(v("0.5", "\\frac{1}{2}"), Verdict::Correct);
         assert_eq!(v("\\frac{1}{2}", "1/2"), Verdict::Correct);

@@ -46,7 +46,9 @@ fn split_top<'a>(s: &'a str, sep: &str) -> Vec<&'a str> {
             i += 2;
             continue;
         }
-        if depth == 0 && s[i..].starts_with(sep) {
+        // Bytes, not `s[i..]`: `i` may be inside a multi-byte character (a sampled answer can
+        // hold anything); a match of `sep` itself always starts on a character boundary.
+        if depth == 0 && bytes[i..].starts_with(sep.as_bytes()) {
             let after_ok = !sep.starts_with('\\')
                 || !s[i + sep.len()..].starts_with(|c: char| c.is_ascii_alphabetic());
             if after_ok {

@@ -176,10 +176,14 @@ impl StageKind for EvaluateKind {
         let target = match (&p.model, &p.teacher) {
             (None, None) if p.student.is_some() => {
                 let name = p.student.clone().expect("checked");
-                if env.stages.get(&name).map(String::as_str) != Some("train") {
+                if !env
+                    .stages
+                    .get(&name)
+                    .is_some_and(|k| crate::grpo::STUDENT_KINDS.contains(&k.as_str()))
+                {
                     return Err(ParamError::new(
                         "student",
-                        format!("no train stage named `{name}` in the config"),
+                        format!("no train or grpo stage named `{name}` in the config"),
                     ));
                 }
                 if !env.needs.iter().any(|(n, _)| n == &name) {
