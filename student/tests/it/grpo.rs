@@ -2,6 +2,7 @@
 //! (`tests/fixtures/grpo/make_grpo_reference.py`), and a few updates that raise the reward.
 
 use burn::backend::Autodiff;
+use distill_student::load_model;
 use distill_student::train::{GrpoConfig, GrpoLoss, GrpoTrainer, Rollout, group_advantages};
 
 use crate::common::*;
@@ -126,4 +127,75 @@ fn loss_and_gradients_match_trl_for_every_normalisation() {
         checked, 7,
         "3 normalisations x beta 0 and > 0, plus the detached ratio"
     );
+}
+
+/// A LoRA run with a KL term and two updates per batch: the reference is the base without
+/// adapters (equal to the policy at the start, so the first KL is 0), the old
+/// log-probabilities are the sampling policy's (ratio 1 at the first update, moved at the
+/// second), the base stays frozen while the adapters move, and the first update's loss is the
+/// one `peek` computes for the same rollouts.
+#[test]
+fn lora_updates_keep_the_base_frozen_and_measure_kl_to_it() {
+    use distill_student::train::LoraConfig;
+    let dir = train_fixture("qwen2-tied");
+    let prompts = vec![vec![5, 9, 11, 4], vec![7, 3, 8]];
+    let config = GrpoConfig {
+        steps: 2,
+        prompts_per_step: 2,
+        group_size: 2,
+        updates_per_batch: 2,
+        beta: 0.1,
+        learning_rate: 1e-2,
+        max_completion_tokens: 6,
+        lora: Some(LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..LoraConfig::default()
+        }),
+        ..GrpoConfig::default()
+    };
+    let rollout = |p: usize, completion: Vec<u32>, advantage: f64| Rollout {
+        prompt: prompts[p].clone(),
+        completion,
+        advantage,
+        old_logps: None,
+        ref_logps: None,
+    };
+    let mut rollouts = vec![
+        rollout(0, vec![12, 13, 2], 0.7),
+        rollout(0, vec![14, 2], -0.7),
+        rollout(1, vec![20, 21, 22, 2], -0.7),
+        rollout(1, vec![23, 2], 0.7),
+    ];
+    let mut trainer = GrpoTrainer::<T>::new(&dir, prompts.clone(), config, &device()).unwrap();
+    let before = trainer.merged_model();
+    let m1 = trainer.update(0, &mut rollouts).unwrap();
+    assert!(rollouts.iter().all(|r| r.old_logps.is_some() && r.ref_logps.is_some()));
+    // Adapters start at B = 0: policy = reference = sampling policy.
+    for r in &rollouts {
+        let (old, reference) = (r.old_logps.as_ref().unwrap(), r.ref_logps.as_ref().unwrap());
+        assert_eq!(old.len(), r.completion.len());
+        for (a, b) in old.iter().zip(reference) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+    assert!(m1.kl.unwrap().abs() < 1e-6, "kl {:?}", m1.kl);
+    assert_eq!(m1.clip_fraction, 0.0);
+    assert!(m1.grad_norm > 0.0);
+    let m2 = trainer.update(0, &mut rollouts).unwrap();
+    assert!(m2.kl.unwrap() > 1e-9, "the policy moved away from its base");
+    assert!(m2.loss < m1.loss, "the surrogate improved: {} -> {}", m1.loss, m2.loss);
+    assert!(trainer.is_finished());
+    // The base is frozen: the merged model moved only by the adapters' product.
+    let base_before = load_model::<B>(&dir, &device(), distill_student::DType::F32).unwrap();
+    let after = trainer.merged_model();
+    let emb = |m: &distill_student::CausalLm<B>| {
+        m.model.embed_tokens.weight.val().into_data().to_vec::<f32>().unwrap()
+    };
+    assert_eq!(emb(&base_before), emb(&after), "embeddings are not adapted");
+    let q = |m: &distill_student::CausalLm<B>| {
+        m.model.layers[0].self_attn.q_proj.weight.val().into_data().to_vec::<f32>().unwrap()
+    };
+    assert_eq!(q(&before), q(&base_before));
+    assert_ne!(q(&after), q(&before), "the adapters moved q_proj");
 }
