@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use distill_curate::verify::{Verdict, verify_response};
 use distill_db::grpo::{self as db_grpo, GrpoStep, Rollout as RolloutRow};
-use distill_db::training::{self, CheckpointFile, StepMetrics as StepRow};
+use distill_db::training::{self, StepMetrics as StepRow};
 use distill_student::train::{GrpoConfig, GrpoStepMetrics, GrpoTrainer, TrainBackend, TrainError};
 use distill_student::{ChatMessage, FinishReason, Generation, SaveOptions, Tokenizer};
 use serde::{Deserialize, Serialize};
@@ -31,7 +31,7 @@ use crate::checkpoint_files;
 use crate::curation::{CURATION_KINDS, output_items};
 use crate::device::Device;
 use crate::generate::{GENERATION_KINDS, rendered_messages};
-use crate::train::{prune, resume_point, role_name};
+use crate::train::{SavedCheckpoint, resume_point, role_name};
 use crate::{BuildEnv, ParamError, Stage, StageContext, StageError, StageKind, parse_params};
 
 /// Stage kinds whose checkpoints `evaluate` and `export` take as a student.
@@ -244,12 +244,7 @@ enum Event {
         rewards: RewardStats,
     },
     Rollouts(Vec<RolloutRow>),
-    Checkpoint {
-        step: usize,
-        path: PathBuf,
-        last: bool,
-        files: Vec<CheckpointFile>,
-    },
+    Checkpoint(SavedCheckpoint),
 }
 
 /// Reward figures of one generated batch.
@@ -380,27 +375,7 @@ impl Stage for Grpo {
                     db_grpo::record_rollouts(&mut tx, ctx.stage_id, &rows).await?;
                     tx.commit().await?;
                 }
-                Event::Checkpoint {
-                    step,
-                    path,
-                    last,
-                    files,
-                } => {
-                    let mut tx = ctx.db.write().await?;
-                    training::record_checkpoint(
-                        &mut tx,
-                        ctx.stage_id,
-                        step as i64,
-                        &path.display().to_string(),
-                        last,
-                        Some(&files),
-                    )
-                    .await?;
-                    tx.commit().await?;
-                    if let Some(keep) = self.stage.keep_last {
-                        prune(ctx, keep).await?;
-                    }
-                }
+                Event::Checkpoint(saved) => saved.record(ctx, self.stage.keep_last).await?,
             }
         }
         let finished = worker
@@ -629,27 +604,16 @@ impl GrpoJob {
         let max_batch = self.stage.max_batch.unwrap_or(default_batch);
         let mut last_saved = trainer.global_step();
         let save = |trainer: &GrpoTrainer<B>, last: bool| -> Result<(), StageError> {
-            let step = trainer.global_step();
-            let path = if last {
-                self.artifacts.join("final")
-            } else {
-                self.artifacts.join(format!("checkpoint-{step}"))
-            };
-            if last {
-                trainer
-                    .export(&path, SaveOptions::default())
-                    .map_err(|e| fail(&e))?;
-            } else {
-                trainer.save_checkpoint(&path).map_err(|e| fail(&e))?;
-            }
-            let files = checkpoint_files::manifest(&path)
-                .map_err(|e| fail(&format!("hashing {}: {e}", path.display())))?;
-            let _ = self.tx.blocking_send(Event::Checkpoint {
-                step,
-                path,
-                last,
-                files,
-            });
+            let saved =
+                SavedCheckpoint::write(&self.artifacts, trainer.global_step(), last, |path| {
+                    if last {
+                        trainer.export(path, SaveOptions::default()).map(drop)
+                    } else {
+                        trainer.save_checkpoint(path).map(drop)
+                    }
+                    .map_err(|e| fail(&e))
+                })?;
+            let _ = self.tx.blocking_send(Event::Checkpoint(saved));
             Ok(())
         };
         let stopped = || self.stop.load(Ordering::Relaxed);

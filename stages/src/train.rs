@@ -241,17 +241,9 @@ pub struct Train {
 
 /// What the training thread reports.
 enum Event {
-    Start {
-        total_steps: usize,
-        done: usize,
-    },
+    Start { total_steps: usize, done: usize },
     Step(distill_student::train::StepMetrics),
-    Checkpoint {
-        step: usize,
-        path: PathBuf,
-        last: bool,
-        files: Vec<CheckpointFile>,
-    },
+    Checkpoint(SavedCheckpoint),
 }
 
 #[async_trait]
@@ -404,27 +396,7 @@ impl Stage for Train {
                     real_tokens += m.input_tokens;
                     padded_tokens += m.padded_tokens;
                 }
-                Event::Checkpoint {
-                    step,
-                    path,
-                    last,
-                    files,
-                } => {
-                    let mut tx = ctx.db.write().await?;
-                    training::record_checkpoint(
-                        &mut tx,
-                        ctx.stage_id,
-                        step as i64,
-                        &path.display().to_string(),
-                        last,
-                        Some(&files),
-                    )
-                    .await?;
-                    tx.commit().await?;
-                    if let Some(keep) = self.stage.keep_last {
-                        prune(ctx, keep).await?;
-                    }
-                }
+                Event::Checkpoint(saved) => saved.record(ctx, self.stage.keep_last).await?,
             }
         }
         let outcome = worker
@@ -540,6 +512,63 @@ pub(crate) async fn resume_point(ctx: &StageContext) -> Result<Option<PathBuf>, 
     Ok(Some(PathBuf::from(&intact.path)))
 }
 
+/// A checkpoint the training thread wrote and hashed, for the async side to record.
+pub(crate) struct SavedCheckpoint {
+    step: usize,
+    path: PathBuf,
+    last: bool,
+    files: Vec<CheckpointFile>,
+}
+
+impl SavedCheckpoint {
+    /// Runs `write` on `artifacts/final` (`last`) or `artifacts/checkpoint-STEP`, then hashes
+    /// what it wrote (right after the save, while the files are likely still cached).
+    pub(crate) fn write(
+        artifacts: &Path,
+        step: usize,
+        last: bool,
+        write: impl FnOnce(&Path) -> Result<(), StageError>,
+    ) -> Result<Self, StageError> {
+        let path = if last {
+            artifacts.join("final")
+        } else {
+            artifacts.join(format!("checkpoint-{step}"))
+        };
+        write(&path)?;
+        let files = checkpoint_files::manifest(&path)
+            .map_err(|e| StageError::Failed(format!("hashing {}: {e}", path.display())))?;
+        Ok(Self {
+            step,
+            path,
+            last,
+            files,
+        })
+    }
+
+    /// Records it in the job database, then drops intermediate checkpoints beyond `keep_last`.
+    pub(crate) async fn record(
+        self,
+        ctx: &StageContext,
+        keep_last: Option<usize>,
+    ) -> Result<(), StageError> {
+        let mut tx = ctx.db.write().await?;
+        training::record_checkpoint(
+            &mut tx,
+            ctx.stage_id,
+            self.step as i64,
+            &self.path.display().to_string(),
+            self.last,
+            Some(&self.files),
+        )
+        .await?;
+        tx.commit().await?;
+        if let Some(keep) = keep_last {
+            prune(ctx, keep).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Drops the oldest intermediate checkpoints beyond `keep`, folders and rows alike.
 pub(crate) async fn prune(ctx: &StageContext, keep: usize) -> Result<(), StageError> {
     let all = training::checkpoints(ctx.db.pool(), ctx.stage_id).await?;
@@ -634,28 +663,16 @@ impl TrainJob {
             done: last_saved,
         });
         let save = |trainer: &Trainer<B>, last: bool| -> Result<(), StageError> {
-            let step = trainer.global_step();
-            let path = if last {
-                self.artifacts.join("final")
-            } else {
-                self.artifacts.join(format!("checkpoint-{step}"))
-            };
-            if last {
-                trainer
-                    .export(&path, SaveOptions::default())
-                    .map_err(|e| fail(&e))?;
-            } else {
-                trainer.save_checkpoint(&path).map_err(|e| fail(&e))?;
-            }
-            // Hashed right after the save, while the files are likely still cached.
-            let files = checkpoint_files::manifest(&path)
-                .map_err(|e| fail(&format!("hashing {}: {e}", path.display())))?;
-            let _ = self.tx.blocking_send(Event::Checkpoint {
-                step,
-                path,
-                last,
-                files,
-            });
+            let saved =
+                SavedCheckpoint::write(&self.artifacts, trainer.global_step(), last, |path| {
+                    if last {
+                        trainer.export(path, SaveOptions::default()).map(drop)
+                    } else {
+                        trainer.save_checkpoint(path).map(drop)
+                    }
+                    .map_err(|e| fail(&e))
+                })?;
+            let _ = self.tx.blocking_send(Event::Checkpoint(saved));
             Ok(())
         };
         loop {

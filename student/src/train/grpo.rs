@@ -38,10 +38,10 @@ use super::config::{LoraConfig, LrSchedule, Precision, TrainConfig};
 use super::data::mix;
 use super::error::{TrainError, TrainResult};
 use super::lora::LoraAdapters;
-use super::model::{Fwd, SequentialIds, TrainModel};
+use super::model::{Fwd, TrainModel};
 use super::schedule;
 use super::trainer::{
-    Adam, NamedTensor, ParamList, SquaredNorms, adam, compute_dtype, dir_bytes, export_model,
+    Adam, NamedTensor, SquaredNorms, adam, assemble, compute_dtype, dir_bytes, export_model,
     gpu_reserved_bytes, load_base, load_optimizer, named_gradients, peak_rss_bytes,
     save_weights_and_optimizer, select_rows, storage_dtype, sum_f64, update,
 };
@@ -496,29 +496,7 @@ impl<B: TrainBackend> GrpoTrainer<B> {
             }
             _ => None,
         };
-        let (base, lora, quant) = match &optim.lora {
-            Some(lc) => {
-                let base = base.no_grad();
-                let adapters =
-                    adapters.unwrap_or_else(|| LoraAdapters::init(&base, lc, config.seed, device));
-                let (base, quant) = if lc.quantized_base() && quant.is_empty() {
-                    super::quantize_base(base)
-                } else {
-                    (base, quant)
-                };
-                (base, Some(adapters), quant)
-            }
-            None => (base, None, Vec::new()),
-        };
-        let model = TrainModel { base, lora, quant }.map(&mut SequentialIds { next: 0 });
-        let mut list = ParamList::default();
-        model.visit(&mut list);
-        let decay_ids = list
-            .entries
-            .iter()
-            .filter(|(_, _, rank, trainable)| *trainable && *rank >= 2)
-            .map(|(_, id, _, _)| *id)
-            .collect();
+        let (model, decay_ids, param_names) = assemble(base, adapters, quant, &optim, device);
         Ok(Self {
             opt_decay: adam::<B>(&optim, optim.weight_decay),
             opt_plain: adam::<B>(&optim, 0.0),
@@ -529,7 +507,7 @@ impl<B: TrainBackend> GrpoTrainer<B> {
             tokenizer,
             stop_token_ids,
             base_dir,
-            param_names: list.entries.into_iter().map(|(p, ..)| p).collect(),
+            param_names,
             global_step: 0,
             device: device.clone(),
             last: None,

@@ -415,29 +415,7 @@ impl<B: TrainBackend> Trainer<B> {
         device: &B::Device,
     ) -> TrainResult<Self> {
         let (seqs, stats) = data::prepare(examples, &config, base.config.vocab_size)?;
-        let (base, lora, quant) = match &config.lora {
-            Some(lc) => {
-                let base = base.no_grad();
-                let adapters =
-                    adapters.unwrap_or_else(|| LoraAdapters::init(&base, lc, config.seed, device));
-                let (base, quant) = if lc.quantized_base() && quant.is_empty() {
-                    quantize_base(base)
-                } else {
-                    (base, quant)
-                };
-                (base, Some(adapters), quant)
-            }
-            None => (base, None, Vec::new()),
-        };
-        let model = TrainModel { base, lora, quant }.map(&mut SequentialIds { next: 0 });
-        let mut list = ParamList::default();
-        model.visit(&mut list);
-        let decay_ids = list
-            .entries
-            .iter()
-            .filter(|(_, _, rank, trainable)| *trainable && *rank >= 2)
-            .map(|(_, id, _, _)| *id)
-            .collect();
+        let (model, decay_ids, param_names) = assemble(base, adapters, quant, &config, device);
         let input_lens: Vec<usize> = seqs.iter().map(Sequence::input_len).collect();
         let total_steps = match config.max_steps {
             Some(m) => m,
@@ -465,7 +443,7 @@ impl<B: TrainBackend> Trainer<B> {
             plan: None,
             device: device.clone(),
             base_dir,
-            param_names: list.entries.into_iter().map(|(p, ..)| p).collect(),
+            param_names,
             tokens_seen: 0,
             target_tokens_seen: 0,
             last: None,
@@ -801,6 +779,44 @@ impl<B: TrainBackend> Trainer<B> {
         self.model = Some(model);
         Ok(out)
     }
+}
+
+/// The module a run trains: `base` as is (full fine-tuning) or frozen with adapters (`adapters`
+/// when resuming, else fresh) and, for QLoRA, its NF4 weights (`quant`, quantized here when
+/// empty); parameters numbered in visiting order. Also returns the ids AdamW decays (trainable
+/// matrices) and the parameter paths.
+pub(super) fn assemble<B: TrainBackend>(
+    base: CausalLm<B>,
+    adapters: Option<LoraAdapters<B>>,
+    quant: Vec<QuantLayer<B>>,
+    config: &TrainConfig,
+    device: &B::Device,
+) -> (TrainModel<B>, HashSet<ParamId>, Vec<String>) {
+    let (base, lora, quant) = match &config.lora {
+        Some(lc) => {
+            let base = base.no_grad();
+            let adapters =
+                adapters.unwrap_or_else(|| LoraAdapters::init(&base, lc, config.seed, device));
+            let (base, quant) = if lc.quantized_base() && quant.is_empty() {
+                quantize_base(base)
+            } else {
+                (base, quant)
+            };
+            (base, Some(adapters), quant)
+        }
+        None => (base, None, Vec::new()),
+    };
+    let model = TrainModel { base, lora, quant }.map(&mut SequentialIds { next: 0 });
+    let mut list = ParamList::default();
+    model.visit(&mut list);
+    let decay_ids = list
+        .entries
+        .iter()
+        .filter(|(_, _, rank, trainable)| *trainable && *rank >= 2)
+        .map(|(_, id, _, _)| *id)
+        .collect();
+    let names = list.entries.into_iter().map(|(p, ..)| p).collect();
+    (model, decay_ids, names)
 }
 
 /// Writes a model's weights (HF layout, or PEFT for (Q)LoRA with tokenizer files from

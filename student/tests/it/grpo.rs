@@ -170,7 +170,11 @@ fn lora_updates_keep_the_base_frozen_and_measure_kl_to_it() {
     let mut trainer = GrpoTrainer::<T>::new(&dir, prompts.clone(), config, &device()).unwrap();
     let before = trainer.merged_model();
     let m1 = trainer.update(0, &mut rollouts).unwrap();
-    assert!(rollouts.iter().all(|r| r.old_logps.is_some() && r.ref_logps.is_some()));
+    assert!(
+        rollouts
+            .iter()
+            .all(|r| r.old_logps.is_some() && r.ref_logps.is_some())
+    );
     // Adapters start at B = 0: policy = reference = sampling policy.
     for r in &rollouts {
         let (old, reference) = (r.old_logps.as_ref().unwrap(), r.ref_logps.as_ref().unwrap());
@@ -184,17 +188,35 @@ fn lora_updates_keep_the_base_frozen_and_measure_kl_to_it() {
     assert!(m1.grad_norm > 0.0);
     let m2 = trainer.update(0, &mut rollouts).unwrap();
     assert!(m2.kl.unwrap() > 1e-9, "the policy moved away from its base");
-    assert!(m2.loss < m1.loss, "the surrogate improved: {} -> {}", m1.loss, m2.loss);
+    assert!(
+        m2.loss < m1.loss,
+        "the surrogate improved: {} -> {}",
+        m1.loss,
+        m2.loss
+    );
     assert!(trainer.is_finished());
     // The base is frozen: the merged model moved only by the adapters' product.
     let base_before = load_model::<B>(&dir, &device(), distill_student::DType::F32).unwrap();
     let after = trainer.merged_model();
     let emb = |m: &distill_student::CausalLm<B>| {
-        m.model.embed_tokens.weight.val().into_data().to_vec::<f32>().unwrap()
+        m.model
+            .embed_tokens
+            .weight
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
     };
     assert_eq!(emb(&base_before), emb(&after), "embeddings are not adapted");
     let q = |m: &distill_student::CausalLm<B>| {
-        m.model.layers[0].self_attn.q_proj.weight.val().into_data().to_vec::<f32>().unwrap()
+        m.model.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
     };
     assert_eq!(q(&before), q(&base_before));
     assert_ne!(q(&after), q(&before), "the adapters moved q_proj");
