@@ -196,3 +196,16 @@ async fn grpo_records_its_steps_and_rollouts_and_a_killed_run_resumes_to_the_sam
     );
     server.shutdown().await;
 }
+
+/// The GRPO quickstart validates as shipped (its run takes about 20 minutes: the README shows
+/// its figures, made by the tool).
+#[test]
+fn the_grpo_quickstart_validates() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let w = Workdir::new();
+    std::os::unix::fs::symlink(root.join("data"), w.path().join("data")).unwrap();
+    let config = root.join("examples/quickstart-grpo.toml");
+    let v = w.run(&["validate", config.to_str().unwrap()]);
+    v.ok();
+    assert!(!v.stderr().contains("warning"), "{}", v.stderr());
+}
