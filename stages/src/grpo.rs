@@ -750,6 +750,65 @@ mod tests {
         assert_eq!(reward(&p, 100, "7", true, &cut), (-1.0, Verdict::Incorrect));
     }
 
+    fn build(needs: &[(&str, &str)], extra: &str) -> Result<(), ParamError> {
+        let env = BuildEnv {
+            workdir: PathBuf::from("/w"),
+            teachers: Default::default(),
+            stages: [
+                ("p", "load"),
+                ("clean", "decontaminate"),
+                ("sft", "train"),
+                ("ev", "evaluate"),
+            ]
+            .into_iter()
+            .map(|(n, k)| (n.to_string(), k.to_string()))
+            .collect(),
+            needs: needs
+                .iter()
+                .map(|(n, k)| (n.to_string(), k.to_string()))
+                .collect(),
+        };
+        let params: toml::Table = toml::from_str(extra).unwrap();
+        GrpoKind.build(params, &env).map(drop)
+    }
+
+    #[test]
+    fn bad_configs_name_their_field() {
+        let field = |needs: &[(&str, &str)], extra: &str| build(needs, extra).unwrap_err().field;
+        let ok = [("clean", "decontaminate"), ("sft", "train")];
+        build(&ok, "student = \"sft\"").unwrap();
+        build(
+            &[("p", "load")],
+            "model = \"m\"\nprompt_template = \"Q: {prompt}\"",
+        )
+        .unwrap();
+        assert_eq!(field(&ok, "student = \"ev\""), "student");
+        assert_eq!(field(&ok, "student = \"sft\"\nmodel = \"m\""), "student");
+        assert_eq!(
+            field(&[("clean", "decontaminate")], "student = \"sft\""),
+            "needs"
+        );
+        assert_eq!(field(&[("sft", "train")], "student = \"sft\""), "needs");
+        assert_eq!(
+            field(&ok, "student = \"sft\"\ngroup_size = 1"),
+            "group_size"
+        );
+        assert_eq!(field(&ok, "student = \"sft\"\nepsilon = 1.5"), "epsilon");
+        assert_eq!(field(&ok, "student = \"sft\"\nloss = \"mean\""), "loss");
+        assert_eq!(field(&ok, "student = \"sft\"\nbogus = 1"), "bogus");
+        assert_eq!(
+            field(&ok, "student = \"sft\"\nprompt_template = \"{prompt}\""),
+            "prompt_template"
+        );
+        assert_eq!(
+            field(
+                &ok,
+                "student = \"sft\"\nmax_completion_tokens = 64\noverlong_buffer = 64"
+            ),
+            "overlong_buffer"
+        );
+    }
+
     #[test]
     fn well_formed_needs_closed_reasoning_and_an_answer() {
         assert!(well_formed("a\n</think>\n\nb", true));
