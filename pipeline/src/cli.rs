@@ -185,7 +185,7 @@ enum Command {
     Export {
         /// The run's name or id.
         run: String,
-        /// The train stage.
+        /// The train or grpo stage.
         #[arg(long)]
         student: String,
         /// A checkpoint's step instead of the final model.
