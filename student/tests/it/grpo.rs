@@ -221,3 +221,58 @@ fn lora_updates_keep_the_base_frozen_and_measure_kl_to_it() {
     assert_eq!(q(&before), q(&base_before));
     assert_ne!(q(&after), q(&before), "the adapters moved q_proj");
 }
+
+/// bf16 compute (f32 masters, f32 log-softmax) gives the f32 loss and gradients to bf16's
+/// precision on the reference rollouts.
+#[test]
+fn bf16_compute_tracks_f32() {
+    use distill_student::train::Precision;
+    let dir = crate::common::fixture("..").join("grpo");
+    let want = read_json(&dir.join("reference.json"));
+    let rollouts: Vec<Rollout> = (0..8)
+        .map(|i| Rollout {
+            prompt: ids(&want["prompts"][i]),
+            completion: ids(&want["completions"][i]),
+            advantage: f64::from(floats(&want["advantages"])[i]),
+            old_logps: Some(floats(&want["old_logps"][i])),
+            ref_logps: Some(floats(&want["ref_logps"][i])),
+        })
+        .collect();
+    let prompts: Vec<Vec<u32>> = rollouts.iter().map(|r| r.prompt.clone()).collect();
+    let run = |precision| {
+        let config = GrpoConfig {
+            steps: 1,
+            group_size: 4,
+            beta: 0.04,
+            temperature: 0.7,
+            precision,
+            ..GrpoConfig::default()
+        };
+        GrpoTrainer::<T>::new(
+            train_fixture("qwen2-tied"),
+            prompts.clone(),
+            config,
+            &device(),
+        )
+        .unwrap()
+        .peek_loss_and_gradients(&rollouts)
+        .unwrap()
+    };
+    let (l32, g32) = run(Precision::F32);
+    let (l16, g16) = run(Precision::Bf16);
+    assert!(
+        (l32 - l16).abs() < 0.02 * l32.abs().max(0.01),
+        "{l32} vs {l16}"
+    );
+    let flat = |g: &[(String, Vec<usize>, Vec<f32>)]| -> Vec<f64> {
+        g.iter()
+            .flat_map(|(_, _, v)| v.iter().map(|&x| f64::from(x)))
+            .collect()
+    };
+    let (a, b) = (flat(&g32), flat(&g16));
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let cosine = dot / (norm(&a) * norm(&b));
+    assert!(cosine > 0.99, "gradient cosine {cosine}");
+    println!("bf16 vs f32: loss {l16:.6} vs {l32:.6}, gradient cosine {cosine:.5}");
+}
