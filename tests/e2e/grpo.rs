@@ -168,6 +168,19 @@ async fn grpo_records_its_steps_and_rollouts_and_a_killed_run_resumes_to_the_sam
     .await;
     assert!(traces.0.status.success(), "{}", traces.stderr());
     assert!(traces.stdout().contains("reward"), "{}", traces.stdout());
+    let plot = run(
+        &straight,
+        &["plot", "rl", "--stage", "grpo", "--out", "rl.svg"],
+    )
+    .await;
+    assert!(plot.0.status.success(), "{}", plot.stderr());
+    let svg = std::fs::read_to_string(straight.path().join("rl.svg")).unwrap();
+    assert!(
+        svg.contains("reward") && svg.contains("completion"),
+        "no reward or length panel"
+    );
+    let status = run(&straight, &["status", "rl"]).await;
+    assert!(status.stdout().contains("grpo"), "{}", status.stdout());
 
     let w = setup(&server.url(), steps, every).await;
     let db = w
