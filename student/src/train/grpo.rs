@@ -42,8 +42,8 @@ use super::model::{Fwd, TrainModel};
 use super::schedule;
 use super::trainer::{
     Adam, NamedTensor, SquaredNorms, adam, assemble, compute_dtype, dir_bytes, export_model,
-    gpu_reserved_bytes, load_base, load_optimizer, named_gradients, peak_rss_bytes,
-    save_weights_and_optimizer, select_rows, storage_dtype, sum_f64, update,
+    gpu_reserved_bytes, load_base, load_checkpoint_weights, load_optimizer, named_gradients,
+    peak_rss_bytes, save_weights_and_optimizer, select_rows, storage_dtype, sum_f64, update,
 };
 use crate::batching::{BatchEvent, BatchGenerator, SequenceRequest};
 use crate::generate::{FinishReason, Generation, GenerationConfig};
@@ -416,14 +416,7 @@ impl<B: TrainBackend> GrpoTrainer<B> {
         let dir = base_model
             .map(Path::to_path_buf)
             .unwrap_or_else(|| state.base_model.clone());
-        let (base, adapters, quant) = match &optim.lora {
-            Some(lora) => {
-                let (base, quant) = load_base::<B>(&dir, &optim, device)?;
-                let adapters = LoraAdapters::load_peft(ckpt, &base, lora, device)?;
-                (base, Some(adapters), quant)
-            }
-            None => (load_model::<B>(ckpt, device, DType::F32)?, None, Vec::new()),
-        };
+        let (base, adapters, quant) = load_checkpoint_weights::<B>(ckpt, &dir, &optim, device)?;
         let fp = format!("{:016x}", prompts_fingerprint(&prompts));
         if fp != state.prompts_fingerprint || prompts.len() != state.prompts {
             return Err(TrainError::checkpoint(
@@ -437,13 +430,14 @@ impl<B: TrainBackend> GrpoTrainer<B> {
             ));
         }
         let mut t = Self::build(base, adapters, quant, dir, prompts, config, device)?;
-        if t.param_names != state.param_names {
-            return Err(TrainError::checkpoint(
-                &state_path,
-                "field `param_names`: the model's parameters differ from the checkpoint's",
-            ));
-        }
-        (t.opt_decay, t.opt_plain) = load_optimizer(ckpt, &t.decay_ids, &t.optim, device)?;
+        (t.opt_decay, t.opt_plain) = load_optimizer(
+            ckpt,
+            &state_path,
+            (&t.param_names, &state.param_names),
+            &t.decay_ids,
+            &t.optim,
+            device,
+        )?;
         t.global_step = state.global_step;
         t.last = state.last_step;
         Ok(t)

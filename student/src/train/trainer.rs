@@ -354,20 +354,17 @@ impl<B: TrainBackend> Trainer<B> {
         let base_dir = base_model
             .map(Path::to_path_buf)
             .or_else(|| state.base_model.clone());
-        let (base, adapters, quant) = match &config.lora {
-            Some(lora) => {
-                let dir = base_dir.as_deref().ok_or_else(|| {
-                    TrainError::checkpoint(
-                        ckpt.join(checkpoint::STATE_FILE),
-                        "field `base_model`: a LoRA checkpoint needs its base model folder",
-                    )
-                })?;
-                let (base, quant) = load_base::<B>(dir, &config, device)?;
-                let adapters = LoraAdapters::load_peft(ckpt, &base, lora, device)?;
-                (base, Some(adapters), quant)
+        // A full run's weights are all in the checkpoint; a LoRA run's base is elsewhere.
+        let dir = match (&config.lora, base_dir.as_deref()) {
+            (Some(_), None) => {
+                return Err(TrainError::checkpoint(
+                    ckpt.join(checkpoint::STATE_FILE),
+                    "field `base_model`: a LoRA checkpoint needs its base model folder",
+                ));
             }
-            None => (load_model::<B>(ckpt, device, DType::F32)?, None, Vec::new()),
+            (_, dir) => dir.unwrap_or(ckpt),
         };
+        let (base, adapters, quant) = load_checkpoint_weights::<B>(ckpt, dir, &config, device)?;
         let mut t = Self::build(base, adapters, quant, base_dir, examples, config, device)?;
         let state_path = ckpt.join(checkpoint::STATE_FILE);
         let fp = format!("{:016x}", t.fingerprint);
@@ -380,13 +377,14 @@ impl<B: TrainBackend> Trainer<B> {
                 ),
             ));
         }
-        if t.param_names != state.param_names {
-            return Err(TrainError::checkpoint(
-                &state_path,
-                "field `param_names`: the model's parameters differ from the checkpoint's",
-            ));
-        }
-        (t.opt_decay, t.opt_plain) = load_optimizer(ckpt, &t.decay_ids, &t.config, device)?;
+        (t.opt_decay, t.opt_plain) = load_optimizer(
+            ckpt,
+            &state_path,
+            (&t.param_names, &state.param_names),
+            &t.decay_ids,
+            &t.config,
+            device,
+        )?;
         t.global_step = state.global_step;
         t.epoch = state.epoch;
         t.micro_index = state.micro_index;
@@ -851,13 +849,43 @@ pub(super) fn save_weights_and_optimizer<B: TrainBackend>(
         .map_err(|e| TrainError::checkpoint(&record_path, e.to_string()))
 }
 
-/// Both optimizers as a checkpoint saved them (decayed and plain groups split by `decay_ids`).
+/// The weights a checkpoint resumes from: a (Q)LoRA run's base from `base_dir` (quantized
+/// while it loads for QLoRA) with the checkpoint's adapters, or a full run's f32 weights from
+/// the checkpoint itself.
+#[allow(clippy::type_complexity)]
+pub(super) fn load_checkpoint_weights<B: TrainBackend>(
+    ckpt: &Path,
+    base_dir: &Path,
+    config: &TrainConfig,
+    device: &B::Device,
+) -> TrainResult<(CausalLm<B>, Option<LoraAdapters<B>>, Vec<QuantLayer<B>>)> {
+    Ok(match &config.lora {
+        Some(lora) => {
+            let (base, quant) = load_base::<B>(base_dir, config, device)?;
+            let adapters = LoraAdapters::load_peft(ckpt, &base, lora, device)?;
+            (base, Some(adapters), quant)
+        }
+        None => (load_model::<B>(ckpt, device, DType::F32)?, None, Vec::new()),
+    })
+}
+
+/// Both optimizers as a checkpoint saved them (decayed and plain groups split by `decay_ids`),
+/// after checking that `names` = (the rebuilt model's parameter paths, the checkpoint's), since
+/// the record is keyed by position; `state_path` is named when they differ.
 pub(super) fn load_optimizer<B: TrainBackend>(
     ckpt: &Path,
+    state_path: &Path,
+    names: (&[String], &[String]),
     decay_ids: &HashSet<ParamId>,
     config: &TrainConfig,
     device: &B::Device,
 ) -> TrainResult<(Adam<B>, Adam<B>)> {
+    if names.0 != names.1 {
+        return Err(TrainError::checkpoint(
+            state_path,
+            "field `param_names`: the model's parameters differ from the checkpoint's",
+        ));
+    }
     let record_path = ckpt.join(format!("{OPTIMIZER_STEM}.mpk"));
     let record: OptimRecord<B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
         .load(ckpt.join(OPTIMIZER_STEM), device)

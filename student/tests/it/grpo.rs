@@ -119,7 +119,12 @@ fn loss_and_gradients_match_trl_for_every_normalisation() {
             assert_eq!(shape, ws, "{name} {n}");
             worst = worst.max(assert_close(&format!("{name} {n}"), g, w, 1e-5));
         }
-        assert!(worst > 0.0 || grads.iter().all(|(_, _, g)| g.iter().all(|&x| x == 0.0)));
+        // The comparison is not vacuous: the reference gradients are far from zero.
+        let largest = grads
+            .iter()
+            .flat_map(|(_, _, g)| g.iter())
+            .fold(0f32, |m, &x| m.max(x.abs()));
+        assert!(largest > 1e-3, "{name}: gradients all but vanish ({largest:.1e})");
         println!("{name}: loss {loss:.6} (torch {want_loss:.6}), max |grad diff| {worst:.2e}");
         checked += 1;
     }
