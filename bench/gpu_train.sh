@@ -6,19 +6,24 @@
 #   cargo build --release -p distill-student --features cuda --example train_step
 #   strip -o .device/train_step "$CARGO_TARGET_DIR/release/examples/train_step"
 # Then, on the GPU machine, from the repository root:  OUT=somewhere bash bench/gpu_train.sh
+# (bench/gpu_kernels_check.sh runs it after the CUDA tests and the matrix-product benchmark).
 # Each run trains a randomly initialised DeepSeek-R1-Distill-Qwen-1.5B-shaped model (untied,
-# 1.78B parameters) on batch x SEQ tokens (SEQ/8 of them prompt, masked), bf16 compute with f32
-# master weights and AdamW state, global-norm clipping; Burn with and without per-layer
-# recomputation, PyTorch likewise (SDPA = flash attention) and with eager attention (the
-# materialised softmax Burn also uses).
+# 1.78B parameters, the same seeded weights in every Burn run) on batch x SEQ tokens (SEQ/8 of
+# them prompt, masked), bf16 compute with f32 master weights and AdamW state, global-norm
+# clipping. Burn runs with each matrix-product path (DISTILL_GEMM: cuBLASLt, CubeCL autotuned,
+# CubeCL's untuned kernel), with and without per-layer recomputation; PyTorch with SDPA (flash
+# attention) likewise. BUDGET (seconds, default 420) bounds the whole script: a run that would
+# not fit in what is left is skipped and said so, and the report is always written.
 set -u
 BIN=${BIN:-.device/train_step}
 CONFIG=tests/fixtures/models/deepseek-r1-distill-qwen-1.5b
 SEQ=${SEQ:-4096}
 BATCH=1
 OUT=${OUT:?set OUT to a folder for the results}
+BUDGET=${BUDGET:-420}
 LOGS=$(mktemp -d)
 export PYTHONUNBUFFERED=1
+START=$SECONDS
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/gpu.txt"
 printf '{"config": "%s/config.json", "seq": %d, "batch": %d}\n' "$CONFIG" "$SEQ" "$BATCH" > "$LOGS/meta.json"
@@ -28,7 +33,13 @@ python3 bench/gpu_train_report.py peak | tee "$LOGS/peak.json"
 run() {
     local name=$1 limit=$2
     shift 2
-    echo "== $name"
+    local left=$((BUDGET - (SECONDS - START)))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped, ${left} s of the budget left"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit $limit s)"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$LOGS/$name.mem" &
     local sampler=$!
     local t0=$SECONDS
@@ -40,11 +51,12 @@ run() {
 }
 
 P=$((SEQ / 8))
-run torch-sdpa-recompute 90 python3 bench/torch_gpu_train.py $CONFIG --seq $SEQ --prompt $P --steps 20 --recompute
-run torch-sdpa-plain 90 python3 bench/torch_gpu_train.py $CONFIG --seq $SEQ --prompt $P --steps 20
-run torch-eager-recompute 90 python3 bench/torch_gpu_train.py $CONFIG --seq $SEQ --prompt $P --steps 12 --attention eager --recompute
-run burn-recompute 180 "$BIN" cuda $CONFIG $SEQ $BATCH 24 bf16 recompute full
-run burn-plain 120 "$BIN" cuda $CONFIG $SEQ $BATCH 12 bf16 plain full
+run torch-sdpa-recompute 60 python3 bench/torch_gpu_train.py $CONFIG --seq $SEQ --prompt $P --steps 20 --recompute
+run torch-sdpa-plain 60 python3 bench/torch_gpu_train.py $CONFIG --seq $SEQ --prompt $P --steps 20
+run burn-cublaslt-recompute 100 env DISTILL_GEMM=cublaslt "$BIN" cuda $CONFIG $SEQ $BATCH 20 bf16 recompute full
+run burn-cublaslt-plain 80 env DISTILL_GEMM=cublaslt "$BIN" cuda $CONFIG $SEQ $BATCH 12 bf16 plain full
+run burn-cubecl-recompute 120 env DISTILL_GEMM=cubecl "$BIN" cuda $CONFIG $SEQ $BATCH 20 bf16 recompute full
+run burn-cubecl-untuned-recompute 60 env DISTILL_GEMM=cubecl-untuned "$BIN" cuda $CONFIG $SEQ $BATCH 8 bf16 recompute full
 
 python3 bench/gpu_train_report.py report "$LOGS" | tee "$OUT/report.md"
 tar -czf "$OUT/logs.tgz" -C "$LOGS" .

@@ -45,11 +45,44 @@ def peak():
                       "matmul_bf16_tflops": matmul_tflops(8192, 8192, 8192)}))
 
 
+def timed_tflops(product, flops):
+    import time
+
+    import torch
+
+    for _ in range(3):
+        product()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        product()
+    torch.cuda.synchronize()
+    return flops / ((time.perf_counter() - t0) / 20) / 1e12
+
+
 def matmul_shapes():
-    """The shapes `matmul_bench` (student/examples) times, in PyTorch bf16."""
+    """The products `matmul_bench` (student/examples) times, in PyTorch bf16 (cuBLAS), with the
+    same labels: each weight's forward, its two backward products (transposed operands as
+    views), and attention's two batched products."""
+    import torch
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+    cases = []
     for m, k, n in [(4096, 1536, 1536), (4096, 1536, 8960), (4096, 8960, 1536), (4096, 1536, 151936)]:
-        print(json.dumps({"device": "torch", "dtype": "BF16", "m": m, "k": k, "n": n,
-                          "tflops": matmul_tflops(m, k, n)}))
+        cases.append((f"x·W {m}x{k}x{n}", randn(m, k), randn(k, n)))
+        cases.append((f"g·Wt {m}x{n}x{k}", randn(m, n), randn(k, n).t()))
+        cases.append((f"xt·g {k}x{m}x{n}", randn(m, k).t(), randn(m, n)))
+    cases.append(("q·kt 12x4096x128x4096", randn(1, 12, 4096, 128), randn(1, 12, 4096, 128).transpose(2, 3)))
+    cases.append(("p·v 12x4096x4096x128", randn(1, 12, 4096, 4096), randn(1, 12, 4096, 128)))
+    for what, a, b in cases:
+        m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+        batch = a.numel() // (m * k)
+        tflops = timed_tflops(lambda: a @ b, 2 * batch * m * k * n)
+        print(json.dumps({"device": "torch", "dtype": "BF16", "what": what, "path": "cublas",
+                          "m": m, "k": k, "n": n, "batch": batch, "tflops": tflops}))
+        del a, b
 
 
 def flops_per_token(cfg, seq):
@@ -120,6 +153,30 @@ def report(out):
         mem = f"{r['peak_gpu_gib']:.1f}" if r["peak_gpu_gib"] else "-"
         print(f"| {r['run']} | {r['steps']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
               f"{100 * r['mfu_datasheet']:.1f}% | {100 * r['mfu_measured']:.1f}% | {mem} | {ratio} |")
+    # Runs of the same model, data and seed that differ only in their kernels should train alike.
+    losses = {}
+    for log in sorted(glob.glob(os.path.join(out, "burn-*.log"))):
+        name = os.path.basename(log)[: -len(".log")]
+        seq_losses = []
+        for line in open(log):
+            if line.startswith("{") and "step_time_s" in line:
+                try:
+                    seq_losses.append(json.loads(line)["loss"])
+                except (json.JSONDecodeError, KeyError):
+                    pass
+        losses[name] = seq_losses
+    for mode in ["recompute", "plain"]:
+        ref_name = f"burn-cubecl-{mode}"
+        ref = losses.get(ref_name)
+        if not ref:
+            continue
+        for name, ls in losses.items():
+            if name == ref_name or not name.endswith(mode) or not ls:
+                continue
+            n = min(len(ls), len(ref))
+            worst = max(abs(a - b) / abs(b) for a, b in zip(ls[:n], ref[:n]))
+            print(f"\nloss of {name} against {ref_name} over {n} steps: largest relative difference "
+                  f"{worst:.2e} (first {ls[0]:.4f} vs {ref[0]:.4f}, last {ls[n - 1]:.4f} vs {ref[n - 1]:.4f})")
     print(json.dumps({"flops_per_token": fpt, "matmul_tflops": measured, "rows": rows}))
 
 

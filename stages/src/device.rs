@@ -34,7 +34,8 @@ pub(crate) fn check_cuda_devices(devices: &[usize]) -> Result<(), StageError> {
             Some(d) => Err(StageError::Input(format!(
                 "devices: GPU {d} is named, but the CUDA driver reports {count} GPU(s)"
             ))),
-            None => Ok(()),
+            None => distill_student::kernels::prepare_cuda()
+                .map_err(|e| StageError::Input(format!("device: cuda: {e}"))),
         }
     }
 }

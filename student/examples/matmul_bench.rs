@@ -5,6 +5,10 @@
 //! `cargo run --release -p distill-student [--features cuda] --example matmul_bench -- [cpu|cuda] [f32|bf16]`
 //!
 //! Prints one JSON line per shape: TFLOP/s over 20 products after 3 warm-ups (2 on the CPU).
+//! On CUDA each shape runs three ways (`path`): CubeCL's untuned kernel (what builds without
+//! `autotune` ran), CubeCL autotuned, and cuBLASLt; the backward's transposed operands and the
+//! attention products are added, and each cuBLASLt result is checked against CubeCL's
+//! (`rel_err`: largest difference over the largest magnitude).
 
 use std::time::Instant;
 
@@ -45,6 +49,89 @@ fn run<B: Backend>(device: &B::Device, dtype: DType, label: &str) {
     }
 }
 
+#[cfg(feature = "cuda")]
+fn run_cuda(dtype: DType) {
+    use burn::tensor::TensorPrimitive;
+    use burn_cubecl::kernel::matmul::{MatmulStrategy, matmul};
+    use distill_student::CudaBackend as B;
+    use distill_student::kernels::cublaslt;
+    type Prim = burn::tensor::ops::FloatTensor<B>;
+
+    let device = Default::default();
+    let normal = |shape: Vec<usize>| {
+        Tensor::<B, 4>::random(pad4(&shape), Distribution::Normal(0.0, 1.0), &device).cast(dtype)
+    };
+    // (what, lhs, rhs, transpose the lhs view, transpose the rhs view): shapes before the view.
+    let mut cases: Vec<(String, Vec<usize>, Vec<usize>, bool, bool)> = Vec::new();
+    for [m, k, n] in SHAPES {
+        cases.push((format!("x·W {m}x{k}x{n}"), vec![m, k], vec![k, n], false, false));
+        cases.push((format!("g·Wt {m}x{n}x{k}"), vec![m, n], vec![k, n], false, true));
+        cases.push((format!("xt·g {k}x{m}x{n}"), vec![m, k], vec![m, n], true, false));
+    }
+    cases.push(("q·kt 12x4096x128x4096".into(), vec![1, 12, 4096, 128], vec![1, 12, 4096, 128], false, true));
+    cases.push(("p·v 12x4096x4096x128".into(), vec![1, 12, 4096, 4096], vec![1, 12, 4096, 128], false, false));
+    let prim = |t: Tensor<B, 4>| -> Prim { t.into_primitive().tensor() };
+    let view = |t: Tensor<B, 4>, transpose: bool| if transpose { t.swap_dims(2, 3) } else { t };
+    for (what, ls, rs, tl, tr) in cases {
+        let lhs = view(normal(ls), tl);
+        let rhs = view(normal(rs), tr);
+        let [.., m, k] = lhs.dims();
+        let n = rhs.dims()[3];
+        let batch: usize = lhs.dims()[..2].iter().product();
+        let flops = 2.0 * (batch * m * k * n) as f64;
+        let paths: [(&str, &dyn Fn() -> Prim); 3] = [
+            ("cubecl-untuned", &|| {
+                matmul(prim(lhs.clone()), prim(rhs.clone()), None, MatmulStrategy::Cube, dtype)
+                    .expect("CubeCL matmul")
+            }),
+            ("cubecl-autotune", &|| {
+                <B as burn::tensor::ops::FloatTensorOps<B>>::float_matmul(
+                    prim(lhs.clone()),
+                    prim(rhs.clone()),
+                )
+            }),
+            ("cublaslt", &|| cublaslt::matmul(prim(lhs.clone()), prim(rhs.clone()), false)),
+        ];
+        let mut results = Vec::new();
+        for (path, product) in paths {
+            for _ in 0..3 {
+                let _ = product();
+            }
+            B::sync(&device).expect("sync");
+            let reps = 20;
+            let t0 = Instant::now();
+            let outs: Vec<_> = (0..reps).map(|_| product()).collect();
+            B::sync(&device).expect("sync");
+            let secs = t0.elapsed().as_secs_f64() / reps as f64;
+            let out = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(
+                outs.into_iter().next().expect("an output"),
+            ))
+            .cast(DType::F32);
+            results.push((path, secs, out));
+        }
+        let reference = &results[1].2;
+        let scale: f32 = reference.clone().abs().max().into_scalar();
+        for (path, secs, out) in &results {
+            let err: f32 = (out.clone() - reference.clone()).abs().max().into_scalar();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "device": "cuda", "dtype": format!("{dtype:?}"), "what": what, "path": path,
+                    "m": m, "k": k, "n": n, "batch": batch,
+                    "tflops": flops / secs / 1e12, "rel_err": err / scale.max(f32::MIN_POSITIVE),
+                })
+            );
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn pad4(s: &[usize]) -> [usize; 4] {
+    let mut out = [1; 4];
+    out[4 - s.len()..].copy_from_slice(s);
+    out
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dtype = match args.get(1).map(String::as_str) {
@@ -54,7 +141,10 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("cpu") | None => run::<distill_student::CpuBackend>(&Default::default(), dtype, "cpu"),
         #[cfg(feature = "cuda")]
-        Some("cuda") => run::<distill_student::CudaBackend>(&Default::default(), dtype, "cuda"),
+        Some("cuda") => {
+            distill_student::kernels::prepare_cuda().expect("CUDA");
+            run_cuda(dtype)
+        }
         Some(other) => panic!("device {other}: cpu, or cuda with --features cuda"),
     }
 }

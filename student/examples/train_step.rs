@@ -12,7 +12,8 @@
 //! `TRAIN_STEP_SAVE=DIR` it also writes `DIR/checkpoint` and `DIR/export` (adapters merged), for
 //! `tests/fixtures/train/check_checkpoint.py`; `TRAIN_STEP_LR` overrides the learning rate (1e-5).
 //! `TRAIN_STEP_DEVICES=0,1,2,3` trains data parallel on those CUDA ordinals (on the CPU, that many
-//! replicas): each device takes one micro-batch of BATCH sequences per step.
+//! replicas): each device takes one micro-batch of BATCH sequences per step. On CUDA,
+//! `DISTILL_GEMM=cublaslt|cubecl|cubecl-untuned` picks the matrix products (`kernels`).
 
 use burn::backend::Autodiff;
 use distill_student::plan::{Method, PlanSettings, plan};
@@ -82,6 +83,8 @@ fn run<B: TrainBackend>(device_of: impl Fn(usize) -> B::Device, args: &[String])
         let (base, quant) = init_quantized::<B>(&mc, device, dtype);
         Trainer::<B>::from_quantized(base, quant, &data, config.clone(), device).expect("trainer")
     } else {
+        // Seeded, so runs that differ only in their kernels start from the same weights.
+        B::seed(device, 42);
         let base = CausalLm::<B>::init(&mc, device);
         Trainer::<B>::from_model(base, &data, config.clone(), device).expect("trainer")
     };
@@ -124,10 +127,14 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("cpu") => run::<Autodiff<distill_student::CpuBackend>>(|_| Default::default(), &args),
         #[cfg(feature = "cuda")]
-        Some("cuda") => run::<Autodiff<distill_student::CudaBackend>>(
-            burn::backend::cuda::CudaDevice::new,
-            &args,
-        ),
+        Some("cuda") => {
+            distill_student::kernels::prepare_cuda().expect("CUDA");
+            eprintln!("products: {:?}", distill_student::kernels::gemm_settings());
+            run::<Autodiff<distill_student::CudaBackend>>(
+                burn::backend::cuda::CudaDevice::new,
+                &args,
+            )
+        }
         other => panic!("device {other:?}: cpu, or cuda with --features cuda"),
     }
 }

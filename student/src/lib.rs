@@ -9,6 +9,7 @@ pub mod batching;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod model;
 pub mod plan;
 pub mod quant;

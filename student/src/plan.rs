@@ -41,7 +41,8 @@
 //!   `e·T·d`, one loss chunk `(e + 16)·C·V` (f32 logits, exp and their gradients), and
 //!   backward's working set `2·e·b·h·N² + 2·e·T·I` (gradients of the attention probabilities
 //!   and scores, of the MLP intermediates; `Q·N` for `N²` when chunked).
-//! - **overhead**: CUDA context and allocator slack, `1 GiB + 5%` of the GPU.
+//! - **overhead**: CUDA context, allocator slack and the cuBLASLt workspace (32 MiB), `1 GiB + 5%`
+//!   of the GPU.
 //!
 //! Several GPUs are planned as ZeRO-3/FSDP sharding (weights, gradients and optimizer state
 //! divided by the GPU count, plus two gathered layers in flight: `2·e·P_l`, or for QLoRA two
@@ -157,7 +158,7 @@ pub struct Plan {
     pub activations_per_layer: u64,
     /// Of `activations_per_layer`: the attention `[b, h, N, N]` tensors.
     pub attention_scores_per_layer: u64,
-    /// CUDA context and allocator slack.
+    /// CUDA context, allocator slack and the cuBLASLt workspace.
     pub overhead: u64,
     /// Sum of the above.
     pub total: u64,

@@ -345,6 +345,15 @@ fn dequantize_tile<B: Backend>(
     in_dtype(tile, dtype)
 }
 
+/// `a·b` through the backend's [`crate::kernels::Gemm`] product (cuBLASLt on CUDA; Burn's
+/// matmul, exactly as before, on the CPU).
+fn product<B: crate::kernels::Gemm>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::gemm(
+        a.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+    )))
+}
+
 /// Output columns per tile for a weight of `d_in` inputs.
 fn tile_columns(d_in: usize, d_out: usize) -> usize {
     (DEQUANT_TILE_ELEMENTS / d_in.div_ceil(BLOCK).max(1) / BLOCK).clamp(1, d_out.max(1))
@@ -353,7 +362,7 @@ fn tile_columns(d_in: usize, d_out: usize) -> usize {
 /// Products with NF4 weights. The defaults, written with tensor ops, serve every backend; the
 /// autodiff backend overrides [`QuantOps::nf4_matmul`] to make it one node whose backward
 /// dequantizes again instead of saving the dequantized weight.
-pub trait QuantOps: Backend {
+pub trait QuantOps: crate::kernels::Gemm {
     /// Output columns `[c0, c0 + n)` of `w` dequantized to `dtype`, `[d_in, n]`: the step both
     /// products repeat per tile. The default is Burn tensor ops (unpack, gather the level, scale).
     fn nf4_dequantize(
@@ -373,10 +382,7 @@ pub trait QuantOps: Backend {
         let n = w.tile_columns;
         let parts: Vec<_> = (0..d_out)
             .step_by(n)
-            .map(|c0| {
-                x.clone()
-                    .matmul(Self::nf4_dequantize(&w, c0, n.min(d_out - c0), dtype))
-            })
+            .map(|c0| product(x.clone(), Self::nf4_dequantize(&w, c0, n.min(d_out - c0), dtype)))
             .collect();
         let y = if parts.len() == 1 {
             parts.into_iter().next().expect("one part")
@@ -395,10 +401,10 @@ pub trait QuantOps: Backend {
         let mut sum: Option<Tensor<Self, 2>> = None;
         for c0 in (0..d_out).step_by(n) {
             let m = n.min(d_out - c0);
-            let part = g
-                .clone()
-                .narrow(1, c0, m)
-                .matmul(Self::nf4_dequantize(&w, c0, m, dtype).transpose());
+            let part = product(
+                g.clone().narrow(1, c0, m),
+                Self::nf4_dequantize(&w, c0, m, dtype).transpose(),
+            );
             sum = Some(match sum {
                 Some(s) => s + part,
                 None => part,

@@ -11,8 +11,7 @@ use burn::module::Param;
 use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention, embedding, linear};
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::module::embedding;
 use burn::tensor::{DType, Distribution};
 
 use super::config::LoraTarget;
@@ -20,6 +19,7 @@ use super::data::mix;
 use super::lora::{LoraAdapters, LoraLayer, LoraPair, target_index};
 use super::qlora::{QuantLayer, dequantize_base};
 use crate::config::ModelConfig;
+use crate::kernels::{self, linear};
 use crate::model::{Attention, CausalLm, DecoderLayer, Mlp};
 use crate::quant::{Nf4Weight, QuantOps};
 
@@ -182,17 +182,12 @@ impl<B: QuantOps> LayerCtx<'_, B> {
 /// Causal attention of `q` over `k`, `v` (all `[b, h, s, hd]`), in query chunks of `chunk` rows
 /// when given: chunk `[a, a + c)` sees keys `[0, a + c)` (Burn aligns the causal mask
 /// bottom-right), so each chunk's scores are `[b, h, c, a + c]` instead of `[b, h, s, s]`.
-pub(crate) fn causal_attention<B: Backend>(
+pub(crate) fn causal_attention<B: QuantOps>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     chunk: Option<usize>,
 ) -> Tensor<B, 4> {
-    let options = AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: true,
-    };
     let s = q.dims()[2];
     match chunk {
         Some(c) if c < s => {
@@ -200,19 +195,16 @@ pub(crate) fn causal_attention<B: Backend>(
                 .step_by(c)
                 .map(|a| {
                     let n = c.min(s - a);
-                    attention(
+                    kernels::causal_attention(
                         q.clone().narrow(2, a, n),
                         k.clone().narrow(2, 0, a + n),
                         v.clone().narrow(2, 0, a + n),
-                        None,
-                        None,
-                        options,
                     )
                 })
                 .collect();
             Tensor::cat(parts, 2)
         }
-        _ => attention(q, k, v, None, None, options),
+        _ => kernels::causal_attention(q, k, v),
     }
 }
 

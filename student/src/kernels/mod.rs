@@ -1,0 +1,416 @@
+//! The matrix products under training, behind one interface.
+//!
+//! The trainer's linear layers, LM head, loss chunks and attention call [`linear`] and
+//! [`causal_attention`]. On the CPU they are Burn's own ops, unchanged. On CUDA, where Burn 0.21's
+//! CubeCL products ran at 0.05–0.12× cuBLAS on the 1.5B model's shapes (`bench/RESULTS-gpu-train.md`),
+//! they go through cuBLASLt ([`cublaslt`]) on CubeCL's own stream, with the backward registered as
+//! one autodiff node per product ([`Gemm`] for `Autodiff<B>`). `DISTILL_GEMM=cubecl` keeps the
+//! (autotuned) CubeCL products instead, `cubecl-untuned` CubeCL's single untuned kernel (the
+//! benchmarks' baseline); `DISTILL_TF32=1` lets f32 products use TF32.
+
+#[cfg(feature = "cuda")]
+pub mod cublaslt;
+
+use std::sync::OnceLock;
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
+use burn::prelude::*;
+use burn::tensor::ops::FloatTensorOps;
+use burn::tensor::{TensorMetadata, TensorPrimitive};
+use burn::tensor::activation::softmax;
+use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
+
+/// Which implementation CUDA's matrix products use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmPath {
+    /// cuBLASLt (bf16/f16 in, f32 accumulation; f32 exact unless TF32 is allowed).
+    Cublaslt,
+    /// Burn's CubeCL kernels (autotuned).
+    Cubecl,
+    /// CubeCL's one untuned matmul kernel (what builds without `autotune` ran), through the
+    /// same routed model code: the baseline of the benchmarks.
+    CubeclUntuned,
+}
+
+/// The process-wide product settings, read once from the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmSettings {
+    /// The implementation of CUDA's products.
+    pub path: GemmPath,
+    /// Let f32 products use TF32 tensor cores (cuBLASLt only).
+    pub tf32: bool,
+}
+
+static SETTINGS: OnceLock<GemmSettings> = OnceLock::new();
+
+/// The settings: `DISTILL_GEMM` (`cublaslt`, the default, or `cubecl`) and `DISTILL_TF32`
+/// (`1` allows TF32). An unknown `DISTILL_GEMM` value panics naming the variable at the first
+/// product, before any work is done with it.
+pub fn gemm_settings() -> GemmSettings {
+    *SETTINGS.get_or_init(|| {
+        let path = match std::env::var("DISTILL_GEMM").as_deref() {
+            Err(_) | Ok("") | Ok("cublaslt") => GemmPath::Cublaslt,
+            Ok("cubecl") => GemmPath::Cubecl,
+            Ok("cubecl-untuned") => GemmPath::CubeclUntuned,
+            Ok(other) => panic!(
+                "DISTILL_GEMM={other:?}: expected \"cublaslt\", \"cubecl\" or \"cubecl-untuned\""
+            ),
+        };
+        let tf32 = matches!(std::env::var("DISTILL_TF32").as_deref(), Ok("1") | Ok("true"));
+        GemmSettings { path, tf32 }
+    })
+}
+
+/// Where CubeCL keeps its autotuning results between runs: `DISTILL_AUTOTUNE_CACHE`, else
+/// `$XDG_CACHE_HOME/distill/cubecl` or `~/.cache/distill/cubecl`. CubeCL's own default is the
+/// `target/` folder of the nearest Cargo project above the working directory, which a user's
+/// data folder usually is not, and which a `cargo clean` wipes.
+#[cfg(feature = "cuda")]
+pub fn autotune_cache_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(dir) = std::env::var_os("DISTILL_AUTOTUNE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("distill").join("cubecl")
+}
+
+/// Prepares the CUDA backend before its first use: CubeCL's configuration (a `cubecl.toml`
+/// and `CUBECL_*` variables still apply) with the autotuning cache in [`autotune_cache_dir`]
+/// unless the configuration names one, and, when the products go through cuBLASLt, a check
+/// that the library loads. Call it before the first CUDA tensor; later calls only re-check.
+#[cfg(feature = "cuda")]
+pub fn prepare_cuda() -> Result<(), String> {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static CONFIGURED: std::sync::Once = std::sync::Once::new();
+    CONFIGURED.call_once(|| {
+        // The configuration can be set only before CubeCL first reads it.
+        if CubeClRuntimeConfig::storage().lock().is_some() {
+            return;
+        }
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if matches!(config.autotune.cache, CacheConfig::Target) {
+            config.autotune.cache = CacheConfig::File(autotune_cache_dir());
+        }
+        CubeClRuntimeConfig::set(config);
+    });
+    if gemm_settings().path == GemmPath::Cublaslt {
+        cublaslt::preflight()?;
+    }
+    Ok(())
+}
+
+/// Matrix products a backend may implement itself. The defaults are Burn's ops, so a backend
+/// that does nothing here (the CPU) runs exactly the model code it always ran.
+pub trait Gemm: Backend {
+    /// Whether [`linear`] and [`causal_attention`] route their products through [`Gemm::gemm`].
+    fn routes_products(_device: &Self::Device) -> bool {
+        false
+    }
+
+    /// `lhs·rhs` for `[.., m, k]·[.., k, n]` with equal leading (batch) dimensions.
+    fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+}
+
+impl Gemm for crate::CpuBackend {}
+
+#[cfg(feature = "cuda")]
+impl Gemm for crate::CudaBackend {
+    fn routes_products(_device: &Self::Device) -> bool {
+        gemm_settings().path != GemmPath::Cubecl
+    }
+
+    fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        match gemm_settings().path {
+            GemmPath::Cublaslt => cublaslt::matmul(lhs, rhs, gemm_settings().tf32),
+            GemmPath::Cubecl => Self::float_matmul(lhs, rhs),
+            GemmPath::CubeclUntuned => {
+                let dtype = lhs.dtype;
+                burn_cubecl::kernel::matmul::matmul(
+                    lhs,
+                    rhs,
+                    None,
+                    burn_cubecl::kernel::matmul::MatmulStrategy::Cube,
+                    dtype,
+                )
+                .expect("CubeCL matmul")
+            }
+        }
+    }
+}
+
+impl<B: Gemm, C: CheckpointStrategy> Gemm for Autodiff<B, C> {
+    fn routes_products(device: &Self::Device) -> bool {
+        B::routes_products(device)
+    }
+
+    fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        gemm_node::<B, C>(lhs, rhs)
+    }
+}
+
+/// The autodiff node of [`Gemm::gemm`]: `dL = g·Rᵀ`, `dR = Lᵀ·g`, both through the inner
+/// backend's `gemm` (a transposed view, no copy). Burn's own matmul node calls the inner
+/// `float_matmul`, which is why the products need a node of their own.
+#[derive(Debug)]
+struct GemmProduct;
+
+impl<B: Gemm> Backward<B, 2> for GemmProduct {
+    type State = (Option<NodeId>, Option<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let (lhs, rhs) = ops.state;
+        let lhs = lhs.map(|id| ckpt.retrieve_node_output::<FloatTensor<B>>(id));
+        let rhs = rhs.map(|id| ckpt.retrieve_node_output::<FloatTensor<B>>(id));
+        binary::<B, _, _>(
+            ops.parents,
+            ops.node,
+            grads,
+            |g| B::gemm(g, B::float_transpose(rhs.expect("rhs kept for lhs's gradient"))),
+            |g| B::gemm(B::float_transpose(lhs.expect("lhs kept for rhs's gradient")), g),
+        );
+    }
+}
+
+/// [`GemmProduct`] for `Autodiff<B, C>`; products whose batch dimensions differ (broadcasting)
+/// take Burn's matmul node, which knows how to reduce their gradients.
+pub(crate) fn gemm_node<B: Gemm, C: CheckpointStrategy>(
+    lhs: FloatTensor<Autodiff<B, C>>,
+    rhs: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let (ls, rs) = (lhs.primitive.shape(), rhs.primitive.shape());
+    let rank = ls.num_dims();
+    if rank != rs.num_dims() || ls[..rank - 2] != rs[..rank - 2] {
+        return <Autodiff<B, C> as FloatTensorOps<_>>::float_matmul(lhs, rhs);
+    }
+    let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+    match GemmProduct
+        .prepare::<C>([lhs.node.clone(), rhs.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            // Each operand is kept only when the other one needs a gradient.
+            let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
+            let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
+            prep.finish(
+                (lhs_state, rhs_state),
+                B::gemm(lhs.primitive, rhs.primitive),
+            )
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::gemm(lhs.primitive, rhs.primitive)),
+    }
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `x·w + b` for `x [rows, d_in]`, `w [d_in, d_out]` (Burn's `Linear` layout).
+pub fn linear<B: Gemm>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    if !B::routes_products(&x.device()) {
+        return burn::tensor::module::linear(x, w, b);
+    }
+    routed_linear(x, w, b)
+}
+
+/// [`linear`] through [`Gemm::gemm`].
+fn routed_linear<B: Gemm>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+    let y = float(B::gemm(x.into_primitive().tensor(), w.into_primitive().tensor()));
+    match b {
+        Some(b) => y + b.unsqueeze(),
+        None => y,
+    }
+}
+
+/// Causal attention of `q [b, h, n, d]` over `k`, `v [b, h, t, d]` (t ≥ n: query `i` sees keys
+/// `..= i + t - n`, Burn's bottom-right alignment), scale `1/√d`. Where products are routed,
+/// it is Burn's unfused fallback (scores, mask, softmax, values) with both products through
+/// [`Gemm::gemm`]; otherwise Burn's `attention`.
+pub fn causal_attention<B: Gemm>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    let device = q.device();
+    if !B::routes_products(&device) {
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        return burn::tensor::module::attention(q, k, v, None, None, options);
+    }
+    routed_attention(q, k, v)
+}
+
+/// [`causal_attention`] with both products through [`Gemm::gemm`].
+fn routed_attention<B: Gemm>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    let device = q.device();
+    let [b, h, n, d] = q.dims();
+    let t = k.dims()[2];
+    let scores = float::<B, 4>(B::gemm(
+        q.into_primitive().tensor(),
+        k.swap_dims(2, 3).into_primitive().tensor(),
+    ))
+    .mul_scalar(1.0 / (d as f64).sqrt());
+    let rows = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
+        .reshape([n, 1])
+        .add_scalar((t - n) as i64);
+    let cols = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]);
+    let future = rows.lower(cols).reshape([1, 1, n, t]).expand([b, h, n, t]);
+    let p = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
+    float(B::gemm(p.into_primitive().tensor(), v.into_primitive().tensor()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    type Ad = Autodiff<crate::CpuBackend>;
+
+    fn max_diff<const D: usize>(a: Tensor<crate::CpuBackend, D>, b: Tensor<crate::CpuBackend, D>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// The product node's value and both gradients equal Burn's matmul node's, for plain and
+    /// transposed-view operands and a batched (4D) product.
+    #[test]
+    fn the_product_node_matches_burns_matmul_and_its_gradients() {
+        let device = Default::default();
+        for (ls, rs, transpose_rhs) in [
+            (vec![5, 7], vec![7, 3], false),
+            (vec![5, 7], vec![3, 7], true),
+            (vec![2, 3, 4, 6], vec![2, 3, 6, 5], false),
+        ] {
+            let lhs = Tensor::<crate::CpuBackend, 1>::random(
+                [ls.iter().product::<usize>()],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let rhs = Tensor::<crate::CpuBackend, 1>::random(
+                [rs.iter().product::<usize>()],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let run = |custom: bool| {
+                let l = Tensor::<Ad, 1>::from_inner(lhs.clone())
+                    .reshape(pad4(&ls))
+                    .require_grad();
+                let r = Tensor::<Ad, 1>::from_inner(rhs.clone())
+                    .reshape(pad4(&rs))
+                    .require_grad();
+                let (l4, r4): (Tensor<Ad, 4>, Tensor<Ad, 4>) = (l.clone(), r.clone());
+                let r4 = if transpose_rhs { r4.swap_dims(2, 3) } else { r4 };
+                let y = if custom {
+                    float::<Ad, 4>(gemm_node::<crate::CpuBackend, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>(
+                        l4.into_primitive().tensor(),
+                        r4.into_primitive().tensor(),
+                    ))
+                } else {
+                    l4.matmul(r4)
+                };
+                // A weighted sum, so each output element has its own upstream gradient.
+                let w = Tensor::<Ad, 4>::from_inner(
+                    Tensor::arange(0..y.shape().num_elements() as i64, &device)
+                        .float()
+                        .reshape(y.dims())
+                        .div_scalar(7.0)
+                        .sin(),
+                );
+                let grads = (y.clone() * w).sum().backward();
+                (
+                    y.inner(),
+                    l.grad(&grads).expect("lhs grad"),
+                    r.grad(&grads).expect("rhs grad"),
+                )
+            };
+            let (y0, gl0, gr0) = run(false);
+            let (y1, gl1, gr1) = run(true);
+            assert_eq!(max_diff(y0, y1), 0.0, "{ls:?}·{rs:?} value");
+            assert!(max_diff(gl0, gl1) < 1e-5, "{ls:?}·{rs:?} lhs gradient");
+            assert!(max_diff(gr0, gr1) < 1e-5, "{ls:?}·{rs:?} rhs gradient");
+        }
+    }
+
+    /// The routed linear layer and attention (what CUDA runs) equal Burn's `linear` and
+    /// `attention` on the CPU, values and gradients, attention with more keys than queries too.
+    #[test]
+    fn routed_linear_and_attention_match_burns_ops() {
+        let device = Default::default();
+        let normal = |shape: [usize; 4]| {
+            Tensor::<crate::CpuBackend, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        };
+        let x = normal([1, 1, 6, 5]).reshape([6, 5]);
+        let w = normal([1, 1, 5, 4]).reshape([5, 4]);
+        let bias = normal([1, 1, 1, 4]).reshape([4]);
+        let run = |routed: bool| {
+            let (x, w, b) = (
+                Tensor::<Ad, 2>::from_inner(x.clone()).require_grad(),
+                Tensor::<Ad, 2>::from_inner(w.clone()).require_grad(),
+                Tensor::<Ad, 1>::from_inner(bias.clone()).require_grad(),
+            );
+            let y = if routed {
+                routed_linear(x.clone(), w.clone(), Some(b.clone()))
+            } else {
+                burn::tensor::module::linear(x.clone(), w.clone(), Some(b.clone()))
+            };
+            let grads = (y.clone() * y.clone()).sum().backward();
+            let g = |t: &Tensor<Ad, 2>| t.grad(&grads).expect("grad");
+            (y.inner(), g(&x), g(&w), b.grad(&grads).expect("bias grad"))
+        };
+        let (a, b) = (run(false), run(true));
+        assert!(max_diff(a.0, b.0) < 1e-6);
+        assert!(max_diff(a.1, b.1) < 1e-5);
+        assert!(max_diff(a.2, b.2) < 1e-5);
+        assert!(max_diff(a.3, b.3) < 1e-5);
+
+        for (n, t) in [(7, 7), (3, 7)] {
+            let (q, k, v) = (normal([2, 3, n, 4]), normal([2, 3, t, 4]), normal([2, 3, t, 4]));
+            let run = |routed: bool| {
+                let q = Tensor::<Ad, 4>::from_inner(q.clone()).require_grad();
+                let k = Tensor::<Ad, 4>::from_inner(k.clone()).require_grad();
+                let v = Tensor::<Ad, 4>::from_inner(v.clone()).require_grad();
+                let y = if routed {
+                    routed_attention(q.clone(), k.clone(), v.clone())
+                } else {
+                    let options = AttentionModuleOptions {
+                        scale: None,
+                        softcap: None,
+                        is_causal: true,
+                    };
+                    burn::tensor::module::attention(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        None,
+                        None,
+                        options,
+                    )
+                };
+                let grads = (y.clone() * y.clone()).sum().backward();
+                let g = |t: &Tensor<Ad, 4>| t.grad(&grads).expect("grad");
+                (y.inner(), g(&q), g(&k), g(&v))
+            };
+            let (a, b) = (run(false), run(true));
+            assert!(max_diff(a.0, b.0) < 1e-5, "n {n} t {t}: values");
+            assert!(max_diff(a.1, b.1) < 1e-4, "n {n} t {t}: dq");
+            assert!(max_diff(a.2, b.2) < 1e-4, "n {n} t {t}: dk");
+            assert!(max_diff(a.3, b.3) < 1e-4, "n {n} t {t}: dv");
+        }
+    }
+
+    fn pad4(s: &[usize]) -> [usize; 4] {
+        let mut out = [1; 4];
+        out[4 - s.len()..].copy_from_slice(s);
+        out
+    }
+}
