@@ -62,14 +62,45 @@ fn run_cuda(dtype: DType) {
         Tensor::<B, 4>::random(pad4(&shape), Distribution::Normal(0.0, 1.0), &device).cast(dtype)
     };
     // (what, lhs, rhs, transpose the lhs view, transpose the rhs view): shapes before the view.
-    let mut cases: Vec<(String, Vec<usize>, Vec<usize>, bool, bool)> = Vec::new();
+    type Case = (String, Vec<usize>, Vec<usize>, bool, bool);
+    let mut cases: Vec<Case> = Vec::new();
     for [m, k, n] in SHAPES {
-        cases.push((format!("x·W {m}x{k}x{n}"), vec![m, k], vec![k, n], false, false));
-        cases.push((format!("g·Wt {m}x{n}x{k}"), vec![m, n], vec![k, n], false, true));
-        cases.push((format!("xt·g {k}x{m}x{n}"), vec![m, k], vec![m, n], true, false));
+        cases.push((
+            format!("x·W {m}x{k}x{n}"),
+            vec![m, k],
+            vec![k, n],
+            false,
+            false,
+        ));
+        cases.push((
+            format!("g·Wt {m}x{n}x{k}"),
+            vec![m, n],
+            vec![k, n],
+            false,
+            true,
+        ));
+        cases.push((
+            format!("xt·g {k}x{m}x{n}"),
+            vec![m, k],
+            vec![m, n],
+            true,
+            false,
+        ));
     }
-    cases.push(("q·kt 12x4096x128x4096".into(), vec![1, 12, 4096, 128], vec![1, 12, 4096, 128], false, true));
-    cases.push(("p·v 12x4096x4096x128".into(), vec![1, 12, 4096, 4096], vec![1, 12, 4096, 128], false, false));
+    cases.push((
+        "q·kt 12x4096x128x4096".into(),
+        vec![1, 12, 4096, 128],
+        vec![1, 12, 4096, 128],
+        false,
+        true,
+    ));
+    cases.push((
+        "p·v 12x4096x4096x128".into(),
+        vec![1, 12, 4096, 4096],
+        vec![1, 12, 4096, 128],
+        false,
+        false,
+    ));
     let prim = |t: Tensor<B, 4>| -> Prim { t.into_primitive().tensor() };
     let view = |t: Tensor<B, 4>, transpose: bool| if transpose { t.swap_dims(2, 3) } else { t };
     for (what, ls, rs, tl, tr) in cases {
@@ -81,8 +112,14 @@ fn run_cuda(dtype: DType) {
         let flops = 2.0 * (batch * m * k * n) as f64;
         let paths: [(&str, &dyn Fn() -> Prim); 3] = [
             ("cubecl-untuned", &|| {
-                matmul(prim(lhs.clone()), prim(rhs.clone()), None, MatmulStrategy::Cube, dtype)
-                    .expect("CubeCL matmul")
+                matmul(
+                    prim(lhs.clone()),
+                    prim(rhs.clone()),
+                    None,
+                    MatmulStrategy::Cube,
+                    dtype,
+                )
+                .expect("CubeCL matmul")
             }),
             ("cubecl-autotune", &|| {
                 <B as burn::tensor::ops::FloatTensorOps<B>>::float_matmul(
@@ -90,7 +127,9 @@ fn run_cuda(dtype: DType) {
                     prim(rhs.clone()),
                 )
             }),
-            ("cublaslt", &|| cublaslt::matmul(prim(lhs.clone()), prim(rhs.clone()), false)),
+            ("cublaslt", &|| {
+                cublaslt::matmul(prim(lhs.clone()), prim(rhs.clone()), false)
+            }),
         ];
         let mut results = Vec::new();
         for (path, product) in paths {

@@ -382,7 +382,12 @@ pub trait QuantOps: crate::kernels::Gemm {
         let n = w.tile_columns;
         let parts: Vec<_> = (0..d_out)
             .step_by(n)
-            .map(|c0| product(x.clone(), Self::nf4_dequantize(&w, c0, n.min(d_out - c0), dtype)))
+            .map(|c0| {
+                product(
+                    x.clone(),
+                    Self::nf4_dequantize(&w, c0, n.min(d_out - c0), dtype),
+                )
+            })
             .collect();
         let y = if parts.len() == 1 {
             parts.into_iter().next().expect("one part")

@@ -61,13 +61,21 @@ pub fn matmul(lhs: Cuda, rhs: Cuda, tf32: bool) -> Cuda {
         DType::F32 => sys::cudaDataType::CUDA_R_32F,
         _ => return crate::CudaBackend::float_matmul(lhs, rhs),
     };
-    assert_eq!(rhs.dtype, dtype, "cuBLASLt product of {dtype:?} by {:?}", rhs.dtype);
+    assert_eq!(
+        rhs.dtype, dtype,
+        "cuBLASLt product of {dtype:?} by {:?}",
+        rhs.dtype
+    );
     // Kept (two handle clones) for a product cuBLASLt has no algorithm for.
     let (lhs0, rhs0) = (lhs.clone(), rhs.clone());
     let ls = lhs.meta.shape().clone();
     let rank = ls.num_dims();
     let (m, k, n) = (ls[rank - 2], ls[rank - 1], rhs.meta.shape()[rank - 1]);
-    assert_eq!(rhs.meta.shape()[rank - 2], k, "inner dimensions of the product");
+    assert_eq!(
+        rhs.meta.shape()[rank - 2],
+        k,
+        "inner dimensions of the product"
+    );
     let batch: usize = ls[..rank - 2].iter().product();
     let mut out_dims = ls.to_vec();
     out_dims[rank - 1] = n;
@@ -93,13 +101,22 @@ pub fn matmul(lhs: Cuda, rhs: Cuda, tf32: bool) -> Cuda {
     };
     let client = out.client.clone();
     let (ra, rb, rd) = (
-        client.get_resource(rhs.handle.clone()).expect("cuBLASLt operand"),
-        client.get_resource(lhs.handle.clone()).expect("cuBLASLt operand"),
-        client.get_resource(out.handle.clone()).expect("cuBLASLt output"),
+        client
+            .get_resource(rhs.handle.clone())
+            .expect("cuBLASLt operand"),
+        client
+            .get_resource(lhs.handle.clone())
+            .expect("cuBLASLt operand"),
+        client
+            .get_resource(out.handle.clone())
+            .expect("cuBLASLt output"),
     );
     let (pa, pb, pd) = (ra.resource().ptr, rb.resource().ptr, rd.resource().ptr);
     let stream = rd.resource().stream;
-    assert!(!stream.is_null(), "cubecl-cuda without distill's stream patch");
+    assert!(
+        !stream.is_null(),
+        "cubecl-cuda without distill's stream patch"
+    );
     let key = Key {
         data_type,
         tf32: tf32 && dtype == DType::F32,
@@ -315,12 +332,19 @@ fn make_plan(handle: sys::cublasLtHandle_t, key: &Key) -> Option<Plan> {
         } else {
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
         };
-        let fail = |what: &str, e: lt::CublasError| -> ! { panic!("cuBLASLt {what} for {key:?}: {e}") };
+        let fail =
+            |what: &str, e: lt::CublasError| -> ! { panic!("cuBLASLt {what} for {key:?}: {e}") };
         let desc = lt::create_matmul_desc(compute, sys::cudaDataType::CUDA_R_32F)
             .unwrap_or_else(|e| fail("descriptor", e));
         for (attr, trans) in [
-            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, key.a.trans),
-            (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, key.b.trans),
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                key.a.trans,
+            ),
+            (
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                key.b.trans,
+            ),
         ] {
             let op = trans as i32;
             lt::set_matmul_desc_attribute(
@@ -388,7 +412,9 @@ fn make_plan(handle: sys::cublasLtHandle_t, key: &Key) -> Option<Plan> {
                 algo: h.algo,
             }),
             Err(e) => {
-                eprintln!("warning: cuBLASLt has no algorithm for {key:?} ({e}); CubeCL multiplies it");
+                eprintln!(
+                    "warning: cuBLASLt has no algorithm for {key:?} ({e}); CubeCL multiplies it"
+                );
                 None
             }
         }

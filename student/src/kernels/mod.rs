@@ -1,12 +1,13 @@
 //! The matrix products under training, behind one interface.
 //!
 //! The trainer's linear layers, LM head, loss chunks and attention call [`linear`] and
-//! [`causal_attention`]. On the CPU they are Burn's own ops, unchanged. On CUDA, where Burn 0.21's
-//! CubeCL products ran at 0.05–0.12× cuBLAS on the 1.5B model's shapes (`bench/RESULTS-gpu-train.md`),
-//! they go through cuBLASLt ([`cublaslt`]) on CubeCL's own stream, with the backward registered as
-//! one autodiff node per product ([`Gemm`] for `Autodiff<B>`). `DISTILL_GEMM=cubecl` keeps the
-//! (autotuned) CubeCL products instead, `cubecl-untuned` CubeCL's single untuned kernel (the
-//! benchmarks' baseline); `DISTILL_TF32=1` lets f32 products use TF32.
+//! [`causal_attention`]. On the CPU they are Burn's own ops, unchanged. On CUDA, where Burn
+//! 0.21's CubeCL products ran at 0.05–0.12× cuBLAS on the 1.5B model's shapes
+//! (`bench/RESULTS-gpu-train.md`), they go through cuBLASLt (`cublaslt`, with `--features
+//! cuda`) on CubeCL's own stream, with the backward registered as one autodiff node per product
+//! ([`Gemm`] for `Autodiff<B>`). `DISTILL_GEMM=cubecl` keeps the (autotuned) CubeCL products
+//! instead, `cubecl-untuned` CubeCL's single untuned kernel (the benchmarks' baseline);
+//! `DISTILL_TF32=1` lets f32 products use TF32.
 
 #[cfg(feature = "cuda")]
 pub mod cublaslt;
@@ -20,10 +21,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
 use burn::prelude::*;
-use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{TensorMetadata, TensorPrimitive};
 use burn::tensor::activation::softmax;
+use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
+use burn::tensor::{TensorMetadata, TensorPrimitive};
 
 /// Which implementation CUDA's matrix products use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +62,10 @@ pub fn gemm_settings() -> GemmSettings {
                 "DISTILL_GEMM={other:?}: expected \"cublaslt\", \"cubecl\" or \"cubecl-untuned\""
             ),
         };
-        let tf32 = matches!(std::env::var("DISTILL_TF32").as_deref(), Ok("1") | Ok("true"));
+        let tf32 = matches!(
+            std::env::var("DISTILL_TF32").as_deref(),
+            Ok("1") | Ok("true")
+        );
         GemmSettings { path, tf32 }
     })
 }
@@ -177,8 +181,18 @@ impl<B: Gemm> Backward<B, 2> for GemmProduct {
             ops.parents,
             ops.node,
             grads,
-            |g| B::gemm(g, B::float_transpose(rhs.expect("rhs kept for lhs's gradient"))),
-            |g| B::gemm(B::float_transpose(lhs.expect("lhs kept for rhs's gradient")), g),
+            |g| {
+                B::gemm(
+                    g,
+                    B::float_transpose(rhs.expect("rhs kept for lhs's gradient")),
+                )
+            },
+            |g| {
+                B::gemm(
+                    B::float_transpose(lhs.expect("lhs kept for rhs's gradient")),
+                    g,
+                )
+            },
         );
     }
 }
@@ -226,8 +240,15 @@ pub fn linear<B: Gemm>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>
 }
 
 /// [`linear`] through [`Gemm::gemm`].
-fn routed_linear<B: Gemm>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
-    let y = float(B::gemm(x.into_primitive().tensor(), w.into_primitive().tensor()));
+fn routed_linear<B: Gemm>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    b: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
+    let y = float(B::gemm(
+        x.into_primitive().tensor(),
+        w.into_primitive().tensor(),
+    ));
     match b {
         Some(b) => y + b.unsqueeze(),
         None => y,
@@ -238,7 +259,11 @@ fn routed_linear<B: Gemm>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Option<Tensor<B, 
 /// `..= i + t - n`, Burn's bottom-right alignment), scale `1/√d`. Where products are routed,
 /// it is Burn's unfused fallback (scores, mask, softmax, values) with both products through
 /// [`Gemm::gemm`]; otherwise Burn's `attention`.
-pub fn causal_attention<B: Gemm>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+pub fn causal_attention<B: Gemm>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
     let device = q.device();
     if !B::routes_products(&device) {
         let options = AttentionModuleOptions {
@@ -267,7 +292,10 @@ fn routed_attention<B: Gemm>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) 
     let cols = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]);
     let future = rows.lower(cols).reshape([1, 1, n, t]).expand([b, h, n, t]);
     let p = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
-    float(B::gemm(p.into_primitive().tensor(), v.into_primitive().tensor()))
+    float(B::gemm(
+        p.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+    ))
 }
 
 #[cfg(test)]
@@ -277,7 +305,10 @@ mod tests {
 
     type Ad = Autodiff<crate::CpuBackend>;
 
-    fn max_diff<const D: usize>(a: Tensor<crate::CpuBackend, D>, b: Tensor<crate::CpuBackend, D>) -> f32 {
+    fn max_diff<const D: usize>(
+        a: Tensor<crate::CpuBackend, D>,
+        b: Tensor<crate::CpuBackend, D>,
+    ) -> f32 {
         (a - b).abs().max().into_scalar()
     }
 
@@ -309,11 +340,17 @@ mod tests {
                     .reshape(pad4(&rs))
                     .require_grad();
                 let (l4, r4): (Tensor<Ad, 4>, Tensor<Ad, 4>) = (l.clone(), r.clone());
-                let r4 = if transpose_rhs { r4.swap_dims(2, 3) } else { r4 };
+                let r4 = if transpose_rhs {
+                    r4.swap_dims(2, 3)
+                } else {
+                    r4
+                };
                 let y = if custom {
-                    float::<Ad, 4>(gemm_node::<crate::CpuBackend, burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>(
-                        l4.into_primitive().tensor(),
-                        r4.into_primitive().tensor(),
+                    float::<Ad, 4>(gemm_node::<
+                        crate::CpuBackend,
+                        burn::backend::autodiff::checkpoint::strategy::NoCheckpointing,
+                    >(
+                        l4.into_primitive().tensor(), r4.into_primitive().tensor()
                     ))
                 } else {
                     l4.matmul(r4)
@@ -374,7 +411,11 @@ mod tests {
         assert!(max_diff(a.3, b.3) < 1e-5);
 
         for (n, t) in [(7, 7), (3, 7)] {
-            let (q, k, v) = (normal([2, 3, n, 4]), normal([2, 3, t, 4]), normal([2, 3, t, 4]));
+            let (q, k, v) = (
+                normal([2, 3, n, 4]),
+                normal([2, 3, t, 4]),
+                normal([2, 3, t, 4]),
+            );
             let run = |routed: bool| {
                 let q = Tensor::<Ad, 4>::from_inner(q.clone()).require_grad();
                 let k = Tensor::<Ad, 4>::from_inner(k.clone()).require_grad();

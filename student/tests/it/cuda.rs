@@ -129,7 +129,12 @@ fn cuda_cublaslt_products_match_the_cpu() {
         (3, 5, 64, 31),
         (2, 128, 96, 257),
     ] {
-        for (tl, tr, offset) in [(false, false, 0), (true, false, 0), (false, true, 1), (true, true, 3)] {
+        for (tl, tr, offset) in [
+            (false, false, 0),
+            (true, false, 0),
+            (false, true, 1),
+            (true, true, 3),
+        ] {
             // A margin of `offset` rows starts the operand inside its buffer.
             let buffer = |r: usize, c: usize, t: bool| {
                 let (r0, c0) = if t { (c, r) } else { (r, c) };
@@ -140,7 +145,12 @@ fn cuda_cublaslt_products_match_the_cpu() {
                 );
                 (full, r0, t)
             };
-            fn view<B: Backend>(full: Tensor<B, 3>, offset: usize, r0: usize, t: bool) -> Tensor<B, 3> {
+            fn view<B: Backend>(
+                full: Tensor<B, 3>,
+                offset: usize,
+                r0: usize,
+                t: bool,
+            ) -> Tensor<B, 3> {
                 let x = full.narrow(1, offset, r0);
                 if t { x.swap_dims(1, 2) } else { x }
             }
@@ -167,13 +177,21 @@ fn cuda_cublaslt_products_match_the_cpu() {
                 let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
                 let err = max_abs_diff(&got, &want) / scale;
                 let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-                println!("{batch}x{m}x{k}x{n} t=({tl},{tr}) offset {offset} {dtype:?}: rel err {err:.2e}");
-                assert!(err < tol, "{batch}x{m}x{k}x{n} t=({tl},{tr}) offset {offset} {dtype:?}: {err}");
+                println!(
+                    "{batch}x{m}x{k}x{n} t=({tl},{tr}) offset {offset} {dtype:?}: rel err {err:.2e}"
+                );
+                assert!(
+                    err < tol,
+                    "{batch}x{m}x{k}x{n} t=({tl},{tr}) offset {offset} {dtype:?}: {err}"
+                );
                 worst[i] = worst[i].max(err);
             }
         }
     }
-    println!("cuBLASLt against the CPU: worst relative error f32 {:.2e}, bf16 {:.2e}", worst[0], worst[1]);
+    println!(
+        "cuBLASLt against the CPU: worst relative error f32 {:.2e}, bf16 {:.2e}",
+        worst[0], worst[1]
+    );
 }
 
 /// Training on CUDA (products through cuBLASLt, exact f32) follows the CPU's trainer: full
@@ -203,13 +221,22 @@ fn cuda_training_matches_the_cpu() {
         .unwrap();
         while let Some(a) = cpu.step().unwrap() {
             let b = gpu.step().unwrap().expect("same number of steps");
-            println!("lora {lora} step {}: cpu {:.6} cuda {:.6}", a.step, a.loss, b.loss);
+            println!(
+                "lora {lora} step {}: cpu {:.6} cuda {:.6}",
+                a.step, a.loss, b.loss
+            );
             assert!((a.loss - b.loss).abs() <= 1e-3 * a.loss, "{a:?} vs {b:?}");
         }
-        let (dc, dg) = (tmp.path().join(format!("cpu{lora}")), tmp.path().join(format!("gpu{lora}")));
+        let (dc, dg) = (
+            tmp.path().join(format!("cpu{lora}")),
+            tmp.path().join(format!("gpu{lora}")),
+        );
         cpu.export(&dc, SaveOptions::default()).unwrap();
         gpu.export(&dg, SaveOptions::default()).unwrap();
-        let (a, b) = (tensors(&dc.join("model.safetensors")), tensors(&dg.join("model.safetensors")));
+        let (a, b) = (
+            tensors(&dc.join("model.safetensors")),
+            tensors(&dg.join("model.safetensors")),
+        );
         let mut worst = 0f32;
         for (name, (_, v)) in &a {
             worst = worst.max(assert_close(name, &b[name].1, v, 1e-3));

@@ -124,7 +124,10 @@ fn loss_and_gradients_match_trl_for_every_normalisation() {
             .iter()
             .flat_map(|(_, _, g)| g.iter())
             .fold(0f32, |m, &x| m.max(x.abs()));
-        assert!(largest > 1e-3, "{name}: gradients all but vanish ({largest:.1e})");
+        assert!(
+            largest > 1e-3,
+            "{name}: gradients all but vanish ({largest:.1e})"
+        );
         println!("{name}: loss {loss:.6} (torch {want_loss:.6}), max |grad diff| {worst:.2e}");
         checked += 1;
     }
