@@ -166,12 +166,13 @@ def report(out):
                     pass
         losses[name] = seq_losses
     for mode in ["recompute", "plain"]:
-        ref_name = f"burn-cubecl-{mode}"
-        ref = losses.get(ref_name)
-        if not ref:
+        ref_name = next((f"burn-cubecl{v}-{mode}" for v in ["-untuned", ""]
+                         if losses.get(f"burn-cubecl{v}-{mode}")), None)
+        if ref_name is None:
             continue
+        ref = losses[ref_name]
         for name, ls in losses.items():
-            if name == ref_name or not name.endswith(mode) or not ls:
+            if name == ref_name or not name.startswith("burn-cublaslt") or not name.endswith(mode) or not ls:
                 continue
             n = min(len(ls), len(ref))
             worst = max(abs(a - b) / abs(b) for a, b in zip(ls[:n], ref[:n]))
