@@ -51,7 +51,8 @@ pub fn preflight() -> Result<(), String> {
 }
 
 /// `lhs·rhs`, `[.., m, k]·[.., k, n]` with equal leading dimensions, in the inputs' dtype
-/// (f32 accumulation; f32 inputs use TF32 only when `tf32`). Other dtypes take Burn's matmul.
+/// (f32 accumulation; f32 inputs use TF32 only when `tf32`). Other dtypes, and broadcast
+/// leading dimensions, take Burn's matmul.
 pub fn matmul(lhs: Cuda, rhs: Cuda, tf32: bool) -> Cuda {
     use burn::tensor::ops::FloatTensorOps;
     let dtype = lhs.dtype;
@@ -70,6 +71,11 @@ pub fn matmul(lhs: Cuda, rhs: Cuda, tf32: bool) -> Cuda {
     let (lhs0, rhs0) = (lhs.clone(), rhs.clone());
     let ls = lhs.meta.shape().clone();
     let rank = ls.num_dims();
+    // Broadcast batch dimensions are Burn's to handle (no caller sends them today).
+    let rs = rhs.meta.shape();
+    if rank < 2 || rs.num_dims() != rank || rs[..rank - 2] != ls[..rank - 2] {
+        return crate::CudaBackend::float_matmul(lhs, rhs);
+    }
     let (m, k, n) = (ls[rank - 2], ls[rank - 1], rhs.meta.shape()[rank - 1]);
     assert_eq!(
         rhs.meta.shape()[rank - 2],
