@@ -27,9 +27,20 @@ if [ "$DEVICE" = cuda ]; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 fi
 echo "== distill QLoRA r$RANK ($DEVICE, $CONFIG, $SEQ tokens, $PRECISION, recompute, $STEPS steps)"
+if [ "$DEVICE" = cuda ]; then
+    # GPU memory over time (the 2026-11-30 run ran out of memory with no figure to show where).
+    nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 500 > "$OUT/qlora.mem" &
+    SAMPLER=$!
+fi
+T0=$SECONDS
 timeout "$LIMIT" "$BIN" "$DEVICE" "$CONFIG" "$SEQ" 1 "$STEPS" "$PRECISION" recompute "qlora$RANK" \
-    | tee "$OUT/qlora.jsonl"
-echo "exit ${PIPESTATUS[0]}"
+    2> >(grep -v "backtrace\|RUST_BACKTRACE\|^$" >&2) | tee "$OUT/qlora.jsonl"
+echo "exit ${PIPESTATUS[0]} after $((SECONDS - T0)) s"
+if [ -n "${SAMPLER:-}" ]; then
+    kill "$SAMPLER" 2>/dev/null
+    echo "GPU memory: highest $(cut -d, -f2 "$OUT/qlora.mem" | sort -n | tail -1 | tr -d ' '), last samples:"
+    tail -3 "$OUT/qlora.mem"
+fi
 
 python3 - "$OUT/qlora.jsonl" <<'PY' | tee "$OUT/summary.md"
 import json, sys

@@ -80,7 +80,14 @@ fn run<B: TrainBackend>(device_of: impl Fn(usize) -> B::Device, args: &[String])
         } else {
             DType::F32
         };
+        let t0 = std::time::Instant::now();
         let (base, quant) = init_quantized::<B>(&mc, device, dtype);
+        // Where a large run stops matters (the 70B run's first H200 attempt ran out of memory
+        // without saying whether the model or the first step was being made).
+        eprintln!(
+            "quantized model made in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
         Trainer::<B>::from_quantized(base, quant, &data, config.clone(), device).expect("trainer")
     } else {
         // Seeded, so runs that differ only in their kernels start from the same weights.
