@@ -28,6 +28,8 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::result as driver;
 use cudarc::driver::sys::CUcontext;
 
+use super::layout::{Layout, alignment, matrix_layout};
+
 type Cuda = CubeTensor<CudaRuntime>;
 
 /// NVIDIA's advice for Hopper; smaller GPUs use less of it.
@@ -172,78 +174,16 @@ pub fn matmul(lhs: Cuda, rhs: Cuda, tf32: bool) -> Cuda {
     }
 }
 
-/// A matrix operand as cuBLASLt sees it (column-major, before `op`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Layout {
-    trans: bool,
-    rows: u64,
-    cols: u64,
-    ld: i64,
-    batch: i32,
-    stride: i64,
-}
-
 /// `x [.., r, c]` as the column-major operand `xᵀ` (`c × r`), made contiguous first when its
 /// strides fit neither a row-major nor a transposed matrix, or its batch has no single stride.
 fn operand(x: Cuda, batch: usize) -> (Cuda, Layout) {
-    if let Some(layout) = layout_of(&x, batch) {
+    let layout_of = |x: &Cuda| matrix_layout(x.meta.shape(), x.meta.strides(), batch);
+    if let Some(layout) = layout_of(&x) {
         return (x, layout);
     }
     let x = into_contiguous(x);
-    let layout = layout_of(&x, batch).expect("a contiguous tensor has a cuBLASLt layout");
+    let layout = layout_of(&x).expect("a contiguous tensor has a cuBLASLt layout");
     (x, layout)
-}
-
-fn layout_of(x: &Cuda, batch: usize) -> Option<Layout> {
-    let (shape, strides) = (x.meta.shape(), x.meta.strides());
-    let rank = shape.num_dims();
-    let (r, c) = (shape[rank - 2], shape[rank - 1]);
-    let (sr, sc) = (strides[rank - 2], strides[rank - 1]);
-    let (trans, rows, cols, ld) = if (sc == 1 || c == 1) && (sr >= c || r == 1) {
-        // Row-major `x` is column-major `xᵀ` with leading dimension `sr`.
-        (false, c, r, if r == 1 { c.max(1) } else { sr })
-    } else if (sr == 1 || r == 1) && (sc >= r || c == 1) {
-        // A transposed view is column-major `x`: cuBLAS transposes it.
-        (true, r, c, if c == 1 { r.max(1) } else { sc })
-    } else {
-        return None;
-    };
-    // Leading dimensions collapse to one stride when each (of size > 1) steps over the ones
-    // inside it exactly.
-    let mut stride = None::<usize>;
-    let mut span = 1usize;
-    for i in (0..rank - 2).rev() {
-        if shape[i] == 1 {
-            continue;
-        }
-        match stride {
-            None => stride = Some(strides[i]),
-            Some(s) if strides[i] != s * span => return None,
-            Some(_) => {}
-        }
-        span *= shape[i];
-    }
-    let stride = stride.unwrap_or(0);
-    if batch > 1 && stride == 0 {
-        return None;
-    }
-    Some(Layout {
-        trans,
-        rows: rows as u64,
-        cols: cols as u64,
-        ld: ld as i64,
-        batch: batch as i32,
-        stride: stride as i64,
-    })
-}
-
-/// The pointer's alignment in bytes (up to the 256 cuBLASLt assumes unless told otherwise).
-fn alignment(ptr: u64) -> u32 {
-    if ptr == 0 {
-        256
-    } else {
-        (1u64 << ptr.trailing_zeros().min(8)) as u32
-    }
 }
 
 /// What decides a product's descriptors and algorithm.
@@ -421,21 +361,13 @@ fn make_plan(handle: sys::cublasLtHandle_t, key: &Key) -> Option<Plan> {
                 eprintln!(
                     "warning: cuBLASLt has no algorithm for {key:?} ({e}); CubeCL multiplies it"
                 );
+                // Nothing will use them: the key is remembered as having no plan.
+                for layout in [a, b, d] {
+                    let _ = lt::destroy_matrix_layout(layout);
+                }
+                let _ = lt::destroy_matmul_desc(desc);
                 None
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn alignment_is_the_largest_power_of_two_up_to_256() {
-        assert_eq!(alignment(0x1000), 256);
-        assert_eq!(alignment(0x1002), 2);
-        assert_eq!(alignment(0x1010), 16);
-        assert_eq!(alignment(0), 256);
     }
 }

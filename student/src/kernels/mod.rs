@@ -11,6 +11,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod cublaslt;
+mod layout;
 
 use std::sync::OnceLock;
 
@@ -47,27 +48,33 @@ pub struct GemmSettings {
     pub tf32: bool,
 }
 
-static SETTINGS: OnceLock<GemmSettings> = OnceLock::new();
+static SETTINGS: OnceLock<Result<GemmSettings, String>> = OnceLock::new();
 
-/// The settings: `DISTILL_GEMM` (`cublaslt`, the default, or `cubecl`) and `DISTILL_TF32`
-/// (`1` allows TF32). An unknown `DISTILL_GEMM` value panics naming the variable at the first
-/// product, before any work is done with it.
+/// The settings from `DISTILL_GEMM` (`cublaslt`, the default, `cubecl` or `cubecl-untuned`) and
+/// `DISTILL_TF32` (`1` allows TF32), or the error naming a value `DISTILL_GEMM` does not take.
+pub fn read_gemm_settings() -> Result<GemmSettings, String> {
+    SETTINGS
+        .get_or_init(|| {
+            let path = match std::env::var("DISTILL_GEMM").as_deref() {
+                Err(_) | Ok("") | Ok("cublaslt") => GemmPath::Cublaslt,
+                Ok("cubecl") => GemmPath::Cubecl,
+                Ok("cubecl-untuned") => GemmPath::CubeclUntuned,
+                Ok(other) => {
+                    return Err(format!(
+                        "DISTILL_GEMM={other:?}: expected \"cublaslt\", \"cubecl\" or \"cubecl-untuned\""
+                    ));
+                }
+            };
+            let tf32 = matches!(std::env::var("DISTILL_TF32").as_deref(), Ok("1") | Ok("true"));
+            Ok(GemmSettings { path, tf32 })
+        })
+        .clone()
+}
+
+/// [`read_gemm_settings`] where an error can no longer be returned: [`prepare_cuda`] reports a
+/// bad value before a run starts, so this panics only in code that skipped it.
 pub fn gemm_settings() -> GemmSettings {
-    *SETTINGS.get_or_init(|| {
-        let path = match std::env::var("DISTILL_GEMM").as_deref() {
-            Err(_) | Ok("") | Ok("cublaslt") => GemmPath::Cublaslt,
-            Ok("cubecl") => GemmPath::Cubecl,
-            Ok("cubecl-untuned") => GemmPath::CubeclUntuned,
-            Ok(other) => panic!(
-                "DISTILL_GEMM={other:?}: expected \"cublaslt\", \"cubecl\" or \"cubecl-untuned\""
-            ),
-        };
-        let tf32 = matches!(
-            std::env::var("DISTILL_TF32").as_deref(),
-            Ok("1") | Ok("true")
-        );
-        GemmSettings { path, tf32 }
-    })
+    read_gemm_settings().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Where CubeCL keeps its autotuning results between runs: `DISTILL_AUTOTUNE_CACHE`, else
@@ -89,8 +96,9 @@ pub fn autotune_cache_dir() -> std::path::PathBuf {
 
 /// Prepares the CUDA backend before its first use: CubeCL's configuration (a `cubecl.toml`
 /// and `CUBECL_*` variables still apply) with the autotuning cache in [`autotune_cache_dir`]
-/// unless the configuration names one, and, when the products go through cuBLASLt, a check
-/// that the library loads. Call it before the first CUDA tensor; later calls only re-check.
+/// unless the configuration names one, the product settings (a bad `DISTILL_GEMM` is an error
+/// here), and, when the products go through cuBLASLt, a check that the library loads. Call it
+/// before the first CUDA tensor; later calls only re-check.
 #[cfg(feature = "cuda")]
 pub fn prepare_cuda() -> Result<(), String> {
     use cubecl::config::cache::CacheConfig;
@@ -107,7 +115,7 @@ pub fn prepare_cuda() -> Result<(), String> {
         }
         CubeClRuntimeConfig::set(config);
     });
-    if gemm_settings().path == GemmPath::Cublaslt {
+    if read_gemm_settings()?.path == GemmPath::Cublaslt {
         cublaslt::preflight()?;
     }
     Ok(())
