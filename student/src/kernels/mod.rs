@@ -133,9 +133,143 @@ pub trait Gemm: Backend {
     fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
     }
+
+    /// Whether [`causal_attention`] of these queries runs as one operation
+    /// ([`Gemm::fused_causal_attention`]) rather than as Burn's parts.
+    fn fuses_attention(_q: &FloatTensor<Self>) -> bool {
+        false
+    }
+
+    /// Causal attention as one operation (one autodiff node, see [`Gemm::fuses_attention`]).
+    fn fused_causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let scale = attention_scale::<Self>(&q);
+        Self::attention_forward(q, k, v, scale).0
+    }
+
+    /// Causal attention's output and its softmax probabilities (kept for the backward pass):
+    /// `q [b, h, n, d]` over `k`, `v [b, h, t, d]`, `t ≥ n`, bottom-right aligned. The default
+    /// composes Burn's ops.
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        attention_forward_composed::<Self>(q, k, v, scale)
+    }
+
+    /// Gradients `(dq, dk, dv)` of [`Gemm::attention_forward`] for the output's gradient.
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        attention_backward_composed::<Self>(q, k, v, probs, grad, scale)
+    }
 }
 
-impl Gemm for crate::CpuBackend {}
+/// Burn 0.21's autodiff records attention as its parts, each with its own backward op and
+/// output tensors; burn-flex's fused kernels (`vendor/burn-flex/src/ops/fused.rs`) run each
+/// (batch, head) pair as a few `gemm` products and one row pass, forward and backward.
+impl Gemm for crate::CpuBackend {
+    fn fuses_attention(q: &FloatTensor<Self>) -> bool {
+        q.dtype() == burn::tensor::DType::F32
+    }
+
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        burn_flex::ops::fused::causal_attention_forward(&q, &k, &v, scale)
+    }
+
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        burn_flex::ops::fused::causal_attention_backward(&q, &k, &v, &probs, &grad, scale)
+    }
+}
+
+/// `1/√d` of queries `[.., d]`.
+fn attention_scale<B: Backend>(q: &FloatTensor<B>) -> f32 {
+    let shape = q.shape();
+    1.0 / (shape[shape.num_dims() - 1] as f32).sqrt()
+}
+
+/// The `[n, t]` mask of keys in the future of each query (bottom-right aligned), as `[b, h, n, t]`.
+fn future_mask<B: Backend>(
+    [b, h, n, t]: [usize; 4],
+    device: &B::Device,
+) -> Tensor<B, 4, burn::tensor::Bool> {
+    let rows = Tensor::<B, 1, Int>::arange(0..n as i64, device)
+        .reshape([n, 1])
+        .add_scalar((t - n) as i64);
+    let cols = Tensor::<B, 1, Int>::arange(0..t as i64, device).reshape([1, t]);
+    rows.lower(cols).reshape([1, 1, n, t]).expand([b, h, n, t])
+}
+
+/// [`Gemm::attention_forward`] from Burn's ops (products through [`Gemm::gemm`]).
+pub fn attention_forward_composed<B: Gemm>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    scale: f32,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let [b, h, n, _] = q.dims();
+    let t = k.dims()[2];
+    let future = future_mask::<B>([b, h, n, t], &q.device());
+    let scores = float::<B, 4>(B::gemm(
+        q.into_primitive().tensor(),
+        k.swap_dims(2, 3).into_primitive().tensor(),
+    ))
+    .mul_scalar(scale);
+    let p = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
+    let out = B::gemm(p.clone().into_primitive().tensor(), v.into_primitive().tensor());
+    (out, p.into_primitive().tensor())
+}
+
+/// [`Gemm::attention_backward`] from Burn's ops: `dV = Pᵀ·dO`, `dS = scale·P∘(dO·Vᵀ − rowsum)`,
+/// `dQ = dS·K`, `dK = dSᵀ·Q`.
+pub fn attention_backward_composed<B: Gemm>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    probs: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    scale: f32,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let mm = |a: Tensor<B, 4>, b: Tensor<B, 4>| {
+        float::<B, 4>(B::gemm(a.into_primitive().tensor(), b.into_primitive().tensor()))
+    };
+    let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let (p, g) = (float::<B, 4>(probs), float::<B, 4>(grad));
+    let dv = mm(p.clone().swap_dims(2, 3), g.clone());
+    let dp = mm(g, v.swap_dims(2, 3));
+    let dot = (dp.clone() * p.clone()).sum_dim(3);
+    let ds = (p * (dp - dot)).mul_scalar(scale);
+    let dq = mm(ds.clone(), k);
+    let dk = mm(ds.swap_dims(2, 3), q);
+    (
+        dq.into_primitive().tensor(),
+        dk.into_primitive().tensor(),
+        dv.into_primitive().tensor(),
+    )
+}
 
 #[cfg(feature = "cuda")]
 impl Gemm for crate::CudaBackend {
@@ -169,6 +303,65 @@ impl<B: Gemm, C: CheckpointStrategy> Gemm for Autodiff<B, C> {
 
     fn gemm(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         gemm_node::<B, C>(lhs, rhs)
+    }
+
+    fn fuses_attention(q: &FloatTensor<Self>) -> bool {
+        B::fuses_attention(&q.primitive)
+    }
+
+    fn fused_causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        attention_node::<B, C>(q, k, v)
+    }
+}
+
+/// The autodiff node of [`Gemm::fused_causal_attention`]: keeps the operands and the softmax
+/// probabilities, and gets all three gradients from one [`Gemm::attention_backward`].
+#[derive(Debug)]
+struct FusedAttention;
+
+impl<B: Gemm> Backward<B, 3> for FusedAttention {
+    /// Operands, the probabilities, the scale.
+    type State = (NodeId, NodeId, NodeId, FloatTensor<B>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, probs, scale) = ops.state;
+        let q = ckpt.retrieve_node_output::<FloatTensor<B>>(q);
+        let k = ckpt.retrieve_node_output::<FloatTensor<B>>(k);
+        let v = ckpt.retrieve_node_output::<FloatTensor<B>>(v);
+        let (dq, dk, dv) = B::attention_backward(q, k, v, probs, grad, scale);
+        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+fn attention_node<B: Gemm, C: CheckpointStrategy>(
+    q: FloatTensor<Autodiff<B, C>>,
+    k: FloatTensor<Autodiff<B, C>>,
+    v: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    let scale = attention_scale::<B>(&q.primitive);
+    match FusedAttention
+        .prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let ids = (prep.checkpoint(&q), prep.checkpoint(&k), prep.checkpoint(&v));
+            let (out, probs) = B::attention_forward(q.primitive, k.primitive, v.primitive, scale);
+            prep.finish((ids.0, ids.1, ids.2, probs, scale), out)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(B::fused_causal_attention(q.primitive, k.primitive, v.primitive))
+        }
     }
 }
 
@@ -273,6 +466,15 @@ pub fn causal_attention<B: Gemm>(
     v: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     let device = q.device();
+    let q = q.into_primitive().tensor();
+    if B::fuses_attention(&q) {
+        return float(B::fused_causal_attention(
+            q,
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+        ));
+    }
+    let q = float::<B, 4>(q);
     if !B::routes_products(&device) {
         let options = AttentionModuleOptions {
             scale: None,
@@ -286,24 +488,17 @@ pub fn causal_attention<B: Gemm>(
 
 /// [`causal_attention`] with both products through [`Gemm::gemm`].
 fn routed_attention<B: Gemm>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
-    let device = q.device();
-    let [b, h, n, d] = q.dims();
-    let t = k.dims()[2];
-    let scores = float::<B, 4>(B::gemm(
-        q.into_primitive().tensor(),
-        k.swap_dims(2, 3).into_primitive().tensor(),
-    ))
-    .mul_scalar(1.0 / (d as f64).sqrt());
-    let rows = Tensor::<B, 1, Int>::arange(0..n as i64, &device)
-        .reshape([n, 1])
-        .add_scalar((t - n) as i64);
-    let cols = Tensor::<B, 1, Int>::arange(0..t as i64, &device).reshape([1, t]);
-    let future = rows.lower(cols).reshape([1, 1, n, t]).expand([b, h, n, t]);
-    let p = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
-    float(B::gemm(
-        p.into_primitive().tensor(),
-        v.into_primitive().tensor(),
-    ))
+    let q = q.into_primitive().tensor();
+    let scale = attention_scale::<B>(&q);
+    float(
+        attention_forward_composed::<B>(
+            q,
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+            scale,
+        )
+        .0,
+    )
 }
 
 #[cfg(test)]
@@ -454,6 +649,85 @@ mod tests {
             assert!(max_diff(a.1, b.1) < 1e-4, "n {n} t {t}: dq");
             assert!(max_diff(a.2, b.2) < 1e-4, "n {n} t {t}: dk");
             assert!(max_diff(a.3, b.3) < 1e-4, "n {n} t {t}: dv");
+        }
+    }
+
+    #[test]
+    fn fused_cpu_attention_matches_burns_parts_and_the_composed_reference() {
+        type Cpu = crate::CpuBackend;
+        let device = Default::default();
+        let normal = |shape: [usize; 4]| {
+            Tensor::<Cpu, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        };
+        for (n, t) in [(7, 7), (3, 7), (1, 5), (33, 40)] {
+            // Queries as the model makes them: a `[b, n, h, d]` view with heads swapped in.
+            let q = normal([2, n, 3, 8]).swap_dims(1, 2);
+            let (k, v) = (normal([2, 3, t, 8]), normal([2, 3, t, 8]));
+            let weights = normal([2, 3, n, 8]);
+            assert!(<Ad as Gemm>::fuses_attention(
+                &Tensor::<Ad, 4>::from_inner(q.clone())
+                    .into_primitive()
+                    .tensor()
+            ));
+            let run = |fused: bool| {
+                let q = Tensor::<Ad, 4>::from_inner(q.clone()).require_grad();
+                let k = Tensor::<Ad, 4>::from_inner(k.clone()).require_grad();
+                let v = Tensor::<Ad, 4>::from_inner(v.clone()).require_grad();
+                let y = if fused {
+                    causal_attention(q.clone(), k.clone(), v.clone())
+                } else {
+                    let options = AttentionModuleOptions {
+                        scale: None,
+                        softcap: None,
+                        is_causal: true,
+                    };
+                    burn::tensor::module::attention(
+                        q.clone(),
+                        k.clone(),
+                        v.clone(),
+                        None,
+                        None,
+                        options,
+                    )
+                };
+                let loss = (y.clone() * Tensor::from_inner(weights.clone())).sum();
+                let grads = loss.backward();
+                let g = |t: &Tensor<Ad, 4>| t.grad(&grads).expect("grad");
+                (y.inner(), g(&q), g(&k), g(&v))
+            };
+            let (a, b) = (run(false), run(true));
+            assert!(max_diff(a.0, b.0) < 1e-5, "n {n} t {t}: values");
+            assert!(max_diff(a.1, b.1.clone()) < 1e-5, "n {n} t {t}: dq");
+            assert!(max_diff(a.2, b.2) < 1e-5, "n {n} t {t}: dk");
+            assert!(max_diff(a.3, b.3) < 1e-5, "n {n} t {t}: dv");
+
+            // The composed default (what other backends run) agrees with the kernels too.
+            let prim = |t: &Tensor<Cpu, 4>| t.clone().into_primitive().tensor();
+            let scale = 1.0 / 8f32.sqrt();
+            let (out_f, p_f) = <Cpu as Gemm>::attention_forward(prim(&q), prim(&k), prim(&v), scale);
+            let (out_c, p_c) = attention_forward_composed::<Cpu>(prim(&q), prim(&k), prim(&v), scale);
+            assert!(max_diff(float::<Cpu, 4>(out_f), float(out_c)) < 1e-5);
+            assert!(max_diff(float::<Cpu, 4>(p_f.clone()), float(p_c)) < 1e-6);
+            let fused = <Cpu as Gemm>::attention_backward(
+                prim(&q),
+                prim(&k),
+                prim(&v),
+                p_f.clone(),
+                prim(&weights),
+                scale,
+            );
+            let composed = attention_backward_composed::<Cpu>(
+                prim(&q),
+                prim(&k),
+                prim(&v),
+                p_f,
+                prim(&weights),
+                scale,
+            );
+            assert!(max_diff(float::<Cpu, 4>(fused.0.clone()), float(composed.0)) < 1e-5);
+            assert!(max_diff(float::<Cpu, 4>(fused.1), float(composed.1)) < 1e-5);
+            assert!(max_diff(float::<Cpu, 4>(fused.2), float(composed.2)) < 1e-5);
+            assert!(max_diff(b.1, float(fused.0)) < 1e-5, "n {n} t {t}: node's dq");
         }
     }
 

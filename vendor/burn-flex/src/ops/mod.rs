@@ -109,6 +109,8 @@ mod fast_exp;
 #[allow(dead_code)] // unused without the `rayon` feature
 pub(crate) const PARALLEL_ELEMENTWISE: usize = 64 * 1024;
 pub mod fft;
+// distill patch: causal attention as one operation (forward and backward).
+pub mod fused;
 pub mod flip;
 mod float;
 pub mod gather_scatter;

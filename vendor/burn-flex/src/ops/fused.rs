@@ -1,0 +1,261 @@
+//! distill patch: causal attention as one operation, forward and backward, for f32.
+//!
+//! Burn's autodiff has no attention node: it records attention as its parts (a product, a
+//! scale, a mask, softmax's max, subtraction, exp, sum and division, a product) and runs a
+//! backward op for each, most of them passes over a `[b, h, n, t]` tensor with a fresh output
+//! each time. Here each (batch, head) pair is two `gemm` products and one row pass forward,
+//! and four products and one row pass backward, the pairs spread over rayon's threads.
+//! Only the softmax probabilities are kept for the backward pass.
+
+use alloc::vec::Vec;
+use core::mem::MaybeUninit;
+
+use burn_backend::DType;
+use burn_std::{Bytes, Shape};
+
+use crate::layout::Layout;
+use crate::ops::fast_exp::exp_shifted_sum_inplace;
+use crate::tensor::FlexTensor;
+
+/// `[b, h, n, d]` (or `[.., t, d]`) dims of an attention operand.
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    assert_eq!(s.num_dims(), 4, "fused attention: operands are [batch, heads, seq, dim]");
+    [s[0], s[1], s[2], s[3]]
+}
+
+/// The operand's f32 values, contiguous.
+fn values(t: &FlexTensor) -> FlexTensor {
+    assert_eq!(t.dtype(), DType::F32, "fused attention: f32 only");
+    t.to_contiguous()
+}
+
+fn uninit(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn tensor(v: Vec<MaybeUninit<f32>>, shape: [usize; 4]) -> FlexTensor {
+    let mut v = core::mem::ManuallyDrop::new(v);
+    // SAFETY: the caller wrote every element; same allocation, read as the initialised type.
+    let v = unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) };
+    FlexTensor::new(
+        Bytes::from_elems(v),
+        Layout::contiguous(Shape::from(shape.to_vec())),
+        DType::F32,
+    )
+}
+
+/// `dst (m×n) = beta·(lhs·rhs)` with explicit strides (in elements), on this thread.
+/// `read_dst = false`: every element of `dst` is written, none read.
+///
+/// # Safety
+/// The pointers and strides must describe valid `m×k`, `k×n` and `m×n` matrices.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (isize, isize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (isize, isize),
+    beta: f32,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs,
+            false,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            0.0f32,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Runs `f(pair)` for every (batch, head) pair, on every core when there are several pairs.
+fn for_each_pair(pairs: usize, f: impl Fn(usize) + Send + Sync) {
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        if pairs > 1 {
+            (0..pairs).into_par_iter().for_each(f);
+            return;
+        }
+    }
+    (0..pairs).for_each(f);
+}
+
+/// Raw pointer that may cross threads; each pair writes only its own disjoint block.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+impl Out {
+    fn of(v: &mut [MaybeUninit<f32>]) -> Self {
+        Self(v.as_mut_ptr().cast())
+    }
+    /// # Safety
+    /// `offset..offset + len` must be inside the buffer and written by this pair only.
+    unsafe fn block<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
+        // The blocks are plain f32 storage that `gemm` or the row pass fills before any read.
+        unsafe { core::slice::from_raw_parts_mut(self.0.add(offset), len) }
+    }
+}
+
+/// Causal attention of `q [b, h, n, d]` over `k`, `v [b, h, t, d]` with `t ≥ n` (query `i`
+/// sees keys `..= i + t - n`, Burn's bottom-right alignment), scores scaled by `scale`.
+/// Returns the output `[b, h, n, d]` and the softmax probabilities `[b, h, n, t]` (zero
+/// above the diagonal) that [`causal_attention_backward`] needs.
+pub fn causal_attention_forward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    scale: f32,
+) -> (FlexTensor, FlexTensor) {
+    let [b, h, n, d] = dims4(q);
+    let t = dims4(k)[2];
+    assert!(t >= n, "fused attention: more queries than keys");
+    assert_eq!(dims4(k), [b, h, t, d], "fused attention: key shape");
+    assert_eq!(dims4(v), [b, h, t, d], "fused attention: value shape");
+    let (q, k, v) = (values(q), values(k), values(v));
+    let (qs, ks, vs) = (
+        q.storage::<f32>(),
+        k.storage::<f32>(),
+        v.storage::<f32>(),
+    );
+    let mut out = uninit(b * h * n * d);
+    let mut probs = uninit(b * h * n * t);
+    let (o, p) = (Out::of(&mut out), Out::of(&mut probs));
+    let (di, ti) = (d as isize, t as isize);
+    for_each_pair(b * h, |pair| {
+        // SAFETY: each pair owns its `n×t` block of `probs` and `n×d` block of `out`; the
+        // operands are contiguous `[.., n|t, d]` blocks of the right length.
+        unsafe {
+            let pp = p.block(pair * n * t, n * t);
+            let (qp, kp, vp) = (
+                qs.as_ptr().add(pair * n * d),
+                ks.as_ptr().add(pair * t * d),
+                vs.as_ptr().add(pair * t * d),
+            );
+            // Scores `scale·q·kᵀ`: kᵀ is k read with its strides swapped.
+            product(n, t, d, pp.as_mut_ptr(), ti, qp, (di, 1), kp, (1, di), scale);
+            for (i, row) in pp.chunks_exact_mut(t).enumerate() {
+                let visible = (i + t - n + 1).min(t);
+                let (seen, hidden) = row.split_at_mut(visible);
+                let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum = exp_shifted_sum_inplace(seen, max);
+                let inv = 1.0 / sum;
+                seen.iter_mut().for_each(|x| *x *= inv);
+                hidden.fill(0.0);
+            }
+            let op = o.block(pair * n * d, n * d);
+            product(n, d, t, op.as_mut_ptr(), di, pp.as_ptr(), (ti, 1), vp, (di, 1), 1.0);
+        }
+    });
+    // SAFETY: every pair wrote its whole block of both buffers.
+    unsafe { (tensor(out, [b, h, n, d]), tensor(probs, [b, h, n, t])) }
+}
+
+/// Gradients `(dq, dk, dv)` of [`causal_attention_forward`] for the output's gradient `grad`,
+/// from the operands and the probabilities it returned.
+pub fn causal_attention_backward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    probs: &FlexTensor,
+    grad: &FlexTensor,
+    scale: f32,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let [b, h, n, d] = dims4(q);
+    let t = dims4(k)[2];
+    assert_eq!(dims4(probs), [b, h, n, t], "fused attention: probabilities shape");
+    assert_eq!(dims4(grad), [b, h, n, d], "fused attention: gradient shape");
+    let (q, k, v, probs, grad) = (
+        values(q),
+        values(k),
+        values(v),
+        values(probs),
+        values(grad),
+    );
+    let (qs, ks, vs, ps, gs) = (
+        q.storage::<f32>(),
+        k.storage::<f32>(),
+        v.storage::<f32>(),
+        probs.storage::<f32>(),
+        grad.storage::<f32>(),
+    );
+    let mut dq = uninit(b * h * n * d);
+    let mut dk = uninit(b * h * t * d);
+    let mut dv = uninit(b * h * t * d);
+    // `dP`, then `dS` in place: one `n×t` block per pair.
+    let mut ds = uninit(b * h * n * t);
+    let (oq, ok, ov, os) = (
+        Out::of(&mut dq),
+        Out::of(&mut dk),
+        Out::of(&mut dv),
+        Out::of(&mut ds),
+    );
+    let (di, ti) = (d as isize, t as isize);
+    for_each_pair(b * h, |pair| {
+        // SAFETY: each pair owns its blocks of the four outputs; the inputs are contiguous
+        // blocks of the right length.
+        unsafe {
+            let (qp, kp, vp, pp, gp) = (
+                qs.as_ptr().add(pair * n * d),
+                ks.as_ptr().add(pair * t * d),
+                vs.as_ptr().add(pair * t * d),
+                ps.as_ptr().add(pair * n * t),
+                gs.as_ptr().add(pair * n * d),
+            );
+            // dV = Pᵀ·dO
+            let dvp = ov.block(pair * t * d, t * d);
+            product(t, d, n, dvp.as_mut_ptr(), di, pp, (1, ti), gp, (di, 1), 1.0);
+            // dP = dO·Vᵀ
+            let dsp = os.block(pair * n * t, n * t);
+            product(n, t, d, dsp.as_mut_ptr(), ti, gp, (di, 1), vp, (1, di), 1.0);
+            // dS = scale·P∘(dP − Σⱼ P·dP), row by row (P is zero where masked).
+            let prow = core::slice::from_raw_parts(pp, n * t);
+            for (dsr, pr) in dsp.chunks_exact_mut(t).zip(prow.chunks_exact(t)) {
+                let dot: f32 = dsr.iter().zip(pr).map(|(g, p)| g * p).sum();
+                dsr.iter_mut()
+                    .zip(pr)
+                    .for_each(|(g, p)| *g = scale * p * (*g - dot));
+            }
+            // dQ = dS·K, dK = dSᵀ·Q
+            let dqp = oq.block(pair * n * d, n * d);
+            product(n, d, t, dqp.as_mut_ptr(), di, dsp.as_ptr(), (ti, 1), kp, (di, 1), 1.0);
+            let dkp = ok.block(pair * t * d, t * d);
+            product(t, d, n, dkp.as_mut_ptr(), di, dsp.as_ptr(), (1, ti), qp, (di, 1), 1.0);
+        }
+    });
+    drop(ds);
+    // SAFETY: every pair wrote its whole block of the three gradients.
+    unsafe {
+        (
+            tensor(dq, [b, h, n, d]),
+            tensor(dk, [b, h, t, d]),
+            tensor(dv, [b, h, t, d]),
+        )
+    }
+}
