@@ -345,9 +345,9 @@ fn dequantize_tile<B: Backend>(
     in_dtype(tile, dtype)
 }
 
-/// `a·b` through the backend's [`crate::kernels::Gemm`] product (cuBLASLt on CUDA; Burn's
+/// `a·b` through the backend's [`crate::kernels::Kernels`] product (cuBLASLt on CUDA; Burn's
 /// matmul, exactly as before, on the CPU).
-fn product<B: crate::kernels::Gemm>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
+fn product<B: crate::kernels::Kernels>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(B::gemm(
         a.into_primitive().tensor(),
         b.into_primitive().tensor(),
@@ -362,7 +362,7 @@ fn tile_columns(d_in: usize, d_out: usize) -> usize {
 /// Products with NF4 weights. The defaults, written with tensor ops, serve every backend; the
 /// autodiff backend overrides [`QuantOps::nf4_matmul`] to make it one node whose backward
 /// dequantizes again instead of saving the dequantized weight.
-pub trait QuantOps: crate::kernels::Gemm {
+pub trait QuantOps: crate::kernels::Kernels {
     /// Output columns `[c0, c0 + n)` of `w` dequantized to `dtype`, `[d_in, n]`: the step both
     /// products repeat per tile. The default is Burn tensor ops (unpack, gather the level, scale).
     fn nf4_dequantize(

@@ -5,7 +5,7 @@
 //! 0.21's CubeCL products ran at 0.05–0.12× cuBLAS on the 1.5B model's shapes
 //! (`bench/RESULTS-gpu-train.md`), they go through cuBLASLt (`cublaslt`, with `--features
 //! cuda`) on CubeCL's own stream, with the backward registered as one autodiff node per product
-//! ([`Gemm`] for `Autodiff<B>`). `DISTILL_GEMM=cubecl` keeps the (autotuned) CubeCL products
+//! ([`Kernels`] for `Autodiff<B>`). `DISTILL_GEMM=cubecl` keeps the (autotuned) CubeCL products
 //! instead, `cubecl-untuned` CubeCL's single untuned kernel (the benchmarks' baseline);
 //! `DISTILL_TF32=1` lets f32 products use TF32.
 
@@ -123,8 +123,8 @@ pub fn prepare_cuda() -> Result<(), String> {
 
 /// Matrix products a backend may implement itself. The defaults are Burn's ops, so a backend
 /// that does nothing here (the CPU) runs exactly the model code it always ran.
-pub trait Gemm: Backend {
-    /// Whether [`linear`] and [`causal_attention`] route their products through [`Gemm::gemm`].
+pub trait Kernels: Backend {
+    /// Whether [`linear`] and [`causal_attention`] route their products through [`Kernels::gemm`].
     fn routes_products(_device: &Self::Device) -> bool {
         false
     }
@@ -135,12 +135,12 @@ pub trait Gemm: Backend {
     }
 
     /// Whether [`causal_attention`] of these queries runs as one operation
-    /// ([`Gemm::fused_causal_attention`]) rather than as Burn's parts.
+    /// ([`Kernels::fused_causal_attention`]) rather than as Burn's parts.
     fn fuses_attention(_q: &FloatTensor<Self>) -> bool {
         false
     }
 
-    /// Causal attention as one operation (one autodiff node, see [`Gemm::fuses_attention`]).
+    /// Causal attention as one operation (one autodiff node, see [`Kernels::fuses_attention`]).
     fn fused_causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -162,7 +162,7 @@ pub trait Gemm: Backend {
         attention_forward_composed::<Self>(q, k, v, scale)
     }
 
-    /// Gradients `(dq, dk, dv)` of [`Gemm::attention_forward`] for the output's gradient.
+    /// Gradients `(dq, dk, dv)` of [`Kernels::attention_forward`] for the output's gradient.
     fn attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -173,12 +173,67 @@ pub trait Gemm: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         attention_backward_composed::<Self>(q, k, v, probs, grad, scale)
     }
+
+    /// Whether [`rms_norm`] and [`rope`] of this tensor run as single operations.
+    fn fuses_norm_and_rope(_x: &FloatTensor<Self>) -> bool {
+        false
+    }
+
+    /// RMSNorm as one operation (one autodiff node, see [`Kernels::fuses_norm_and_rope`]).
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        Self::rms_norm_forward(x, gamma, eps).0
+    }
+
+    /// RMSNorm over the last dim, `y = x·r·γ`, and `r = 1/√(mean(x²) + eps)` per row `[rows]`
+    /// (kept for the backward pass). The default composes Burn's ops.
+    fn rms_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        rms_norm_forward_composed::<Self>(x, gamma, eps)
+    }
+
+    /// Gradients `(dx, dγ)` of [`Kernels::rms_norm_forward`] for the output's gradient.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        rms_norm_backward_composed::<Self>(x, gamma, r, grad)
+    }
+
+    /// The rotary embedding as one operation (one autodiff node).
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::rope_map(x, cos, sin, false)
+    }
+
+    /// `x·cos + rot(x)·sin` for `x [b, s, heads, hd]` and tables `[s, hd]`, `rot(x) = [−x₂, x₁]`
+    /// over the halves of `hd`; with `transpose`, the map's transpose `g·cos + rotᵀ(g·sin)`
+    /// (its gradient). The default composes Burn's ops.
+    fn rope_map(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        transpose: bool,
+    ) -> FloatTensor<Self> {
+        rope_composed::<Self>(x, cos, sin, transpose)
+    }
 }
 
 /// Burn 0.21's autodiff records attention as its parts, each with its own backward op and
 /// output tensors; burn-flex's fused kernels (`vendor/burn-flex/src/ops/fused.rs`) run each
 /// (batch, head) pair as a few `gemm` products and one row pass, forward and backward.
-impl Gemm for crate::CpuBackend {
+impl Kernels for crate::CpuBackend {
     fn fuses_attention(q: &FloatTensor<Self>) -> bool {
         q.dtype() == burn::tensor::DType::F32
     }
@@ -202,6 +257,36 @@ impl Gemm for crate::CpuBackend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         burn_flex::ops::fused::causal_attention_backward(&q, &k, &v, &probs, &grad, scale)
     }
+
+    fn fuses_norm_and_rope(x: &FloatTensor<Self>) -> bool {
+        x.dtype() == burn::tensor::DType::F32
+    }
+
+    fn rms_norm_forward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        burn_flex::ops::fused::rms_norm_forward(&x, &gamma, eps)
+    }
+
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        burn_flex::ops::fused::rms_norm_backward(&x, &gamma, &r, &grad)
+    }
+
+    fn rope_map(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        transpose: bool,
+    ) -> FloatTensor<Self> {
+        burn_flex::ops::fused::rope(&x, &cos, &sin, transpose)
+    }
 }
 
 /// `1/√d` of queries `[.., d]`.
@@ -222,8 +307,8 @@ fn future_mask<B: Backend>(
     rows.lower(cols).reshape([1, 1, n, t]).expand([b, h, n, t])
 }
 
-/// [`Gemm::attention_forward`] from Burn's ops (products through [`Gemm::gemm`]).
-pub fn attention_forward_composed<B: Gemm>(
+/// [`Kernels::attention_forward`] from Burn's ops (products through [`Kernels::gemm`]).
+pub fn attention_forward_composed<B: Kernels>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -239,13 +324,16 @@ pub fn attention_forward_composed<B: Gemm>(
     ))
     .mul_scalar(scale);
     let p = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
-    let out = B::gemm(p.clone().into_primitive().tensor(), v.into_primitive().tensor());
+    let out = B::gemm(
+        p.clone().into_primitive().tensor(),
+        v.into_primitive().tensor(),
+    );
     (out, p.into_primitive().tensor())
 }
 
-/// [`Gemm::attention_backward`] from Burn's ops: `dV = Pᵀ·dO`, `dS = scale·P∘(dO·Vᵀ − rowsum)`,
+/// [`Kernels::attention_backward`] from Burn's ops: `dV = Pᵀ·dO`, `dS = scale·P∘(dO·Vᵀ − rowsum)`,
 /// `dQ = dS·K`, `dK = dSᵀ·Q`.
-pub fn attention_backward_composed<B: Gemm>(
+pub fn attention_backward_composed<B: Kernels>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -254,7 +342,10 @@ pub fn attention_backward_composed<B: Gemm>(
     scale: f32,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let mm = |a: Tensor<B, 4>, b: Tensor<B, 4>| {
-        float::<B, 4>(B::gemm(a.into_primitive().tensor(), b.into_primitive().tensor()))
+        float::<B, 4>(B::gemm(
+            a.into_primitive().tensor(),
+            b.into_primitive().tensor(),
+        ))
     };
     let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
     let (p, g) = (float::<B, 4>(probs), float::<B, 4>(grad));
@@ -272,7 +363,7 @@ pub fn attention_backward_composed<B: Gemm>(
 }
 
 #[cfg(feature = "cuda")]
-impl Gemm for crate::CudaBackend {
+impl Kernels for crate::CudaBackend {
     fn routes_products(_device: &Self::Device) -> bool {
         gemm_settings().path != GemmPath::Cubecl
     }
@@ -296,7 +387,7 @@ impl Gemm for crate::CudaBackend {
     }
 }
 
-impl<B: Gemm, C: CheckpointStrategy> Gemm for Autodiff<B, C> {
+impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
     fn routes_products(device: &Self::Device) -> bool {
         B::routes_products(device)
     }
@@ -316,14 +407,130 @@ impl<B: Gemm, C: CheckpointStrategy> Gemm for Autodiff<B, C> {
     ) -> FloatTensor<Self> {
         attention_node::<B, C>(q, k, v)
     }
+
+    fn fuses_norm_and_rope(x: &FloatTensor<Self>) -> bool {
+        B::fuses_norm_and_rope(&x.primitive)
+    }
+
+    fn fused_rms_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        eps: f32,
+    ) -> FloatTensor<Self> {
+        match FusedRmsNorm
+            .prepare::<C>([x.node.clone(), gamma.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (y, r) = B::rms_norm_forward(x.primitive, gamma.primitive, eps);
+                prep.finish((ids.0, ids.1, r), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::fused_rms_norm(x.primitive, gamma.primitive, eps))
+            }
+        }
+    }
+
+    fn fused_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        // The tables are constants: only `x` has a gradient.
+        let (cos, sin) = (cos.primitive, sin.primitive);
+        match FusedRope
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::rope_map(x.primitive, cos.clone(), sin.clone(), false);
+                prep.finish((cos, sin), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rope_map(x.primitive, cos, sin, false)),
+        }
+    }
 }
 
-/// The autodiff node of [`Gemm::fused_causal_attention`]: keeps the operands and the softmax
-/// probabilities, and gets all three gradients from one [`Gemm::attention_backward`].
+/// The autodiff node of [`Kernels::fused_rms_norm`]: keeps `x`, `γ` and the per-row `r`.
+#[derive(Debug)]
+struct FusedRmsNorm;
+
+impl<B: Kernels> Backward<B, 2> for FusedRmsNorm {
+    type State = (NodeId, NodeId, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let [node_x, node_gamma] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x, gamma, r) = ops.state;
+        let x = ckpt.retrieve_node_output::<FloatTensor<B>>(x);
+        let gamma = ckpt.retrieve_node_output::<FloatTensor<B>>(gamma);
+        let (dx, dgamma) = B::rms_norm_backward(x, gamma, r, grad);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<B>(node.id, dgamma);
+        }
+    }
+}
+
+/// The autodiff node of [`Kernels::fused_rope`]: the gradient is the map's transpose.
+#[derive(Debug)]
+struct FusedRope;
+
+impl<B: Kernels> Backward<B, 1> for FusedRope {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (cos, sin) = ops.state;
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, B::rope_map(grad, cos, sin, true));
+        }
+    }
+}
+
+/// RMSNorm of `x [.., d]` with weight `γ [d]`, in f32: one operation where the backend
+/// fuses it ([`Kernels::fuses_norm_and_rope`]), else Burn's ops.
+pub fn rms_norm<B: Kernels, const D: usize>(
+    x: Tensor<B, D>,
+    gamma: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let x = x.into_primitive().tensor();
+    if B::fuses_norm_and_rope(&x) {
+        return float(B::fused_rms_norm(
+            x,
+            gamma.into_primitive().tensor(),
+            eps as f32,
+        ));
+    }
+    let x = float::<B, D>(x);
+    let rms = x.clone().square().mean_dim(D - 1).add_scalar(eps).sqrt();
+    (x / rms) * gamma.unsqueeze()
+}
+
+/// The rotary embedding of `x [b, s, heads, hd]` with tables `cos`, `sin [s, hd]`.
+pub fn rope<B: Kernels>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+    let x = x.into_primitive().tensor();
+    let (cos, sin) = (cos.into_primitive().tensor(), sin.into_primitive().tensor());
+    if B::fuses_norm_and_rope(&x) {
+        float(B::fused_rope(x, cos, sin))
+    } else {
+        float(rope_composed::<B>(x, cos, sin, false))
+    }
+}
+
+/// The autodiff node of [`Kernels::fused_causal_attention`]: keeps the operands and the softmax
+/// probabilities, and gets all three gradients from one [`Kernels::attention_backward`].
 #[derive(Debug)]
 struct FusedAttention;
 
-impl<B: Gemm> Backward<B, 3> for FusedAttention {
+impl<B: Kernels> Backward<B, 3> for FusedAttention {
     /// Operands, the probabilities, the scale.
     type State = (NodeId, NodeId, NodeId, FloatTensor<B>, f32);
 
@@ -343,7 +550,7 @@ impl<B: Gemm> Backward<B, 3> for FusedAttention {
     }
 }
 
-fn attention_node<B: Gemm, C: CheckpointStrategy>(
+fn attention_node<B: Kernels, C: CheckpointStrategy>(
     q: FloatTensor<Autodiff<B, C>>,
     k: FloatTensor<Autodiff<B, C>>,
     v: FloatTensor<Autodiff<B, C>>,
@@ -355,23 +562,104 @@ fn attention_node<B: Gemm, C: CheckpointStrategy>(
         .stateful()
     {
         OpsKind::Tracked(mut prep) => {
-            let ids = (prep.checkpoint(&q), prep.checkpoint(&k), prep.checkpoint(&v));
+            let ids = (
+                prep.checkpoint(&q),
+                prep.checkpoint(&k),
+                prep.checkpoint(&v),
+            );
             let (out, probs) = B::attention_forward(q.primitive, k.primitive, v.primitive, scale);
             prep.finish((ids.0, ids.1, ids.2, probs, scale), out)
         }
-        OpsKind::UnTracked(prep) => {
-            prep.finish(B::fused_causal_attention(q.primitive, k.primitive, v.primitive))
-        }
+        OpsKind::UnTracked(prep) => prep.finish(B::fused_causal_attention(
+            q.primitive,
+            k.primitive,
+            v.primitive,
+        )),
     }
 }
 
-/// The autodiff node of [`Gemm::gemm`]: `dL = g·Rᵀ`, `dR = Lᵀ·g`, both through the inner
+/// `x` as `[rows, d]` (its last dim kept), and its shape.
+fn rows_of<B: Backend>(x: FloatTensor<B>) -> (Tensor<B, 2>, burn::tensor::Shape) {
+    let shape = x.shape();
+    let d = shape[shape.num_dims() - 1];
+    let rows = shape.num_elements() / d.max(1);
+    (
+        float(B::float_reshape(x, burn::tensor::Shape::new([rows, d]))),
+        shape,
+    )
+}
+
+/// [`Kernels::rms_norm_forward`] from Burn's ops.
+pub fn rms_norm_forward_composed<B: Backend>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    eps: f32,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (x, shape) = rows_of::<B>(x);
+    let r = x
+        .clone()
+        .square()
+        .mean_dim(1)
+        .add_scalar(eps)
+        .sqrt()
+        .recip();
+    let y = x * r.clone() * float::<B, 1>(gamma).unsqueeze::<2>();
+    let y = B::float_reshape(y.into_primitive().tensor(), shape);
+    (y, r.reshape([-1]).into_primitive().tensor())
+}
+
+/// [`Kernels::rms_norm_backward`] from Burn's ops: `dx = r·g·γ − r³·x·mean(g·γ·x)`,
+/// `dγ = Σ_rows g·x·r`.
+pub fn rms_norm_backward_composed<B: Backend>(
+    x: FloatTensor<B>,
+    gamma: FloatTensor<B>,
+    r: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (x, shape) = rows_of::<B>(x);
+    let (g, _) = rows_of::<B>(grad);
+    let gamma = float::<B, 1>(gamma).unsqueeze::<2>();
+    let r = float::<B, 1>(r).unsqueeze_dim::<2>(1);
+    let mean = (g.clone() * gamma.clone() * x.clone()).mean_dim(1);
+    let c = r.clone().powi_scalar(3) * mean;
+    let dx = r.clone() * g.clone() * gamma - c * x.clone();
+    let dgamma = (g * x * r).sum_dim(0).reshape([-1]);
+    (
+        B::float_reshape(dx.into_primitive().tensor(), shape),
+        dgamma.into_primitive().tensor(),
+    )
+}
+
+/// [`Kernels::rope_map`] from Burn's ops.
+pub fn rope_composed<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    transpose: bool,
+) -> FloatTensor<B> {
+    let x = float::<B, 4>(x);
+    let [_, s, _, hd] = x.dims();
+    let table = |t: FloatTensor<B>| float::<B, 2>(t).reshape([1, s, 1, hd]);
+    let (cos, sin) = (table(cos), table(sin));
+    let half = hd / 2;
+    let halves = |t: Tensor<B, 4>| (t.clone().narrow(3, 0, half), t.narrow(3, half, half));
+    let y = if transpose {
+        let (y1, y2) = halves(x.clone() * sin);
+        x * cos + Tensor::cat(vec![y2, y1.neg()], 3)
+    } else {
+        let (x1, x2) = halves(x.clone());
+        x * cos + Tensor::cat(vec![x2.neg(), x1], 3) * sin
+    };
+    y.into_primitive().tensor()
+}
+
+/// The autodiff node of [`Kernels::gemm`]: `dL = g·Rᵀ`, `dR = Lᵀ·g`, both through the inner
 /// backend's `gemm` (a transposed view, no copy). Burn's own matmul node calls the inner
 /// `float_matmul`, which is why the products need a node of their own.
 #[derive(Debug)]
 struct GemmProduct;
 
-impl<B: Gemm> Backward<B, 2> for GemmProduct {
+impl<B: Kernels> Backward<B, 2> for GemmProduct {
     type State = (Option<NodeId>, Option<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
@@ -400,7 +688,7 @@ impl<B: Gemm> Backward<B, 2> for GemmProduct {
 
 /// [`GemmProduct`] for `Autodiff<B, C>`; products whose batch dimensions differ (broadcasting)
 /// take Burn's matmul node, which knows how to reduce their gradients.
-pub(crate) fn gemm_node<B: Gemm, C: CheckpointStrategy>(
+pub(crate) fn gemm_node<B: Kernels, C: CheckpointStrategy>(
     lhs: FloatTensor<Autodiff<B, C>>,
     rhs: FloatTensor<Autodiff<B, C>>,
 ) -> FloatTensor<Autodiff<B, C>> {
@@ -433,15 +721,19 @@ fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
 }
 
 /// `x·w + b` for `x [rows, d_in]`, `w [d_in, d_out]` (Burn's `Linear` layout).
-pub fn linear<B: Gemm>(x: Tensor<B, 2>, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Tensor<B, 2> {
+pub fn linear<B: Kernels>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    b: Option<Tensor<B, 1>>,
+) -> Tensor<B, 2> {
     if !B::routes_products(&x.device()) {
         return burn::tensor::module::linear(x, w, b);
     }
     routed_linear(x, w, b)
 }
 
-/// [`linear`] through [`Gemm::gemm`].
-fn routed_linear<B: Gemm>(
+/// [`linear`] through [`Kernels::gemm`].
+fn routed_linear<B: Kernels>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
     b: Option<Tensor<B, 1>>,
@@ -459,8 +751,8 @@ fn routed_linear<B: Gemm>(
 /// Causal attention of `q [b, h, n, d]` over `k`, `v [b, h, t, d]` (t ≥ n: query `i` sees keys
 /// `..= i + t - n`, Burn's bottom-right alignment), scale `1/√d`. Where products are routed,
 /// it is Burn's unfused fallback (scores, mask, softmax, values) with both products through
-/// [`Gemm::gemm`]; otherwise Burn's `attention`.
-pub fn causal_attention<B: Gemm>(
+/// [`Kernels::gemm`]; otherwise Burn's `attention`.
+pub fn causal_attention<B: Kernels>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -486,8 +778,8 @@ pub fn causal_attention<B: Gemm>(
     routed_attention(q, k, v)
 }
 
-/// [`causal_attention`] with both products through [`Gemm::gemm`].
-fn routed_attention<B: Gemm>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+/// [`causal_attention`] with both products through [`Kernels::gemm`].
+fn routed_attention<B: Kernels>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
     let q = q.into_primitive().tensor();
     let scale = attention_scale::<B>(&q);
     float(
@@ -664,7 +956,7 @@ mod tests {
             let q = normal([2, n, 3, 8]).swap_dims(1, 2);
             let (k, v) = (normal([2, 3, t, 8]), normal([2, 3, t, 8]));
             let weights = normal([2, 3, n, 8]);
-            assert!(<Ad as Gemm>::fuses_attention(
+            assert!(<Ad as Kernels>::fuses_attention(
                 &Tensor::<Ad, 4>::from_inner(q.clone())
                     .into_primitive()
                     .tensor()
@@ -704,11 +996,13 @@ mod tests {
             // The composed default (what other backends run) agrees with the kernels too.
             let prim = |t: &Tensor<Cpu, 4>| t.clone().into_primitive().tensor();
             let scale = 1.0 / 8f32.sqrt();
-            let (out_f, p_f) = <Cpu as Gemm>::attention_forward(prim(&q), prim(&k), prim(&v), scale);
-            let (out_c, p_c) = attention_forward_composed::<Cpu>(prim(&q), prim(&k), prim(&v), scale);
+            let (out_f, p_f) =
+                <Cpu as Kernels>::attention_forward(prim(&q), prim(&k), prim(&v), scale);
+            let (out_c, p_c) =
+                attention_forward_composed::<Cpu>(prim(&q), prim(&k), prim(&v), scale);
             assert!(max_diff(float::<Cpu, 4>(out_f), float(out_c)) < 1e-5);
             assert!(max_diff(float::<Cpu, 4>(p_f.clone()), float(p_c)) < 1e-6);
-            let fused = <Cpu as Gemm>::attention_backward(
+            let fused = <Cpu as Kernels>::attention_backward(
                 prim(&q),
                 prim(&k),
                 prim(&v),
@@ -727,7 +1021,86 @@ mod tests {
             assert!(max_diff(float::<Cpu, 4>(fused.0.clone()), float(composed.0)) < 1e-5);
             assert!(max_diff(float::<Cpu, 4>(fused.1), float(composed.1)) < 1e-5);
             assert!(max_diff(float::<Cpu, 4>(fused.2), float(composed.2)) < 1e-5);
-            assert!(max_diff(b.1, float(fused.0)) < 1e-5, "n {n} t {t}: node's dq");
+            assert!(
+                max_diff(b.1, float(fused.0)) < 1e-5,
+                "n {n} t {t}: node's dq"
+            );
+        }
+    }
+
+    /// RMSNorm and RoPE as single nodes match the same maths in Burn's ops (values and the
+    /// gradients of `x` and `γ`), from a strided view of `x`.
+    #[test]
+    fn fused_cpu_rms_norm_and_rope_match_burns_ops() {
+        type Cpu = crate::CpuBackend;
+        let device = Default::default();
+        let normal = |shape: [usize; 4]| {
+            Tensor::<Cpu, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
+        };
+        // `[b, s, heads, hd]` from a `[b, heads, s, hd]` tensor: not contiguous.
+        let x = normal([2, 3, 5, 8]).swap_dims(1, 2);
+        let weights = normal([2, 5, 3, 8]);
+        let gamma = normal([1, 1, 1, 8]).reshape([8]);
+        let (cos, sin) = (
+            normal([1, 1, 5, 8]).reshape([5, 8]),
+            normal([1, 1, 5, 8]).reshape([5, 8]),
+        );
+        let run = |fused: bool| {
+            let xa = Tensor::<Ad, 4>::from_inner(x.clone()).require_grad();
+            let ga = Tensor::<Ad, 1>::from_inner(gamma.clone()).require_grad();
+            let (c, s) = (
+                Tensor::<Ad, 2>::from_inner(cos.clone()),
+                Tensor::<Ad, 2>::from_inner(sin.clone()),
+            );
+            let y = if fused {
+                assert!(<Ad as Kernels>::fuses_norm_and_rope(
+                    &xa.clone().into_primitive().tensor()
+                ));
+                rope(rms_norm(xa.clone(), ga.clone(), 1e-5), c, s)
+            } else {
+                let rms = xa.clone().square().mean_dim(3).add_scalar(1e-5).sqrt();
+                let n = (xa.clone() / rms) * ga.clone().unsqueeze::<4>();
+                float(rope_composed::<Ad>(
+                    n.into_primitive().tensor(),
+                    c.into_primitive().tensor(),
+                    s.into_primitive().tensor(),
+                    false,
+                ))
+            };
+            let grads = (y.clone() * Tensor::from_inner(weights.clone()))
+                .sum()
+                .backward();
+            (
+                y.inner(),
+                xa.grad(&grads).expect("dx"),
+                ga.grad(&grads).expect("dgamma"),
+            )
+        };
+        let (a, b) = (run(false), run(true));
+        assert!(max_diff(a.0, b.0) < 1e-5, "values");
+        assert!(max_diff(a.1, b.1) < 1e-5, "dx");
+        assert!(max_diff(a.2, b.2) < 1e-5, "dgamma");
+
+        // The composed defaults agree with the kernels, the transposed map included.
+        let p4 = |t: &Tensor<Cpu, 4>| t.clone().into_primitive().tensor();
+        let p2 = |t: &Tensor<Cpu, 2>| t.clone().into_primitive().tensor();
+        let p1 = |t: &Tensor<Cpu, 1>| t.clone().into_primitive().tensor();
+        let (yf, rf) = <Cpu as Kernels>::rms_norm_forward(p4(&x), p1(&gamma), 1e-5);
+        let (yc, rc) = rms_norm_forward_composed::<Cpu>(p4(&x), p1(&gamma), 1e-5);
+        assert!(max_diff(float::<Cpu, 4>(yf), float(yc)) < 1e-5);
+        assert!(max_diff(float::<Cpu, 1>(rf.clone()), float(rc)) < 1e-5);
+        let (dxf, dgf) =
+            <Cpu as Kernels>::rms_norm_backward(p4(&x), p1(&gamma), rf.clone(), p4(&weights));
+        let (dxc, dgc) = rms_norm_backward_composed::<Cpu>(p4(&x), p1(&gamma), rf, p4(&weights));
+        assert!(max_diff(float::<Cpu, 4>(dxf), float(dxc)) < 1e-5);
+        assert!(max_diff(float::<Cpu, 1>(dgf), float(dgc)) < 1e-5);
+        for transpose in [false, true] {
+            let f = <Cpu as Kernels>::rope_map(p4(&x), p2(&cos), p2(&sin), transpose);
+            let c = rope_composed::<Cpu>(p4(&x), p2(&cos), p2(&sin), transpose);
+            assert!(
+                max_diff(float::<Cpu, 4>(f), float(c)) < 1e-6,
+                "rope {transpose}"
+            );
         }
     }
 

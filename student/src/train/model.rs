@@ -19,7 +19,7 @@ use super::data::mix;
 use super::lora::{LoraAdapters, LoraLayer, LoraPair, target_index};
 use super::qlora::{QuantLayer, dequantize_base};
 use crate::config::ModelConfig;
-use crate::kernels::{self, linear};
+use crate::kernels::{self, Kernels, linear};
 use crate::model::{Attention, CausalLm, DecoderLayer, Mlp};
 use crate::quant::{Nf4Weight, QuantOps};
 
@@ -37,8 +37,9 @@ pub struct TrainModel<B: Backend> {
 
 /// Per-forward constants: RoPE tables, compute dtype, LoRA dropout.
 pub(crate) struct Fwd<B: Backend> {
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
+    /// `[seq, head_dim]`.
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
     pub dtype: DType,
     dropout: f64,
     dropout_seed: u64,
@@ -72,9 +73,8 @@ impl<B: Backend> Fwd<B> {
             cos.extend_from_within(start..start + half);
             sin.extend_from_within(start..start + half);
         }
-        let table = |v: Vec<f32>| {
-            Tensor::<B, 4>::from_data(TensorData::new(v, [1, 1, seq, hd]), (device, dtype))
-        };
+        let table =
+            |v: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(v, [seq, hd]), (device, dtype));
         Self {
             cos: table(cos),
             sin: table(sin),
@@ -83,13 +83,12 @@ impl<B: Backend> Fwd<B> {
             dropout_seed,
         }
     }
+}
 
+impl<B: Kernels> Fwd<B> {
+    /// The rotary embedding of `x [b, s, heads, hd]`.
     fn rope(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let hd = x.dims()[3];
-        let x1 = x.clone().narrow(3, 0, hd / 2);
-        let x2 = x.clone().narrow(3, hd / 2, hd / 2);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        kernels::rope(x, self.cos.clone(), self.sin.clone())
     }
 }
 
@@ -149,11 +148,10 @@ fn lin<B: QuantOps>(
 }
 
 /// RMSNorm with f32 statistics, result in the compute dtype (as transformers computes it).
-pub(crate) fn rms_norm<B: Backend>(n: &RmsNorm<B>, x: Tensor<B, 3>, dtype: DType) -> Tensor<B, 3> {
+pub(crate) fn rms_norm<B: Kernels>(n: &RmsNorm<B>, x: Tensor<B, 3>, dtype: DType) -> Tensor<B, 3> {
     let x = to_dtype(x, DType::F32);
-    let rms = x.clone().square().mean_dim(2).add_scalar(n.epsilon).sqrt();
-    let gamma = to_dtype(n.gamma.val(), DType::F32).unsqueeze::<3>();
-    to_dtype((x / rms) * gamma, dtype)
+    let gamma = to_dtype(n.gamma.val(), DType::F32);
+    to_dtype(kernels::rms_norm(x, gamma, n.epsilon), dtype)
 }
 
 /// What one layer's linear layers need besides their weights: adapters, scale, dropout seeds.
@@ -245,13 +243,18 @@ impl<B: QuantOps> TrainModel<B> {
         let x = rms_norm(&layer.input_layernorm, x, f.dtype);
         let [b, s, _] = x.dims();
         let (h, kv, hd) = (a.num_heads, a.num_kv_heads, a.head_dim);
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
-        let q = f.rope(heads(lc.lin(&a.q_proj, LoraTarget::QProj, x.clone(), f), h));
-        let k = f.rope(heads(
-            lc.lin(&a.k_proj, LoraTarget::KProj, x.clone(), f),
-            kv,
-        ));
-        let v = heads(lc.lin(&a.v_proj, LoraTarget::VProj, x, f), kv);
+        // RoPE on `[b, s, heads, hd]` (the projection's own layout), then heads to dim 1.
+        let split = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]);
+        let q = f
+            .rope(split(lc.lin(&a.q_proj, LoraTarget::QProj, x.clone(), f), h))
+            .swap_dims(1, 2);
+        let k = f
+            .rope(split(
+                lc.lin(&a.k_proj, LoraTarget::KProj, x.clone(), f),
+                kv,
+            ))
+            .swap_dims(1, 2);
+        let v = split(lc.lin(&a.v_proj, LoraTarget::VProj, x, f), kv).swap_dims(1, 2);
         let n_rep = h / kv;
         let repeat = |t: Tensor<B, 4>| {
             if n_rep == 1 {

@@ -1,11 +1,14 @@
-//! distill patch: causal attention as one operation, forward and backward, for f32.
+//! distill patch: causal attention, RMSNorm and the rotary embedding as single operations,
+//! forward and backward, for f32.
 //!
 //! Burn's autodiff has no attention node: it records attention as its parts (a product, a
 //! scale, a mask, softmax's max, subtraction, exp, sum and division, a product) and runs a
 //! backward op for each, most of them passes over a `[b, h, n, t]` tensor with a fresh output
 //! each time. Here each (batch, head) pair is two `gemm` products and one row pass forward,
 //! and four products and one row pass backward, the pairs spread over rayon's threads.
-//! Only the softmax probabilities are kept for the backward pass.
+//! Only the softmax probabilities are kept for the backward pass. RMSNorm and the rotary
+//! embedding are here for the same reason: one pass each way instead of a handful of
+//! element-wise ops, each with its own output and backward op.
 
 use alloc::vec::Vec;
 use core::mem::MaybeUninit;
@@ -258,4 +261,168 @@ pub fn causal_attention_backward(
             tensor(dv, [b, h, t, d]),
         )
     }
+}
+
+/// Rows per block of the row-wise kernels: a fixed size, so that sums across blocks (RMSNorm's
+/// `dγ`) add the same partial sums in the same order on any number of threads.
+const ROWS_PER_BLOCK: usize = 32;
+
+/// Runs `f(first_row, rows)` over blocks of [`ROWS_PER_BLOCK`] rows, in parallel with `rayon`,
+/// returning the results in block order.
+fn for_each_block<R: Send>(rows: usize, f: impl Fn(usize, usize) -> R + Send + Sync) -> Vec<R> {
+    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
+    let run = |i: usize| {
+        let first = i * ROWS_PER_BLOCK;
+        f(first, ROWS_PER_BLOCK.min(rows - first))
+    };
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        (0..blocks).into_par_iter().map(run).collect()
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        (0..blocks).map(run).collect()
+    }
+}
+
+fn shape_of(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().to_vec()
+}
+
+fn tensor_n(v: Vec<MaybeUninit<f32>>, shape: Vec<usize>) -> FlexTensor {
+    let mut v = core::mem::ManuallyDrop::new(v);
+    // SAFETY: only called on buffers every element of which was written.
+    let v = unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) };
+    FlexTensor::new(Bytes::from_elems(v), Layout::contiguous(Shape::from(shape)), DType::F32)
+}
+
+/// RMSNorm over the last dim: `y = x·r·γ` with `r = 1/√(mean(x²) + eps)` per row.
+/// Returns `y` (the shape of `x`) and `r` (`[rows]`) for [`rms_norm_backward`].
+pub fn rms_norm_forward(x: &FlexTensor, gamma: &FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
+    let shape = shape_of(x);
+    let d = *shape.last().expect("rms_norm: a tensor with dims");
+    assert_eq!(shape_of(gamma), [d], "rms_norm: gamma is [d]");
+    let (x, gamma) = (values(x), values(gamma));
+    let (xs, gs) = (x.storage::<f32>(), gamma.storage::<f32>());
+    let rows = xs.len() / d.max(1);
+    let mut y = uninit(rows * d);
+    let mut r = uninit(rows);
+    let (yo, ro) = (Out::of(&mut y), Out::of(&mut r));
+    for_each_block(rows, |first, n| {
+        // SAFETY: each block writes its own rows of `y` and `r`.
+        let (yb, rb) = unsafe { (yo.block(first * d, n * d), ro.block(first, n)) };
+        for (i, (yr, rr)) in yb.chunks_exact_mut(d).zip(rb.iter_mut()).enumerate() {
+            let xr = &xs[(first + i) * d..(first + i + 1) * d];
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            *rr = inv;
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(gs) {
+                *o = v * inv * g;
+            }
+        }
+    });
+    (tensor_n(y, shape), tensor_n(r, vec![rows]))
+}
+
+/// Gradients `(dx, dγ)` of [`rms_norm_forward`] for the output's gradient `grad`:
+/// `dx = r·g·γ − r³·x·mean(g·γ·x)`, `dγ = Σ_rows g·x·r`.
+pub fn rms_norm_backward(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    r: &FlexTensor,
+    grad: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let shape = shape_of(x);
+    let d = *shape.last().expect("rms_norm: a tensor with dims");
+    let (x, gamma, r, grad) = (values(x), values(gamma), values(r), values(grad));
+    let (xs, gs, rs, dys) = (
+        x.storage::<f32>(),
+        gamma.storage::<f32>(),
+        r.storage::<f32>(),
+        grad.storage::<f32>(),
+    );
+    let rows = xs.len() / d.max(1);
+    assert_eq!(rs.len(), rows, "rms_norm: one r per row");
+    assert_eq!(dys.len(), rows * d, "rms_norm: gradient shape");
+    let mut dx = uninit(rows * d);
+    let dxo = Out::of(&mut dx);
+    let partials = for_each_block(rows, |first, n| {
+        // SAFETY: each block writes its own rows of `dx`.
+        let dxb = unsafe { dxo.block(first * d, n * d) };
+        let mut dgamma = alloc::vec![0.0f32; d];
+        for (i, dxr) in dxb.chunks_exact_mut(d).enumerate() {
+            let row = first + i;
+            let (xr, gr) = (&xs[row * d..(row + 1) * d], &dys[row * d..(row + 1) * d]);
+            let inv = rs[row];
+            let mean = xr
+                .iter()
+                .zip(gr)
+                .zip(gs)
+                .map(|((x, g), w)| g * w * x)
+                .sum::<f32>()
+                / d as f32;
+            let c = inv * inv * inv * mean;
+            for ((((o, &xv), &gv), &w), dg) in
+                dxr.iter_mut().zip(xr).zip(gr).zip(gs).zip(dgamma.iter_mut())
+            {
+                *o = inv * gv * w - c * xv;
+                *dg += gv * xv * inv;
+            }
+        }
+        dgamma
+    });
+    let mut dgamma = alloc::vec![0.0f32; d];
+    for p in partials {
+        dgamma.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    let dgamma = FlexTensor::new(
+        Bytes::from_elems(dgamma),
+        Layout::contiguous(Shape::from(alloc::vec![d])),
+        DType::F32,
+    );
+    (tensor_n(dx, shape), dgamma)
+}
+
+/// Rotary embedding of `x [b, s, heads, hd]` (any layout) with tables `cos`, `sin [s, hd]`:
+/// `x·cos + rot(x)·sin`, `rot(x) = [−x₂, x₁]` over the halves of `hd`. With `transpose`, the
+/// map's transpose instead, `g·cos + rotᵀ(g·sin)` (`rotᵀ(y) = [y₂, −y₁]`): the gradient.
+pub fn rope(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool) -> FlexTensor {
+    let shape = shape_of(x);
+    assert_eq!(shape.len(), 4, "rope: x is [batch, seq, heads, head_dim]");
+    let (s, heads, hd) = (shape[1], shape[2], shape[3]);
+    assert_eq!(shape_of(cos), [s, hd], "rope: cos is [seq, head_dim]");
+    assert_eq!(shape_of(sin), [s, hd], "rope: sin is [seq, head_dim]");
+    let half = hd / 2;
+    let (x, cos, sin) = (values(x), values(cos), values(sin));
+    let (xs, cs, ss) = (x.storage::<f32>(), cos.storage::<f32>(), sin.storage::<f32>());
+    let rows = xs.len() / hd.max(1);
+    let mut out = uninit(rows * hd);
+    let oo = Out::of(&mut out);
+    for_each_block(rows, |first, n| {
+        // SAFETY: each block writes its own rows.
+        let ob = unsafe { oo.block(first * hd, n * hd) };
+        for (i, or) in ob.chunks_exact_mut(hd).enumerate() {
+            let row = first + i;
+            let pos = (row / heads) % s;
+            let xr = &xs[row * hd..(row + 1) * hd];
+            let (c, sn) = (&cs[pos * hd..(pos + 1) * hd], &ss[pos * hd..(pos + 1) * hd]);
+            let (o1, o2) = or.split_at_mut(half);
+            let (x1, x2) = xr.split_at(half);
+            let (c1, c2) = c.split_at(half);
+            let (s1, s2) = sn.split_at(half);
+            if transpose {
+                for j in 0..half {
+                    o1[j] = x1[j] * c1[j] + x2[j] * s2[j];
+                    o2[j] = x2[j] * c2[j] - x1[j] * s1[j];
+                }
+            } else {
+                for j in 0..half {
+                    o1[j] = x1[j] * c1[j] - x2[j] * s1[j];
+                    o2[j] = x2[j] * c2[j] + x1[j] * s2[j];
+                }
+            }
+        }
+    });
+    tensor_n(out, shape)
 }
