@@ -174,12 +174,12 @@ pub trait Kernels: Backend {
         attention_backward_composed::<Self>(q, k, v, probs, grad, scale)
     }
 
-    /// Whether [`rms_norm`] and [`rope`] of this tensor run as single operations.
-    fn fuses_norm_and_rope(_x: &FloatTensor<Self>) -> bool {
+    /// Whether [`rms_norm`], [`rope`] and [`swiglu`] of this tensor run as single operations.
+    fn fuses_elementwise(_x: &FloatTensor<Self>) -> bool {
         false
     }
 
-    /// RMSNorm as one operation (one autodiff node, see [`Kernels::fuses_norm_and_rope`]).
+    /// RMSNorm as one operation (one autodiff node, see [`Kernels::fuses_elementwise`]).
     fn fused_rms_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -228,6 +228,28 @@ pub trait Kernels: Backend {
     ) -> FloatTensor<Self> {
         rope_composed::<Self>(x, cos, sin, transpose)
     }
+
+    /// SwiGLU's product as one operation (one autodiff node).
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::swiglu_forward(gate, up)
+    }
+
+    /// `silu(gate)·up`. The default composes Burn's ops.
+    fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let shape = gate.shape();
+        let flat = |t| float::<Self, 1>(Self::float_reshape(t, [shape.num_elements()].into()));
+        let y = burn::tensor::activation::silu(flat(gate)) * flat(up);
+        Self::float_reshape(y.into_primitive().tensor(), shape)
+    }
+
+    /// Gradients `(d gate, d up)` of [`Kernels::swiglu_forward`] for the output's gradient.
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        swiglu_backward_composed::<Self>(gate, up, grad)
+    }
 }
 
 /// Burn 0.21's autodiff records attention as its parts, each with its own backward op and
@@ -258,7 +280,7 @@ impl Kernels for crate::CpuBackend {
         burn_flex::ops::fused::causal_attention_backward(&q, &k, &v, &probs, &grad, scale)
     }
 
-    fn fuses_norm_and_rope(x: &FloatTensor<Self>) -> bool {
+    fn fuses_elementwise(x: &FloatTensor<Self>) -> bool {
         x.dtype() == burn::tensor::DType::F32
     }
 
@@ -286,6 +308,18 @@ impl Kernels for crate::CpuBackend {
         transpose: bool,
     ) -> FloatTensor<Self> {
         burn_flex::ops::fused::rope(&x, &cos, &sin, transpose)
+    }
+
+    fn swiglu_forward(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        burn_flex::ops::fused::swiglu_forward(&gate, &up)
+    }
+
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        burn_flex::ops::fused::swiglu_backward(&gate, &up, &grad)
     }
 }
 
@@ -408,8 +442,8 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         attention_node::<B, C>(q, k, v)
     }
 
-    fn fuses_norm_and_rope(x: &FloatTensor<Self>) -> bool {
-        B::fuses_norm_and_rope(&x.primitive)
+    fn fuses_elementwise(x: &FloatTensor<Self>) -> bool {
+        B::fuses_elementwise(&x.primitive)
     }
 
     fn fused_rms_norm(
@@ -433,6 +467,20 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         }
     }
 
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        match FusedSwiglu
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let ids = (prep.checkpoint(&gate), prep.checkpoint(&up));
+                prep.finish(ids, B::swiglu_forward(gate.primitive, up.primitive))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::fused_swiglu(gate.primitive, up.primitive)),
+        }
+    }
+
     fn fused_rope(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -450,6 +498,28 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
                 prep.finish((cos, sin), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rope_map(x.primitive, cos, sin, false)),
+        }
+    }
+}
+
+/// The autodiff node of [`Kernels::fused_swiglu`]: keeps both inputs.
+#[derive(Debug)]
+struct FusedSwiglu;
+
+impl<B: Kernels> Backward<B, 2> for FusedSwiglu {
+    type State = (NodeId, NodeId);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let [node_gate, node_up] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let gate = ckpt.retrieve_node_output::<FloatTensor<B>>(ops.state.0);
+        let up = ckpt.retrieve_node_output::<FloatTensor<B>>(ops.state.1);
+        let (dg, du) = B::swiglu_backward(gate, up, grad);
+        if let Some(node) = node_gate {
+            grads.register::<B>(node.id, dg);
+        }
+        if let Some(node) = node_up {
+            grads.register::<B>(node.id, du);
         }
     }
 }
@@ -495,14 +565,14 @@ impl<B: Kernels> Backward<B, 1> for FusedRope {
 }
 
 /// RMSNorm of `x [.., d]` with weight `γ [d]`, in f32: one operation where the backend
-/// fuses it ([`Kernels::fuses_norm_and_rope`]), else Burn's ops.
+/// fuses it ([`Kernels::fuses_elementwise`]), else Burn's ops.
 pub fn rms_norm<B: Kernels, const D: usize>(
     x: Tensor<B, D>,
     gamma: Tensor<B, 1>,
     eps: f64,
 ) -> Tensor<B, D> {
     let x = x.into_primitive().tensor();
-    if B::fuses_norm_and_rope(&x) {
+    if B::fuses_elementwise(&x) {
         return float(B::fused_rms_norm(
             x,
             gamma.into_primitive().tensor(),
@@ -514,11 +584,20 @@ pub fn rms_norm<B: Kernels, const D: usize>(
     (x / rms) * gamma.unsqueeze()
 }
 
+/// SwiGLU's product `silu(gate)·up`: one operation where the backend fuses it.
+pub fn swiglu<B: Kernels, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    let gate = gate.into_primitive().tensor();
+    if B::fuses_elementwise(&gate) && up.dtype() == gate.dtype() {
+        return float(B::fused_swiglu(gate, up.into_primitive().tensor()));
+    }
+    burn::tensor::activation::silu(float::<B, D>(gate)) * up
+}
+
 /// The rotary embedding of `x [b, s, heads, hd]` with tables `cos`, `sin [s, hd]`.
 pub fn rope<B: Kernels>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
     let x = x.into_primitive().tensor();
     let (cos, sin) = (cos.into_primitive().tensor(), sin.into_primitive().tensor());
-    if B::fuses_norm_and_rope(&x) {
+    if B::fuses_elementwise(&x) {
         float(B::fused_rope(x, cos, sin))
     } else {
         float(rope_composed::<B>(x, cos, sin, false))
@@ -627,6 +706,26 @@ pub fn rms_norm_backward_composed<B: Backend>(
     (
         B::float_reshape(dx.into_primitive().tensor(), shape),
         dgamma.into_primitive().tensor(),
+    )
+}
+
+/// [`Kernels::swiglu_backward`] from Burn's ops: `du = dy·g·σ(g)`,
+/// `dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
+pub fn swiglu_backward_composed<B: Backend>(
+    gate: FloatTensor<B>,
+    up: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = gate.shape();
+    let flat =
+        |t: FloatTensor<B>| float::<B, 1>(B::float_reshape(t, [shape.num_elements()].into()));
+    let (g, u, dy) = (flat(gate), flat(up), flat(grad));
+    let s = burn::tensor::activation::sigmoid(g.clone());
+    let du = dy.clone() * g.clone() * s.clone();
+    let dg = dy * u * s.clone() * (g * (s.neg().add_scalar(1.0))).add_scalar(1.0);
+    (
+        B::float_reshape(dg.into_primitive().tensor(), shape.clone()),
+        B::float_reshape(du.into_primitive().tensor(), shape),
     )
 }
 
@@ -1053,7 +1152,7 @@ mod tests {
                 Tensor::<Ad, 2>::from_inner(sin.clone()),
             );
             let y = if fused {
-                assert!(<Ad as Kernels>::fuses_norm_and_rope(
+                assert!(<Ad as Kernels>::fuses_elementwise(
                     &xa.clone().into_primitive().tensor()
                 ));
                 rope(rms_norm(xa.clone(), ga.clone(), 1e-5), c, s)
@@ -1102,6 +1201,48 @@ mod tests {
                 "rope {transpose}"
             );
         }
+    }
+
+    /// SwiGLU's product as one node matches `silu(g)·u` in Burn's ops, and the composed
+    /// defaults match the kernels.
+    #[test]
+    fn fused_cpu_swiglu_matches_burns_ops() {
+        type Cpu = crate::CpuBackend;
+        let device = Default::default();
+        let normal = |shape: [usize; 3]| {
+            Tensor::<Cpu, 3>::random(shape, Distribution::Normal(0.0, 2.0), &device)
+        };
+        // More elements than one block of the kernel, and a transposed view.
+        let (g, u) = (normal([3, 40, 300]), normal([3, 300, 40]).swap_dims(1, 2));
+        let weights = normal([3, 40, 300]);
+        let run = |fused: bool| {
+            let ga = Tensor::<Ad, 3>::from_inner(g.clone()).require_grad();
+            let ua = Tensor::<Ad, 3>::from_inner(u.clone()).require_grad();
+            let y = if fused {
+                swiglu(ga.clone(), ua.clone())
+            } else {
+                burn::tensor::activation::silu(ga.clone()) * ua.clone()
+            };
+            let grads = (y.clone() * Tensor::from_inner(weights.clone()))
+                .sum()
+                .backward();
+            (
+                y.inner(),
+                ga.grad(&grads).expect("dg"),
+                ua.grad(&grads).expect("du"),
+            )
+        };
+        let (a, b) = (run(false), run(true));
+        assert!(max_diff(a.0, b.0) < 1e-5, "values");
+        assert!(max_diff(a.1, b.1) < 1e-5, "d gate");
+        assert!(max_diff(a.2, b.2) < 1e-5, "d up");
+        let p = |t: &Tensor<Cpu, 3>| t.clone().into_primitive().tensor();
+        let (f, c) = (
+            <Cpu as Kernels>::swiglu_backward(p(&g), p(&u), p(&weights)),
+            swiglu_backward_composed::<Cpu>(p(&g), p(&u), p(&weights)),
+        );
+        assert!(max_diff(float::<Cpu, 3>(f.0), float(c.0)) < 1e-5);
+        assert!(max_diff(float::<Cpu, 3>(f.1), float(c.1)) < 1e-5);
     }
 
     fn pad4(s: &[usize]) -> [usize; 4] {

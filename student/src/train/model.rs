@@ -10,7 +10,6 @@
 use burn::module::Param;
 use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::module::embedding;
 use burn::tensor::{DType, Distribution};
 
@@ -284,9 +283,10 @@ impl<B: QuantOps> TrainModel<B> {
         let h1 = x + lc.lin(&layer.self_attn.o_proj, LoraTarget::OProj, ctx, f);
         let m: &Mlp<B> = &layer.mlp;
         let xn = rms_norm(&layer.post_attention_layernorm, h1.clone(), f.dtype);
-        let gate = silu(lc.lin(&m.gate_proj, LoraTarget::GateProj, xn.clone(), f));
+        let gate = lc.lin(&m.gate_proj, LoraTarget::GateProj, xn.clone(), f);
         let up = lc.lin(&m.up_proj, LoraTarget::UpProj, xn, f);
-        h1 + lc.lin(&m.down_proj, LoraTarget::DownProj, gate * up, f)
+        let act = kernels::swiglu(gate, up);
+        h1 + lc.lin(&m.down_proj, LoraTarget::DownProj, act, f)
     }
 
     /// Decoder layer `i`; `chunk` splits attention into query chunks (see [`causal_attention`]).

@@ -17,7 +17,7 @@ use burn_backend::DType;
 use burn_std::{Bytes, Shape};
 
 use crate::layout::Layout;
-use crate::ops::fast_exp::exp_shifted_sum_inplace;
+use crate::ops::fast_exp::{exp_shifted_sum_inplace, sigmoid_inplace};
 use crate::tensor::FlexTensor;
 
 /// `[b, h, n, d]` (or `[.., t, d]`) dims of an attention operand.
@@ -425,4 +425,61 @@ pub fn rope(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool)
         }
     });
     tensor_n(out, shape)
+}
+
+/// Elements per block of the element-wise kernels.
+const ELEMS_PER_BLOCK: usize = 16 * 1024;
+
+/// SwiGLU's product `silu(g)·u = g·σ(g)·u`, element-wise over equal shapes.
+pub fn swiglu_forward(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
+    let shape = shape_of(gate);
+    assert_eq!(shape_of(up), shape, "swiglu: gate and up shapes");
+    let (g, u) = (values(gate), values(up));
+    let (gs, us) = (g.storage::<f32>(), u.storage::<f32>());
+    let mut out = uninit(gs.len());
+    let oo = Out::of(&mut out);
+    for_each_block(gs.len().div_ceil(ELEMS_PER_BLOCK), |first, n| {
+        let start = first * ELEMS_PER_BLOCK;
+        let end = ((first + n) * ELEMS_PER_BLOCK).min(gs.len());
+        // SAFETY: each block writes its own range.
+        let o = unsafe { oo.block(start, end - start) };
+        o.copy_from_slice(&gs[start..end]);
+        sigmoid_inplace(o);
+        for ((o, &g), &u) in o.iter_mut().zip(&gs[start..end]).zip(&us[start..end]) {
+            *o = g * *o * u;
+        }
+    });
+    tensor_n(out, shape)
+}
+
+/// Gradients `(dg, du)` of [`swiglu_forward`]: `du = dy·g·σ(g)`,
+/// `dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))`.
+pub fn swiglu_backward(
+    gate: &FlexTensor,
+    up: &FlexTensor,
+    grad: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let shape = shape_of(gate);
+    let (g, u, dy) = (values(gate), values(up), values(grad));
+    let (gs, us, dys) = (g.storage::<f32>(), u.storage::<f32>(), dy.storage::<f32>());
+    assert_eq!(us.len(), gs.len(), "swiglu: up shape");
+    assert_eq!(dys.len(), gs.len(), "swiglu: gradient shape");
+    let mut dg = uninit(gs.len());
+    let mut du = uninit(gs.len());
+    let (go, uo) = (Out::of(&mut dg), Out::of(&mut du));
+    for_each_block(gs.len().div_ceil(ELEMS_PER_BLOCK), |first, n| {
+        let start = first * ELEMS_PER_BLOCK;
+        let end = ((first + n) * ELEMS_PER_BLOCK).min(gs.len());
+        // SAFETY: each block writes its own range of both outputs.
+        let (dgb, dub) = unsafe { (go.block(start, end - start), uo.block(start, end - start)) };
+        dgb.copy_from_slice(&gs[start..end]);
+        sigmoid_inplace(dgb);
+        let (g, u, dy) = (&gs[start..end], &us[start..end], &dys[start..end]);
+        for i in 0..dgb.len() {
+            let s = dgb[i];
+            dub[i] = dy[i] * g[i] * s;
+            dgb[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+        }
+    });
+    (tensor_n(dg, shape.clone()), tensor_n(du, shape))
 }
