@@ -252,12 +252,19 @@ pub trait Kernels: Backend {
     }
 }
 
+/// Whether the CPU's fused kernels are on: `DISTILL_FUSED=0` turns them off, so that a run
+/// can be compared with Burn's own ops (which it then reproduces bit for bit).
+pub fn cpu_fusion_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DISTILL_FUSED").map_or(true, |v| v.trim() != "0"))
+}
+
 /// Burn 0.21's autodiff records attention as its parts, each with its own backward op and
 /// output tensors; burn-flex's fused kernels (`vendor/burn-flex/src/ops/fused.rs`) run each
 /// (batch, head) pair as a few `gemm` products and one row pass, forward and backward.
 impl Kernels for crate::CpuBackend {
     fn fuses_attention(q: &FloatTensor<Self>) -> bool {
-        q.dtype() == burn::tensor::DType::F32
+        q.dtype() == burn::tensor::DType::F32 && cpu_fusion_enabled()
     }
 
     fn attention_forward(
@@ -281,7 +288,7 @@ impl Kernels for crate::CpuBackend {
     }
 
     fn fuses_elementwise(x: &FloatTensor<Self>) -> bool {
-        x.dtype() == burn::tensor::DType::F32
+        x.dtype() == burn::tensor::DType::F32 && cpu_fusion_enabled()
     }
 
     fn rms_norm_forward(
