@@ -1024,19 +1024,7 @@ mod tests {
                 let y = if routed {
                     routed_attention(q.clone(), k.clone(), v.clone())
                 } else {
-                    let options = AttentionModuleOptions {
-                        scale: None,
-                        softcap: None,
-                        is_causal: true,
-                    };
-                    burn::tensor::module::attention(
-                        q.clone(),
-                        k.clone(),
-                        v.clone(),
-                        None,
-                        None,
-                        options,
-                    )
+                    burns_attention(q.clone(), k.clone(), v.clone())
                 };
                 let grads = (y.clone() * y.clone()).sum().backward();
                 let g = |t: &Tensor<Ad, 4>| t.grad(&grads).expect("grad");
@@ -1074,19 +1062,7 @@ mod tests {
                 let y = if fused {
                     causal_attention(q.clone(), k.clone(), v.clone())
                 } else {
-                    let options = AttentionModuleOptions {
-                        scale: None,
-                        softcap: None,
-                        is_causal: true,
-                    };
-                    burn::tensor::module::attention(
-                        q.clone(),
-                        k.clone(),
-                        v.clone(),
-                        None,
-                        None,
-                        options,
-                    )
+                    burns_attention(q.clone(), k.clone(), v.clone())
                 };
                 let loss = (y.clone() * Tensor::from_inner(weights.clone())).sum();
                 let grads = loss.backward();
@@ -1250,6 +1226,16 @@ mod tests {
         );
         assert!(max_diff(float::<Cpu, 3>(f.0), float(c.0)) < 1e-5);
         assert!(max_diff(float::<Cpu, 3>(f.1), float(c.1)) < 1e-5);
+    }
+
+    /// Burn's own causal attention: the reference.
+    fn burns_attention(q: Tensor<Ad, 4>, k: Tensor<Ad, 4>, v: Tensor<Ad, 4>) -> Tensor<Ad, 4> {
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        burn::tensor::module::attention(q, k, v, None, None, options)
     }
 
     fn pad4(s: &[usize]) -> [usize; 4] {
