@@ -23,7 +23,11 @@ use crate::tensor::FlexTensor;
 /// `[b, h, n, d]` (or `[.., t, d]`) dims of an attention operand.
 fn dims4(t: &FlexTensor) -> [usize; 4] {
     let s = t.layout().shape();
-    assert_eq!(s.num_dims(), 4, "fused attention: operands are [batch, heads, seq, dim]");
+    assert_eq!(
+        s.num_dims(),
+        4,
+        "fused attention: operands are [batch, heads, seq, dim]"
+    );
     [s[0], s[1], s[2], s[3]]
 }
 
@@ -38,19 +42,6 @@ fn uninit(n: usize) -> Vec<MaybeUninit<f32>> {
     // SAFETY: `MaybeUninit` needs no initialisation.
     unsafe { v.set_len(n) };
     v
-}
-
-/// # Safety
-/// Every element of `v` must have been written.
-unsafe fn tensor(v: Vec<MaybeUninit<f32>>, shape: [usize; 4]) -> FlexTensor {
-    let mut v = core::mem::ManuallyDrop::new(v);
-    // SAFETY: the caller wrote every element; same allocation, read as the initialised type.
-    let v = unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) };
-    FlexTensor::new(
-        Bytes::from_elems(v),
-        Layout::contiguous(Shape::from(shape.to_vec())),
-        DType::F32,
-    )
 }
 
 /// `dst (m×n) = beta·(lhs·rhs)` with explicit strides (in elements), on this thread.
@@ -141,12 +132,18 @@ pub fn causal_attention_forward(
     assert!(t >= n, "fused attention: more queries than keys");
     assert_eq!(dims4(k), [b, h, t, d], "fused attention: key shape");
     assert_eq!(dims4(v), [b, h, t, d], "fused attention: value shape");
+    if t == 0 {
+        // No keys (and so no queries): nothing to attend to, nothing to write.
+        // SAFETY: an empty buffer has no element to write.
+        return unsafe {
+            (
+                written_tensor(uninit(0), alloc::vec![b, h, n, d]),
+                written_tensor(uninit(0), alloc::vec![b, h, n, t]),
+            )
+        };
+    }
     let (q, k, v) = (values(q), values(k), values(v));
-    let (qs, ks, vs) = (
-        q.storage::<f32>(),
-        k.storage::<f32>(),
-        v.storage::<f32>(),
-    );
+    let (qs, ks, vs) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
     let mut out = uninit(b * h * n * d);
     let mut probs = uninit(b * h * n * t);
     let (o, p) = (Out::of(&mut out), Out::of(&mut probs));
@@ -162,7 +159,18 @@ pub fn causal_attention_forward(
                 vs.as_ptr().add(pair * t * d),
             );
             // Scores `scale·q·kᵀ`: kᵀ is k read with its strides swapped.
-            product(n, t, d, pp.as_mut_ptr(), ti, qp, (di, 1), kp, (1, di), scale);
+            product(
+                n,
+                t,
+                d,
+                pp.as_mut_ptr(),
+                ti,
+                qp,
+                (di, 1),
+                kp,
+                (1, di),
+                scale,
+            );
             for (i, row) in pp.chunks_exact_mut(t).enumerate() {
                 let visible = (i + t - n + 1).min(t);
                 let (seen, hidden) = row.split_at_mut(visible);
@@ -173,11 +181,27 @@ pub fn causal_attention_forward(
                 hidden.fill(0.0);
             }
             let op = o.block(pair * n * d, n * d);
-            product(n, d, t, op.as_mut_ptr(), di, pp.as_ptr(), (ti, 1), vp, (di, 1), 1.0);
+            product(
+                n,
+                d,
+                t,
+                op.as_mut_ptr(),
+                di,
+                pp.as_ptr(),
+                (ti, 1),
+                vp,
+                (di, 1),
+                1.0,
+            );
         }
     });
     // SAFETY: every pair wrote its whole block of both buffers.
-    unsafe { (tensor(out, [b, h, n, d]), tensor(probs, [b, h, n, t])) }
+    unsafe {
+        (
+            written_tensor(out, alloc::vec![b, h, n, d]),
+            written_tensor(probs, alloc::vec![b, h, n, t]),
+        )
+    }
 }
 
 /// Gradients `(dq, dk, dv)` of [`causal_attention_forward`] for the output's gradient `grad`,
@@ -192,15 +216,18 @@ pub fn causal_attention_backward(
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let [b, h, n, d] = dims4(q);
     let t = dims4(k)[2];
-    assert_eq!(dims4(probs), [b, h, n, t], "fused attention: probabilities shape");
-    assert_eq!(dims4(grad), [b, h, n, d], "fused attention: gradient shape");
-    let (q, k, v, probs, grad) = (
-        values(q),
-        values(k),
-        values(v),
-        values(probs),
-        values(grad),
+    assert_eq!(
+        dims4(probs),
+        [b, h, n, t],
+        "fused attention: probabilities shape"
     );
+    assert_eq!(dims4(grad), [b, h, n, d], "fused attention: gradient shape");
+    if t == 0 {
+        // SAFETY: an empty buffer has no element to write.
+        let empty = |rows| unsafe { written_tensor(uninit(0), alloc::vec![b, h, rows, d]) };
+        return (empty(n), empty(t), empty(t));
+    }
+    let (q, k, v, probs, grad) = (values(q), values(k), values(v), values(probs), values(grad));
     let (qs, ks, vs, ps, gs) = (
         q.storage::<f32>(),
         k.storage::<f32>(),
@@ -247,18 +274,40 @@ pub fn causal_attention_backward(
             }
             // dQ = dS·K, dK = dSᵀ·Q
             let dqp = oq.block(pair * n * d, n * d);
-            product(n, d, t, dqp.as_mut_ptr(), di, dsp.as_ptr(), (ti, 1), kp, (di, 1), 1.0);
+            product(
+                n,
+                d,
+                t,
+                dqp.as_mut_ptr(),
+                di,
+                dsp.as_ptr(),
+                (ti, 1),
+                kp,
+                (di, 1),
+                1.0,
+            );
             let dkp = ok.block(pair * t * d, t * d);
-            product(t, d, n, dkp.as_mut_ptr(), di, dsp.as_ptr(), (1, ti), qp, (di, 1), 1.0);
+            product(
+                t,
+                d,
+                n,
+                dkp.as_mut_ptr(),
+                di,
+                dsp.as_ptr(),
+                (1, ti),
+                qp,
+                (di, 1),
+                1.0,
+            );
         }
     });
     drop(ds);
     // SAFETY: every pair wrote its whole block of the three gradients.
     unsafe {
         (
-            tensor(dq, [b, h, n, d]),
-            tensor(dk, [b, h, t, d]),
-            tensor(dv, [b, h, t, d]),
+            written_tensor(dq, alloc::vec![b, h, n, d]),
+            written_tensor(dk, alloc::vec![b, h, t, d]),
+            written_tensor(dv, alloc::vec![b, h, t, d]),
         )
     }
 }
@@ -290,11 +339,19 @@ fn shape_of(t: &FlexTensor) -> Vec<usize> {
     t.layout().shape().to_vec()
 }
 
-fn tensor_n(v: Vec<MaybeUninit<f32>>, shape: Vec<usize>) -> FlexTensor {
+/// The buffer as a contiguous f32 tensor of `shape`.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn written_tensor(v: Vec<MaybeUninit<f32>>, shape: Vec<usize>) -> FlexTensor {
     let mut v = core::mem::ManuallyDrop::new(v);
-    // SAFETY: only called on buffers every element of which was written.
+    // SAFETY: the caller wrote every element; same allocation, read as the initialised type.
     let v = unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) };
-    FlexTensor::new(Bytes::from_elems(v), Layout::contiguous(Shape::from(shape)), DType::F32)
+    FlexTensor::new(
+        Bytes::from_elems(v),
+        Layout::contiguous(Shape::from(shape)),
+        DType::F32,
+    )
 }
 
 /// RMSNorm over the last dim: `y = x·r·γ` with `r = 1/√(mean(x²) + eps)` per row.
@@ -302,6 +359,7 @@ fn tensor_n(v: Vec<MaybeUninit<f32>>, shape: Vec<usize>) -> FlexTensor {
 pub fn rms_norm_forward(x: &FlexTensor, gamma: &FlexTensor, eps: f32) -> (FlexTensor, FlexTensor) {
     let shape = shape_of(x);
     let d = *shape.last().expect("rms_norm: a tensor with dims");
+    assert!(d > 0, "rms_norm: an empty last dim");
     assert_eq!(shape_of(gamma), [d], "rms_norm: gamma is [d]");
     let (x, gamma) = (values(x), values(gamma));
     let (xs, gs) = (x.storage::<f32>(), gamma.storage::<f32>());
@@ -322,7 +380,13 @@ pub fn rms_norm_forward(x: &FlexTensor, gamma: &FlexTensor, eps: f32) -> (FlexTe
             }
         }
     });
-    (tensor_n(y, shape), tensor_n(r, vec![rows]))
+    // SAFETY: the blocks cover every row of `y` and `r`.
+    unsafe {
+        (
+            written_tensor(y, shape),
+            written_tensor(r, alloc::vec![rows]),
+        )
+    }
 }
 
 /// Gradients `(dx, dγ)` of [`rms_norm_forward`] for the output's gradient `grad`:
@@ -363,8 +427,12 @@ pub fn rms_norm_backward(
                 .sum::<f32>()
                 / d as f32;
             let c = inv * inv * inv * mean;
-            for ((((o, &xv), &gv), &w), dg) in
-                dxr.iter_mut().zip(xr).zip(gr).zip(gs).zip(dgamma.iter_mut())
+            for ((((o, &xv), &gv), &w), dg) in dxr
+                .iter_mut()
+                .zip(xr)
+                .zip(gr)
+                .zip(gs)
+                .zip(dgamma.iter_mut())
             {
                 *o = inv * gv * w - c * xv;
                 *dg += gv * xv * inv;
@@ -381,7 +449,8 @@ pub fn rms_norm_backward(
         Layout::contiguous(Shape::from(alloc::vec![d])),
         DType::F32,
     );
-    (tensor_n(dx, shape), dgamma)
+    // SAFETY: the blocks cover every row of `dx`.
+    (unsafe { written_tensor(dx, shape) }, dgamma)
 }
 
 /// Rotary embedding of `x [b, s, heads, hd]` (any layout) with tables `cos`, `sin [s, hd]`:
@@ -393,9 +462,15 @@ pub fn rope(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool)
     let (s, heads, hd) = (shape[1], shape[2], shape[3]);
     assert_eq!(shape_of(cos), [s, hd], "rope: cos is [seq, head_dim]");
     assert_eq!(shape_of(sin), [s, hd], "rope: sin is [seq, head_dim]");
+    // Every element of the output is written only when the halves cover `hd`.
+    assert!(hd % 2 == 0, "rope: head_dim must be even");
     let half = hd / 2;
     let (x, cos, sin) = (values(x), values(cos), values(sin));
-    let (xs, cs, ss) = (x.storage::<f32>(), cos.storage::<f32>(), sin.storage::<f32>());
+    let (xs, cs, ss) = (
+        x.storage::<f32>(),
+        cos.storage::<f32>(),
+        sin.storage::<f32>(),
+    );
     let rows = xs.len() / hd.max(1);
     let mut out = uninit(rows * hd);
     let oo = Out::of(&mut out);
@@ -424,7 +499,8 @@ pub fn rope(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, transpose: bool)
             }
         }
     });
-    tensor_n(out, shape)
+    // SAFETY: the blocks cover every row, and each row's two halves cover `hd` (even).
+    unsafe { written_tensor(out, shape) }
 }
 
 /// Elements per block of the element-wise kernels.
@@ -449,7 +525,8 @@ pub fn swiglu_forward(gate: &FlexTensor, up: &FlexTensor) -> FlexTensor {
             *o = g * *o * u;
         }
     });
-    tensor_n(out, shape)
+    // SAFETY: the blocks cover every element.
+    unsafe { written_tensor(out, shape) }
 }
 
 /// Gradients `(dg, du)` of [`swiglu_forward`]: `du = dy·g·σ(g)`,
@@ -481,5 +558,6 @@ pub fn swiglu_backward(
             dgb[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
         }
     });
-    (tensor_n(dg, shape.clone()), tensor_n(du, shape))
+    // SAFETY: the blocks cover every element of both.
+    unsafe { (written_tensor(dg, shape.clone()), written_tensor(du, shape)) }
 }
