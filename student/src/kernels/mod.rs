@@ -24,7 +24,9 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::ops::{AttentionModuleOptions, FloatTensor};
+use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
+use burn::tensor::IndexingUpdateOp;
+pub use burn_flex::ops::fused::AdamwStep;
 use burn::tensor::{TensorMetadata, TensorPrimitive};
 
 /// Which implementation CUDA's matrix products use.
@@ -250,6 +252,42 @@ pub trait Kernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         swiglu_backward_composed::<Self>(gate, up, grad)
     }
+
+    /// Cross-entropy as one operation (one autodiff node, see [`Kernels::fuses_elementwise`]).
+    fn fused_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::cross_entropy_forward(logits, targets).0
+    }
+
+    /// Per-row NLL `[n]` of f32 logits `[n, v]` against one class index per row, and each
+    /// row's log-sum-exp `[n]` (kept for the backward pass). The default composes Burn's ops.
+    fn cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        cross_entropy_forward_composed::<Self>(logits, targets)
+    }
+
+    /// Gradient `[n, v]` of [`Kernels::cross_entropy_forward`]'s NLL for its gradient `[n]`.
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        cross_entropy_backward_composed::<Self>(logits, lse, targets, grad)
+    }
+
+    /// One AdamW step of `param` (f32) for `grad`, with the moments `(m, v)` of earlier steps
+    /// (none on the first); returns the new `(param, m, v)`. The default is Burn's `AdamW`
+    /// op for op, so it gives Burn's bits.
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        step: AdamwStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        adamw_step_composed::<Self>(param, grad, moments, step)
+    }
 }
 
 /// Whether the CPU's fused kernels are on: `DISTILL_FUSED=0` turns them off, so that a run
@@ -327,6 +365,44 @@ impl Kernels for crate::CpuBackend {
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         burn_flex::ops::fused::swiglu_backward(&gate, &up, &grad)
+    }
+
+    fn cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !Self::fuses_elementwise(&logits) {
+            return cross_entropy_forward_composed::<Self>(logits, targets);
+        }
+        burn_flex::ops::fused::cross_entropy_forward(&logits, &targets)
+    }
+
+    fn cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !Self::fuses_elementwise(&logits) {
+            return cross_entropy_backward_composed::<Self>(logits, lse, targets, grad);
+        }
+        burn_flex::ops::fused::cross_entropy_backward(&logits, &lse, &targets, &grad)
+    }
+
+    fn adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moments: Option<(FloatTensor<Self>, FloatTensor<Self>)>,
+        step: AdamwStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let all_f32 = [&param, &grad]
+            .into_iter()
+            .chain(moments.as_ref().map(|(m, v)| [m, v]).into_iter().flatten())
+            .all(|t| t.dtype() == burn::tensor::DType::F32);
+        if !(all_f32 && cpu_fusion_enabled()) {
+            return adamw_step_composed::<Self>(param, grad, moments, step);
+        }
+        burn_flex::ops::fused::adamw_step(param, &grad, moments, step)
     }
 }
 
@@ -488,6 +564,23 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         }
     }
 
+    fn fused_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        match FusedCrossEntropy
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let id = prep.checkpoint(&logits);
+                let (nll, lse) = B::cross_entropy_forward(logits.primitive, targets.clone());
+                prep.finish((id, lse, targets), nll)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::fused_cross_entropy(logits.primitive, targets))
+            }
+        }
+    }
+
     fn fused_rope(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -569,6 +662,41 @@ impl<B: Kernels> Backward<B, 1> for FusedRope {
             grads.register::<B>(node.id, B::rope_map(grad, cos, sin, true));
         }
     }
+}
+
+/// The autodiff node of [`Kernels::fused_cross_entropy`]: keeps the logits, each row's
+/// log-sum-exp and the targets.
+#[derive(Debug)]
+struct FusedCrossEntropy;
+
+impl<B: Kernels> Backward<B, 1> for FusedCrossEntropy {
+    type State = (NodeId, FloatTensor<B>, IntTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, ckpt: &mut Checkpointer) {
+        let [node_logits] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (logits, lse, targets) = ops.state;
+        let logits = ckpt.retrieve_node_output::<FloatTensor<B>>(logits);
+        if let Some(node) = node_logits {
+            let g = B::cross_entropy_backward(logits, lse, targets, grad);
+            grads.register::<B>(node.id, g);
+        }
+    }
+}
+
+/// Per-row negative log-likelihood `[n]` of f32 logits `[n, v]` for `targets [n]`: one
+/// operation where the backend fuses it (no `[n, v]` log-probabilities), else Burn's
+/// `log_softmax` and `gather`.
+pub fn cross_entropy<B: Kernels>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let n = targets.dims()[0];
+    let logits = logits.into_primitive().tensor();
+    if B::fuses_elementwise(&logits) {
+        return float(B::fused_cross_entropy(logits, targets.into_primitive()));
+    }
+    burn::tensor::activation::log_softmax(float::<B, 2>(logits), 1)
+        .gather(1, targets.unsqueeze_dim(1))
+        .reshape([n])
+        .neg()
 }
 
 /// RMSNorm of `x [.., d]` with weight `γ [d]`, in f32: one operation where the backend
@@ -734,6 +862,77 @@ pub fn swiglu_backward_composed<B: Backend>(
         B::float_reshape(dg.into_primitive().tensor(), shape.clone()),
         B::float_reshape(du.into_primitive().tensor(), shape),
     )
+}
+
+/// [`Kernels::cross_entropy_forward`] from Burn's ops.
+pub fn cross_entropy_forward_composed<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let x = float::<B, 2>(logits);
+    let t = Tensor::<B, 1, Int>::from_primitive(targets).unsqueeze_dim::<2>(1);
+    let max = x.clone().max_dim(1);
+    let lse = (x.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let nll = (lse.clone() - x.gather(1, t)).reshape([-1]);
+    (
+        nll.into_primitive().tensor(),
+        lse.reshape([-1]).into_primitive().tensor(),
+    )
+}
+
+/// [`Kernels::cross_entropy_backward`] from Burn's ops: `(softmax(x) − onehot(t))·g`.
+pub fn cross_entropy_backward_composed<B: Backend>(
+    logits: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    targets: IntTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let x = float::<B, 2>(logits);
+    let g = float::<B, 1>(grad).unsqueeze_dim::<2>(1);
+    let t = Tensor::<B, 1, Int>::from_primitive(targets).unsqueeze_dim::<2>(1);
+    let probs = (x.clone() - float::<B, 1>(lse).unsqueeze_dim::<2>(1)).exp();
+    let picked = x.zeros_like().scatter(1, t, g.clone(), IndexingUpdateOp::Add);
+    (probs * g - picked).into_primitive().tensor()
+}
+
+/// [`Kernels::adamw_step`] from Burn's ops, in the order Burn's `AdamW` applies them.
+pub fn adamw_step_composed<B: Backend>(
+    param: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    moments: Option<(FloatTensor<B>, FloatTensor<B>)>,
+    s: AdamwStep,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let shape = param.shape();
+    let flat = |t: FloatTensor<B>| float::<B, 1>(B::float_reshape(t, [shape.num_elements()].into()));
+    let back = |t: Tensor<B, 1>| B::float_reshape(t.into_primitive().tensor(), shape.clone());
+    let mut g = flat(grad);
+    if let Some(f) = s.grad_scale {
+        g = g.mul_scalar(f);
+    }
+    let (m, v) = match moments {
+        Some((m, v)) => (
+            flat(m)
+                .mul_scalar(s.beta_1)
+                .add(g.clone().mul_scalar(s.one_minus_beta_1)),
+            flat(v)
+                .mul_scalar(s.beta_2)
+                .add(g.square().mul_scalar(s.one_minus_beta_2)),
+        ),
+        None => (
+            g.clone().mul_scalar(s.one_minus_beta_1),
+            g.square().mul_scalar(s.one_minus_beta_2),
+        ),
+    };
+    let delta = m
+        .clone()
+        .div_scalar(s.bias_1)
+        .div(v.clone().div_scalar(s.bias_2).sqrt().add_scalar(s.epsilon));
+    let mut p = flat(param);
+    if let Some(k) = s.keep {
+        p = p.mul_scalar(k);
+    }
+    let p = p - delta.mul_scalar(s.lr);
+    (back(p), back(m), back(v))
 }
 
 /// [`Kernels::rope_map`] from Burn's ops.
@@ -1226,6 +1425,105 @@ mod tests {
         );
         assert!(max_diff(float::<Cpu, 3>(f.0), float(c.0)) < 1e-5);
         assert!(max_diff(float::<Cpu, 3>(f.1), float(c.1)) < 1e-5);
+    }
+
+    /// The fused cross-entropy's NLL and logit gradient equal Burn's `log_softmax` + `gather`,
+    /// and the composed reference agrees with both.
+    #[test]
+    fn fused_cpu_cross_entropy_matches_log_softmax_and_gather() {
+        type Cpu = crate::CpuBackend;
+        let device = Default::default();
+        // Rows across two blocks of the kernel; large logits test the max shift.
+        let (n, v) = (37, 101);
+        let logits = Tensor::<Cpu, 2>::random([n, v], Distribution::Normal(0.0, 8.0), &device);
+        let ids: Vec<i64> = (0..n as i64).map(|i| (i * 37 + 5) % v as i64).collect();
+        let targets = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
+        let weights = Tensor::<Cpu, 1>::random([n], Distribution::Normal(0.0, 1.0), &device);
+        let run = |fused: bool| {
+            let x = Tensor::<Ad, 2>::from_inner(logits.clone()).require_grad();
+            let t = Tensor::<Ad, 1, Int>::from_inner(targets.clone());
+            let nll = if fused {
+                cross_entropy(x.clone(), t)
+            } else {
+                burn::tensor::activation::log_softmax(x.clone(), 1)
+                    .gather(1, t.unsqueeze_dim(1))
+                    .reshape([n])
+                    .neg()
+            };
+            let grads = (nll.clone() * Tensor::from_inner(weights.clone()))
+                .sum()
+                .backward();
+            (nll.inner(), x.grad(&grads).expect("d logits"))
+        };
+        let (a, b) = (run(false), run(true));
+        assert!(max_diff(a.0.clone(), b.0) < 1e-4, "nll");
+        assert!(max_diff(a.1.clone(), b.1) < 1e-5, "d logits");
+        let p = |t: &Tensor<Cpu, 2>| t.clone().into_primitive().tensor();
+        let (nll, lse) =
+            cross_entropy_forward_composed::<Cpu>(p(&logits), targets.clone().into_primitive());
+        let g = cross_entropy_backward_composed::<Cpu>(
+            p(&logits),
+            lse,
+            targets.into_primitive(),
+            weights.into_primitive().tensor(),
+        );
+        assert!(max_diff(float::<Cpu, 1>(nll), a.0) < 1e-4, "composed nll");
+        assert!(max_diff(float::<Cpu, 2>(g), a.1) < 1e-5, "composed d logits");
+    }
+
+    /// Three AdamW steps (decayed, clipped, over several kernel blocks) give Burn's `AdamW`'s
+    /// parameters and moments bit for bit, fused and composed.
+    #[test]
+    fn fused_adamw_reproduces_burns_adamw_bit_for_bit() {
+        use burn::optim::{AdamWConfig, AdamWState, SimpleOptimizer};
+        type Cpu = crate::CpuBackend;
+        let device = Default::default();
+        let shape = [70, 300];
+        let (b1, b2, eps, wd, lr) = (0.9f32, 0.95f32, 1e-8f32, 0.1f32, 3e-4f64);
+        let burn = AdamWConfig::new()
+            .with_beta_1(b1)
+            .with_beta_2(b2)
+            .with_epsilon(eps)
+            .with_weight_decay(wd)
+            .build();
+        let bits = |t: &Tensor<Cpu, 2>| -> Vec<u32> {
+            t.to_data().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        let p0 = Tensor::<Cpu, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let (mut reference, mut state): (_, Option<AdamWState<Cpu, 2>>) = (p0.clone(), None);
+        let mut fused = (p0.clone().into_primitive().tensor(), None);
+        let mut composed = (p0.into_primitive().tensor(), None);
+        for time in 1..=3 {
+            let grad = Tensor::<Cpu, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let factor = (time != 2).then_some(0.37f64);
+            let scaled = factor.map_or(grad.clone(), |f| grad.clone().mul_scalar(f));
+            (reference, state) = burn.step(lr, reference, scaled, state);
+            let decay = lr * f64::from(wd);
+            let step = AdamwStep {
+                grad_scale: factor.map(|f| f as f32),
+                beta_1: b1,
+                one_minus_beta_1: 1.0 - b1,
+                beta_2: b2,
+                one_minus_beta_2: 1.0 - b2,
+                bias_1: 1.0 - b1.powi(time),
+                bias_2: 1.0 - b2.powi(time),
+                epsilon: eps,
+                keep: Some((1.0 - decay) as f32),
+                lr: lr as f32,
+            };
+            let g = || grad.clone().into_primitive().tensor();
+            let (p, m, v) = <Cpu as Kernels>::adamw_step(fused.0, g(), fused.1, step);
+            fused = (p, Some((m, v)));
+            let (p, m, v) = adamw_step_composed::<Cpu>(composed.0, g(), composed.1, step);
+            composed = (p, Some((m, v)));
+            let s = state.as_ref().expect("state").momentum.clone();
+            for (name, (p, mv)) in [("fused", &fused), ("composed", &composed)] {
+                let (m, v) = mv.as_ref().expect("moments");
+                assert_eq!(bits(&float(p.clone())), bits(&reference), "{name} params, step {time}");
+                assert_eq!(bits(&float(m.clone())), bits(&s.moment_1), "{name} m, step {time}");
+                assert_eq!(bits(&float(v.clone())), bits(&s.moment_2), "{name} v, step {time}");
+            }
+        }
     }
 
     /// Burn's own causal attention: the reference.

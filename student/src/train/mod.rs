@@ -22,6 +22,7 @@
 //! The backend decides the device: `Autodiff<Flex>` on CPU, `Autodiff<Cuda>` on a GPU;
 //! [`Trainer::replicate_on`] adds devices for data parallelism (every device a whole replica).
 
+mod adamw;
 mod checkpoint;
 mod config;
 mod data;

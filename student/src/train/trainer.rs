@@ -21,12 +21,10 @@ use std::time::Instant;
 
 use super::TrainBackend;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::DType;
-use burn::tensor::activation::log_softmax;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{
@@ -40,7 +38,9 @@ use super::lora::LoraAdapters;
 /// Subfolder of a LoRA run's export holding its adapter in PEFT's layout (a subfolder, because
 /// transformers treats a top-level `adapter_config.json` as a PEFT folder and loads the base).
 pub const ADAPTER_DIR: &str = "adapter";
+use super::adamw;
 use super::model::{Fwd, SequentialIds, TrainModel, causal_attention, to_dtype};
+use crate::kernels::cross_entropy;
 use super::parallel::{self, Replica};
 use super::qlora::{QuantLayer, load_quantized, quantize_base};
 use super::schedule;
@@ -98,9 +98,9 @@ pub struct CheckpointInfo {
     pub bytes: u64,
 }
 
-pub(super) type Adam<B> = OptimizerAdaptor<AdamW, TrainModel<B>, B>;
+pub(super) type Adam<B> = adamw::Adam<TrainModel<B>, B>;
 /// `hashbrown` map of `ParamId` → AdamW state, as Burn's adaptor keeps it.
-pub(super) type OptimRecord<B> = <Adam<B> as Optimizer<TrainModel<B>, B>>::Record;
+pub(super) type OptimRecord<B> = adamw::AdamRecord<TrainModel<B>, B>;
 
 /// Supervised fine-tuning of a [`CausalLm`] (full or LoRA) on tokenised examples.
 pub struct Trainer<B: TrainBackend> {
@@ -206,22 +206,18 @@ impl<B: TrainBackend> ModuleVisitor<B> for SquaredNorms<'_, B> {
     }
 }
 
-/// Scales every gradient (clipping) and splits them into the decay / no-decay groups.
-struct ScaleAndSplit<'a, B: TrainBackend> {
+/// Splits the gradients into the decay / no-decay groups.
+struct Split<'a, B: TrainBackend> {
     all: GradientsParams,
-    factor: Option<f64>,
     decay_ids: &'a HashSet<ParamId>,
     decay: GradientsParams,
     plain: GradientsParams,
     _b: std::marker::PhantomData<B>,
 }
 
-impl<B: TrainBackend> ModuleVisitor<B> for ScaleAndSplit<'_, B> {
+impl<B: TrainBackend> ModuleVisitor<B> for Split<'_, B> {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        if let Some(mut g) = self.all.remove::<B::InnerBackend, D>(p.id) {
-            if let Some(f) = self.factor {
-                g = g.mul_scalar(f);
-            }
+        if let Some(g) = self.all.remove::<B::InnerBackend, D>(p.id) {
             let dst = if self.decay_ids.contains(&p.id) {
                 &mut self.decay
             } else {
@@ -269,13 +265,12 @@ pub(super) fn gpu_reserved_bytes<B: Backend>(devices: &[B::Device]) -> Option<u6
 }
 
 pub(super) fn adam<B: TrainBackend>(config: &TrainConfig, weight_decay: f64) -> Adam<B> {
-    AdamWConfig::new()
-        .with_beta_1(config.adam_beta1 as f32)
-        .with_beta_2(config.adam_beta2 as f32)
-        .with_epsilon(config.adam_eps as f32)
-        .with_weight_decay(weight_decay as f32)
-        .with_grad_clipping(None)
-        .init()
+    Adam::new(
+        config.adam_beta1 as f32,
+        config.adam_beta2 as f32,
+        config.adam_eps as f32,
+        weight_decay as f32,
+    )
 }
 
 impl<B: TrainBackend> Trainer<B> {
@@ -1125,8 +1120,7 @@ impl<B: TrainBackend> Worker<'_, B> {
                 TensorData::new(batch.targets[start..start + len].to_vec(), [len]),
                 self.device,
             );
-            let logp = log_softmax(model.head(leaf.clone(), dtype), 1);
-            let nll = logp.gather(1, targets.unsqueeze_dim(1)).sum().neg();
+            let nll = cross_entropy(model.head(leaf.clone(), dtype), targets).sum();
             nll_parts.push(nll.clone().inner());
             let grads = nll.div_scalar(self.denom).backward();
             grads_in.push(leaf.grad(&grads).expect("head input gradient"));
@@ -1151,7 +1145,7 @@ pub(super) fn sum_f64<B: Backend>(parts: Vec<Tensor<B, 1>>) -> f64 {
         .sum()
 }
 
-/// Clips (`factor`) and applies one AdamW update, decayed and plain groups apart.
+/// Applies one AdamW update to the gradients times `factor` (clipping), decayed and plain groups apart.
 pub(super) fn update<B: TrainBackend>(
     model: TrainModel<B>,
     grads: GradientsParams,
@@ -1161,9 +1155,8 @@ pub(super) fn update<B: TrainBackend>(
     opt_decay: &mut Adam<B>,
     opt_plain: &mut Adam<B>,
 ) -> TrainModel<B> {
-    let mut split = ScaleAndSplit::<B> {
+    let mut split = Split::<B> {
         all: grads,
-        factor,
         decay_ids,
         decay: GradientsParams::new(),
         plain: GradientsParams::new(),
@@ -1172,10 +1165,10 @@ pub(super) fn update<B: TrainBackend>(
     model.visit(&mut split);
     let mut model = model;
     if !split.decay.is_empty() {
-        model = opt_decay.step(lr, model, split.decay);
+        model = opt_decay.step(lr, model, split.decay, factor);
     }
     if !split.plain.is_empty() {
-        model = opt_plain.step(lr, model, split.plain);
+        model = opt_plain.step(lr, model, split.plain, factor);
     }
     model
 }

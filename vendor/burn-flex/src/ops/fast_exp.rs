@@ -114,6 +114,12 @@ pub(crate) fn exp_shifted_sum_inplace(xs: &mut [f32], shift: f32) -> f32 {
     xs.iter().sum()
 }
 
+/// [`exp_shifted_sum_inplace`] on this thread only, for callers that already run on every core.
+pub(crate) fn exp_shifted_sum_serial(xs: &mut [f32], shift: f32) -> f32 {
+    map_inplace_serial(xs, move |x| exp_f32(x - shift));
+    xs.iter().sum()
+}
+
 /// `xs[i] = sigmoid(xs[i])`.
 pub(crate) fn sigmoid_inplace(xs: &mut [f32]) {
     map_inplace(xs, sigmoid_f32);

@@ -17,7 +17,7 @@ use burn_backend::DType;
 use burn_std::{Bytes, Shape};
 
 use crate::layout::Layout;
-use crate::ops::fast_exp::{exp_shifted_sum_inplace, sigmoid_inplace};
+use crate::ops::fast_exp::{exp_shifted_sum_inplace, exp_shifted_sum_serial, sigmoid_inplace};
 use crate::tensor::FlexTensor;
 
 /// `[b, h, n, d]` (or `[.., t, d]`) dims of an attention operand.
@@ -560,4 +560,195 @@ pub fn swiglu_backward(
     });
     // SAFETY: the blocks cover every element of both.
     unsafe { (written_tensor(dg, shape.clone()), written_tensor(du, shape)) }
+}
+
+/// Class indices of an int tensor (i64 or i32), contiguous.
+fn class_indices(t: &FlexTensor) -> Vec<usize> {
+    let t = t.to_contiguous();
+    let to = |v: i64| usize::try_from(v).expect("cross-entropy: a negative class index");
+    match t.dtype() {
+        DType::I64 => t.storage::<i64>().iter().map(|&v| to(v)).collect(),
+        DType::I32 => t.storage::<i32>().iter().map(|&v| to(i64::from(v))).collect(),
+        other => panic!("cross-entropy: class indices of dtype {other:?}"),
+    }
+}
+
+/// Rows and classes of `[n, v]` logits with one target per row.
+fn logit_dims(logits: &FlexTensor, targets: &[usize]) -> (usize, usize) {
+    let shape = shape_of(logits);
+    assert_eq!(shape.len(), 2, "cross-entropy: logits are [rows, classes]");
+    let (n, v) = (shape[0], shape[1]);
+    assert_eq!(targets.len(), n, "cross-entropy: one target per row");
+    assert!(
+        targets.iter().all(|&t| t < v),
+        "cross-entropy: a class index outside 0..{v}"
+    );
+    (n, v)
+}
+
+/// Cross-entropy of f32 logits `[n, v]` against one class index per row: returns the NLL
+/// `lse − logit[target]` (`[n]`) and the row's log-sum-exp `lse` (`[n]`) for
+/// [`cross_entropy_backward`]. One read of the logits; no `[n, v]` output.
+pub fn cross_entropy_forward(logits: &FlexTensor, targets: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let targets = class_indices(targets);
+    let (n, v) = logit_dims(logits, &targets);
+    let x = values(logits);
+    let xs = x.storage::<f32>();
+    let mut nll = uninit(n);
+    let mut lse = uninit(n);
+    let (no, lo) = (Out::of(&mut nll), Out::of(&mut lse));
+    for_each_block(n, |first, rows| {
+        // SAFETY: each block writes its own rows of both outputs.
+        let (nb, lb) = unsafe { (no.block(first, rows), lo.block(first, rows)) };
+        let mut scratch = alloc::vec![0.0f32; v];
+        for i in 0..rows {
+            let row = &xs[(first + i) * v..(first + i + 1) * v];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            scratch.copy_from_slice(row);
+            let l = max + exp_shifted_sum_serial(&mut scratch, max).ln();
+            lb[i] = l;
+            nb[i] = l - row[targets[first + i]];
+        }
+    });
+    // SAFETY: the blocks cover every row.
+    unsafe {
+        (
+            written_tensor(nll, alloc::vec![n]),
+            written_tensor(lse, alloc::vec![n]),
+        )
+    }
+}
+
+/// Gradient of [`cross_entropy_forward`]'s NLL for its gradient `grad [n]`:
+/// `(softmax(x) − onehot(target))·grad` per row, `[n, v]`.
+pub fn cross_entropy_backward(
+    logits: &FlexTensor,
+    lse: &FlexTensor,
+    targets: &FlexTensor,
+    grad: &FlexTensor,
+) -> FlexTensor {
+    let targets = class_indices(targets);
+    let (n, v) = logit_dims(logits, &targets);
+    let (x, lse, g) = (values(logits), values(lse), values(grad));
+    let (xs, ls, gs) = (x.storage::<f32>(), lse.storage::<f32>(), g.storage::<f32>());
+    assert_eq!(ls.len(), n, "cross-entropy: one lse per row");
+    assert_eq!(gs.len(), n, "cross-entropy: one gradient per row");
+    let mut dx = uninit(n * v);
+    let dxo = Out::of(&mut dx);
+    for_each_block(n, |first, rows| {
+        // SAFETY: each block writes its own rows.
+        let out = unsafe { dxo.block(first * v, rows * v) };
+        for (i, o) in out.chunks_exact_mut(v).enumerate() {
+            let row = first + i;
+            o.copy_from_slice(&xs[row * v..(row + 1) * v]);
+            exp_shifted_sum_serial(o, ls[row]);
+            let g = gs[row];
+            o.iter_mut().for_each(|p| *p *= g);
+            o[targets[row]] -= g;
+        }
+    });
+    // SAFETY: the blocks cover every row.
+    unsafe { written_tensor(dx, alloc::vec![n, v]) }
+}
+
+/// The f32 constants of one AdamW step, rounded as Burn's `AdamW` rounds them.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamwStep {
+    /// Factor applied to the gradient first (global-norm clipping), if any.
+    pub grad_scale: Option<f32>,
+    /// β₁ and `1 − β₁`.
+    pub beta_1: f32,
+    pub one_minus_beta_1: f32,
+    /// β₂ and `1 − β₂`.
+    pub beta_2: f32,
+    pub one_minus_beta_2: f32,
+    /// Bias corrections `1 − β₁ᵗ` and `1 − β₂ᵗ`.
+    pub bias_1: f32,
+    pub bias_2: f32,
+    pub epsilon: f32,
+    /// `1 − lr·weight_decay`, or `None` without decay.
+    pub keep: Option<f32>,
+    pub lr: f32,
+}
+
+/// A contiguous tensor that owns its buffer, for writing in place (a copy when shared).
+fn owned(mut t: FlexTensor) -> FlexTensor {
+    if !(t.is_unique() && t.layout().contiguous_offsets() == Some((0, t.layout().num_elements())))
+    {
+        t = t.to_contiguous();
+    }
+    t
+}
+
+/// One AdamW step over f32 `param` and `grad`, with the moments `(m, v)` of the previous steps
+/// (none on the first): the same f32 operations in the same order as Burn's `AdamW`, so the
+/// same bits, in one pass that updates the buffers in place where they are not shared.
+/// Returns the new `(param, m, v)`.
+pub fn adamw_step(
+    param: FlexTensor,
+    grad: &FlexTensor,
+    moments: Option<(FlexTensor, FlexTensor)>,
+    s: AdamwStep,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let shape = shape_of(&param);
+    assert_eq!(shape_of(grad), shape, "adamw: gradient shape");
+    assert_eq!(param.dtype(), DType::F32, "adamw: f32 parameters");
+    let g = values(grad);
+    let gs = g.storage::<f32>();
+    let len = gs.len();
+    let fresh = moments.is_none();
+    let (mut m, mut v) = match moments {
+        Some((m, v)) => {
+            assert_eq!(shape_of(&m), shape, "adamw: first moment shape");
+            assert_eq!(shape_of(&v), shape, "adamw: second moment shape");
+            (owned(values(&m)), owned(values(&v)))
+        }
+        None => {
+            let zeros = || {
+                FlexTensor::new(
+                    Bytes::from_elems(alloc::vec![0.0f32; len]),
+                    Layout::contiguous(Shape::from(shape.clone())),
+                    DType::F32,
+                )
+            };
+            (zeros(), zeros())
+        }
+    };
+    let mut p = owned(param);
+    let (po, mo, vo) = (
+        Out(p.storage_mut::<f32>().as_mut_ptr()),
+        Out(m.storage_mut::<f32>().as_mut_ptr()),
+        Out(v.storage_mut::<f32>().as_mut_ptr()),
+    );
+    for_each_block(len.div_ceil(ELEMS_PER_BLOCK), |first, blocks| {
+        let start = first * ELEMS_PER_BLOCK;
+        let end = ((first + blocks) * ELEMS_PER_BLOCK).min(len);
+        // SAFETY: each block updates its own range of the three buffers, all `len` long.
+        let (pb, mb, vb) = unsafe {
+            (
+                po.block(start, end - start),
+                mo.block(start, end - start),
+                vo.block(start, end - start),
+            )
+        };
+        for (i, &g) in gs[start..end].iter().enumerate() {
+            let g = s.grad_scale.map_or(g, |f| g * f);
+            // Burn's first step sets m = g·(1 − β₁) rather than adding to a zero moment:
+            // the same value, and the same bits except for the sign of a zero.
+            let (m, v) = if fresh {
+                (g * s.one_minus_beta_1, g * g * s.one_minus_beta_2)
+            } else {
+                (
+                    mb[i] * s.beta_1 + g * s.one_minus_beta_1,
+                    vb[i] * s.beta_2 + g * g * s.one_minus_beta_2,
+                )
+            };
+            mb[i] = m;
+            vb[i] = v;
+            let delta = (m / s.bias_1) / ((v / s.bias_2).sqrt() + s.epsilon);
+            let kept = s.keep.map_or(pb[i], |k| pb[i] * k);
+            pb[i] = kept - delta * s.lr;
+        }
+    });
+    (p, m, v)
 }
