@@ -434,6 +434,7 @@ pub fn attention_forward_composed<B: Kernels>(
     let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
     let [b, h, n, _] = q.dims();
     let t = k.dims()[2];
+    let (k, v) = (repeat_kv(k, h), repeat_kv(v, h));
     let future = future_mask::<B>([b, h, n, t], &q.device());
     let scores = float::<B, 4>(B::gemm(
         q.into_primitive().tensor(),
@@ -465,13 +466,24 @@ pub fn attention_backward_composed<B: Kernels>(
         ))
     };
     let (q, k, v) = (float::<B, 4>(q), float::<B, 4>(k), float::<B, 4>(v));
+    let [b, h, _, d] = q.dims();
+    let [_, kv, t, _] = k.dims();
+    let (k, v) = (repeat_kv(k, h), repeat_kv(v, h));
+    // A key/value head's gradient is the sum over the query heads that read it.
+    let fold = |t_: Tensor<B, 4>| {
+        if kv == h {
+            t_
+        } else {
+            t_.reshape([b, kv, h / kv, t, d]).sum_dim(2).reshape([b, kv, t, d])
+        }
+    };
     let (p, g) = (float::<B, 4>(probs), float::<B, 4>(grad));
-    let dv = mm(p.clone().swap_dims(2, 3), g.clone());
+    let dv = fold(mm(p.clone().swap_dims(2, 3), g.clone()));
     let dp = mm(g, v.swap_dims(2, 3));
     let dot = (dp.clone() * p.clone()).sum_dim(3);
     let ds = (p * (dp - dot)).mul_scalar(scale);
     let dq = mm(ds.clone(), k);
-    let dk = mm(ds.swap_dims(2, 3), q);
+    let dk = fold(mm(ds.swap_dims(2, 3), q));
     (
         dq.into_primitive().tensor(),
         dk.into_primitive().tensor(),
@@ -1053,8 +1065,22 @@ fn routed_linear<B: Kernels>(
     }
 }
 
-/// Causal attention of `q [b, h, n, d]` over `k`, `v [b, h, t, d]` (t ≥ n: query `i` sees keys
-/// `..= i + t - n`, Burn's bottom-right alignment), scale `1/√d`. Where products are routed,
+/// Key/value heads `[b, kv, t, d]` repeated for `heads` query heads (grouped-query attention):
+/// query head `j` reads key/value head `j / (heads / kv)`.
+pub fn repeat_kv<B: Backend>(t: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
+    let [b, kv, s, d] = t.dims();
+    if kv == heads {
+        return t;
+    }
+    assert!(kv > 0 && heads % kv == 0, "{heads} query heads over {kv} key/value heads");
+    t.unsqueeze_dim::<5>(2)
+        .expand([b, kv, heads / kv, s, d])
+        .reshape([b, heads, s, d])
+}
+
+/// Causal attention of `q [b, h, n, d]` over `k`, `v [b, kv, t, d]` (t ≥ n: query `i` sees keys
+/// `..= i + t - n`, Burn's bottom-right alignment; `kv` divides `h`, grouped-query attention
+/// when smaller), scale `1/√d`. Where products are routed,
 /// it is Burn's unfused fallback (scores, mask, softmax, values) with both products through
 /// [`Kernels::gemm`]; otherwise Burn's `attention`.
 pub fn causal_attention<B: Kernels>(
@@ -1072,6 +1098,8 @@ pub fn causal_attention<B: Kernels>(
         ));
     }
     let q = float::<B, 4>(q);
+    let heads = q.dims()[1];
+    let (k, v) = (repeat_kv(k, heads), repeat_kv(v, heads));
     if !B::routes_products(&device) {
         let options = AttentionModuleOptions {
             scale: None,
@@ -1244,11 +1272,13 @@ mod tests {
         let normal = |shape: [usize; 4]| {
             Tensor::<Cpu, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device)
         };
-        for (n, t) in [(7, 7), (3, 7), (1, 5), (33, 40)] {
-            // Queries as the model makes them: a `[b, n, h, d]` view with heads swapped in.
-            let q = normal([2, n, 3, 8]).swap_dims(1, 2);
-            let (k, v) = (normal([2, 3, t, 8]), normal([2, 3, t, 8]));
-            let weights = normal([2, 3, n, 8]);
+        // Queries, keys and values as the model makes them: `[b, s, heads, d]` views with the
+        // heads swapped in; grouped-query cases share each key/value head between query heads.
+        for (n, t, h, kv) in [(7, 7, 3, 3), (3, 7, 6, 2), (1, 5, 4, 1), (33, 40, 6, 2)] {
+            let q = normal([2, n, h, 8]).swap_dims(1, 2);
+            let k = normal([2, t, kv, 8]).swap_dims(1, 2);
+            let v = normal([2, kv, t, 8]);
+            let weights = normal([2, h, n, 8]);
             assert!(<Ad as Kernels>::fuses_attention(
                 &Tensor::<Ad, 4>::from_inner(q.clone())
                     .into_primitive()
@@ -1269,10 +1299,10 @@ mod tests {
                 (y.inner(), g(&q), g(&k), g(&v))
             };
             let (a, b) = (run(false), run(true));
-            assert!(max_diff(a.0, b.0) < 1e-5, "n {n} t {t}: values");
-            assert!(max_diff(a.1, b.1.clone()) < 1e-5, "n {n} t {t}: dq");
-            assert!(max_diff(a.2, b.2) < 1e-5, "n {n} t {t}: dk");
-            assert!(max_diff(a.3, b.3) < 1e-5, "n {n} t {t}: dv");
+            assert!(max_diff(a.0, b.0) < 1e-5, "n {n} t {t} kv {kv}: values");
+            assert!(max_diff(a.1, b.1.clone()) < 1e-5, "n {n} t {t} kv {kv}: dq");
+            assert!(max_diff(a.2, b.2) < 1e-5, "n {n} t {t} kv {kv}: dk");
+            assert!(max_diff(a.3, b.3) < 1e-5, "n {n} t {t} kv {kv}: dv");
 
             // The composed default (what other backends run) agrees with the kernels too.
             let prim = |t: &Tensor<Cpu, 4>| t.clone().into_primitive().tensor();
@@ -1533,7 +1563,8 @@ mod tests {
             softcap: None,
             is_causal: true,
         };
-        burn::tensor::module::attention(q, k, v, None, None, options)
+        let h = q.dims()[1];
+        burn::tensor::module::attention(q, repeat_kv(k, h), repeat_kv(v, h), None, None, options)
     }
 
     fn pad4(s: &[usize]) -> [usize; 4] {

@@ -228,8 +228,9 @@ impl<B: QuantOps> TrainModel<B> {
         }
     }
 
-    /// Layer `i`'s attention inputs `[b, heads, s, hd]`: RoPE applied, KV heads expanded to the
-    /// query heads in `repeat_interleave` order (KV head j serves query heads j·n_rep ..).
+    /// Layer `i`'s attention inputs: queries `[b, heads, s, hd]` and keys and values
+    /// `[b, kv_heads, s, hd]`, RoPE applied (KV head j serves query heads j·n_rep .., as
+    /// `repeat_interleave` orders them; see [`kernels::repeat_kv`]).
     pub(crate) fn attn_inputs(
         &self,
         i: usize,
@@ -254,17 +255,8 @@ impl<B: QuantOps> TrainModel<B> {
             ))
             .swap_dims(1, 2);
         let v = split(lc.lin(&a.v_proj, LoraTarget::VProj, x, f), kv).swap_dims(1, 2);
-        let n_rep = h / kv;
-        let repeat = |t: Tensor<B, 4>| {
-            if n_rep == 1 {
-                t
-            } else {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([b, kv, n_rep, s, hd])
-                    .reshape([b, h, s, hd])
-            }
-        };
-        (q, repeat(k), repeat(v))
+        // Key/value heads stay unrepeated: attention reads each group's shared head.
+        (q, k, v)
     }
 
     /// Layer `i` after attention: o_proj of the context `[b, heads, s, hd]`, the residual to

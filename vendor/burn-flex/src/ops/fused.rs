@@ -44,8 +44,8 @@ fn uninit(n: usize) -> Vec<MaybeUninit<f32>> {
     v
 }
 
-/// `dst (m×n) = beta·(lhs·rhs)` with explicit strides (in elements), on this thread.
-/// `read_dst = false`: every element of `dst` is written, none read.
+/// `dst (m×n) = beta·(lhs·rhs)`, or with `acc` `dst += beta·(lhs·rhs)`, with explicit strides
+/// (in elements), on this thread. Without `acc` every element of `dst` is written, none read.
 ///
 /// # Safety
 /// The pointers and strides must describe valid `m×k`, `k×n` and `m×n` matrices.
@@ -61,6 +61,7 @@ unsafe fn product(
     rhs: *const f32,
     (rhs_rs, rhs_cs): (isize, isize),
     beta: f32,
+    acc: bool,
 ) {
     unsafe {
         gemm::gemm(
@@ -70,14 +71,14 @@ unsafe fn product(
             dst,
             1,
             dst_rs,
-            false,
+            acc,
             lhs,
             lhs_cs,
             lhs_rs,
             rhs,
             rhs_cs,
             rhs_rs,
-            0.0f32,
+            if acc { 1.0f32 } else { 0.0 },
             beta,
             false,
             false,
@@ -109,6 +110,13 @@ impl Out {
     fn of(v: &mut [MaybeUninit<f32>]) -> Self {
         Self(v.as_mut_ptr().cast())
     }
+    /// The element at `offset`, for a strided block of this pair's own elements.
+    ///
+    /// # Safety
+    /// `offset` must be inside the buffer.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        unsafe { self.0.add(offset) }
+    }
     /// # Safety
     /// `offset..offset + len` must be inside the buffer and written by this pair only.
     unsafe fn block<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
@@ -117,10 +125,95 @@ impl Out {
     }
 }
 
-/// Causal attention of `q [b, h, n, d]` over `k`, `v [b, h, t, d]` with `t ≥ n` (query `i`
+/// An attention operand read in place: its f32 buffer, where the `[b, heads, rows, d]` view
+/// starts and the strides of those four dims (any order in memory, so that the projections'
+/// `[b, s, heads, d]` layout needs no copy).
+struct Operand {
+    t: FlexTensor,
+    offset: usize,
+    strides: [isize; 4],
+}
+
+impl Operand {
+    fn of(t: &FlexTensor) -> Self {
+        assert_eq!(t.dtype(), DType::F32, "fused attention: f32 only");
+        let layout = t.layout();
+        let s = layout.strides();
+        if s.iter().all(|&x| x >= 0) {
+            return Self {
+                t: t.clone(),
+                offset: layout.start_offset(),
+                strides: [s[0], s[1], s[2], s[3]],
+            };
+        }
+        let t = t.to_contiguous();
+        let s = t.layout().strides();
+        let strides = [s[0], s[1], s[2], s[3]];
+        Self {
+            t,
+            offset: 0,
+            strides,
+        }
+    }
+
+    /// The `rows×d` matrix of batch `b`, head `head`.
+    fn at(&self, b: usize, head: usize) -> *const f32 {
+        let [sb, sh, _, _] = self.strides;
+        let base = self.t.storage::<f32>().as_ptr();
+        // SAFETY: the view's elements lie inside the buffer (the layout describes them).
+        unsafe { base.add(self.offset + b * sb as usize + head * sh as usize) }
+    }
+
+    /// (row stride, column stride).
+    fn rows(&self) -> (isize, isize) {
+        (self.strides[2], self.strides[3])
+    }
+
+    /// Strides of the transpose (`d×rows`).
+    fn cols(&self) -> (isize, isize) {
+        (self.strides[3], self.strides[2])
+    }
+}
+
+/// A buffer written as `[b, rows, heads, d]` and returned as its `[b, heads, rows, d]` view,
+/// the layout the attention's callers merge heads from (`swap_dims(1, 2)` and a reshape, then
+/// free) and the projections' gradients arrive in.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn heads_view(
+    v: Vec<MaybeUninit<f32>>,
+    [b, heads, rows, d]: [usize; 4],
+) -> FlexTensor {
+    let mut v = core::mem::ManuallyDrop::new(v);
+    // SAFETY: the caller wrote every element; same allocation, read as the initialised type.
+    let v = unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) };
+    let strides = alloc::vec![(rows * heads * d) as isize, d as isize, (heads * d) as isize, 1];
+    FlexTensor::new(
+        Bytes::from_elems(v),
+        Layout::new(Shape::from(alloc::vec![b, heads, rows, d]), strides, 0),
+        DType::F32,
+    )
+}
+
+/// Heads per key/value head, checking the operands' shapes.
+fn group_size([b, h, n, d]: [usize; 4], [kb, kv, t, kd]: [usize; 4]) -> usize {
+    assert!(t >= n, "fused attention: more queries than keys");
+    assert_eq!((kb, kd), (b, d), "fused attention: key/value shape");
+    assert!(
+        kv > 0 && h % kv == 0,
+        "fused attention: {h} query heads over {kv} key/value heads"
+    );
+    h / kv
+}
+
+/// Causal attention of `q [b, h, n, d]` over `k`, `v [b, kv, t, d]` with `t ≥ n` (query `i`
 /// sees keys `..= i + t - n`, Burn's bottom-right alignment), scores scaled by `scale`.
-/// Returns the output `[b, h, n, d]` and the softmax probabilities `[b, h, n, t]` (zero
-/// above the diagonal) that [`causal_attention_backward`] needs.
+/// Grouped-query attention when `kv < h`: query head `j` reads key/value head `j / (h / kv)`,
+/// with no copy of the shared heads. Operands may be strided views.
+/// Returns the output `[b, h, n, d]` (a view of a `[b, n, h, d]` buffer) and the softmax
+/// probabilities `[b, h, n, t]` (zero above the diagonal) that [`causal_attention_backward`]
+/// needs.
 pub fn causal_attention_forward(
     q: &FlexTensor,
     k: &FlexTensor,
@@ -129,35 +222,30 @@ pub fn causal_attention_forward(
 ) -> (FlexTensor, FlexTensor) {
     let [b, h, n, d] = dims4(q);
     let t = dims4(k)[2];
-    assert!(t >= n, "fused attention: more queries than keys");
-    assert_eq!(dims4(k), [b, h, t, d], "fused attention: key shape");
-    assert_eq!(dims4(v), [b, h, t, d], "fused attention: value shape");
+    let rep = group_size([b, h, n, d], dims4(k));
+    assert_eq!(dims4(v), dims4(k), "fused attention: value shape");
     if t == 0 {
         // No keys (and so no queries): nothing to attend to, nothing to write.
         // SAFETY: an empty buffer has no element to write.
         return unsafe {
             (
-                written_tensor(uninit(0), alloc::vec![b, h, n, d]),
+                heads_view(uninit(0), [b, h, n, d]),
                 written_tensor(uninit(0), alloc::vec![b, h, n, t]),
             )
         };
     }
-    let (q, k, v) = (values(q), values(k), values(v));
-    let (qs, ks, vs) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
-    let mut out = uninit(b * h * n * d);
+    let (q, k, v) = (Operand::of(q), Operand::of(k), Operand::of(v));
+    let mut out = uninit(b * n * h * d);
     let mut probs = uninit(b * h * n * t);
     let (o, p) = (Out::of(&mut out), Out::of(&mut probs));
-    let (di, ti) = (d as isize, t as isize);
+    let ti = t as isize;
     for_each_pair(b * h, |pair| {
-        // SAFETY: each pair owns its `n×t` block of `probs` and `n×d` block of `out`; the
-        // operands are contiguous `[.., n|t, d]` blocks of the right length.
+        let (bi, hh) = (pair / h, pair % h);
+        let g = hh / rep;
+        // SAFETY: each pair owns its `n×t` block of `probs` and its head's rows of `out`; the
+        // operands' strides describe their views.
         unsafe {
             let pp = p.block(pair * n * t, n * t);
-            let (qp, kp, vp) = (
-                qs.as_ptr().add(pair * n * d),
-                ks.as_ptr().add(pair * t * d),
-                vs.as_ptr().add(pair * t * d),
-            );
             // Scores `scale·q·kᵀ`: kᵀ is k read with its strides swapped.
             product(
                 n,
@@ -165,11 +253,12 @@ pub fn causal_attention_forward(
                 d,
                 pp.as_mut_ptr(),
                 ti,
-                qp,
-                (di, 1),
-                kp,
-                (1, di),
+                q.at(bi, hh),
+                q.rows(),
+                k.at(bi, g),
+                k.cols(),
                 scale,
+                false,
             );
             for (i, row) in pp.chunks_exact_mut(t).enumerate() {
                 let visible = (i + t - n + 1).min(t);
@@ -180,32 +269,34 @@ pub fn causal_attention_forward(
                 seen.iter_mut().for_each(|x| *x *= inv);
                 hidden.fill(0.0);
             }
-            let op = o.block(pair * n * d, n * d);
             product(
                 n,
                 d,
                 t,
-                op.as_mut_ptr(),
-                di,
+                o.at(bi * n * h * d + hh * d),
+                (h * d) as isize,
                 pp.as_ptr(),
                 (ti, 1),
-                vp,
-                (di, 1),
+                v.at(bi, g),
+                v.rows(),
                 1.0,
+                false,
             );
         }
     });
-    // SAFETY: every pair wrote its whole block of both buffers.
+    // SAFETY: every pair wrote its whole block of `probs` and its head's rows of `out`.
     unsafe {
         (
-            written_tensor(out, alloc::vec![b, h, n, d]),
+            heads_view(out, [b, h, n, d]),
             written_tensor(probs, alloc::vec![b, h, n, t]),
         )
     }
 }
 
 /// Gradients `(dq, dk, dv)` of [`causal_attention_forward`] for the output's gradient `grad`,
-/// from the operands and the probabilities it returned.
+/// from the operands and the probabilities it returned. Each gradient is a view like the
+/// forward's output (`dk`, `dv` of `[b, t, kv, d]` buffers); a key/value head's gradient sums
+/// its query heads' in head order, so the bits do not depend on the thread count.
 pub fn causal_attention_backward(
     q: &FlexTensor,
     k: &FlexTensor,
@@ -215,7 +306,9 @@ pub fn causal_attention_backward(
     scale: f32,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
     let [b, h, n, d] = dims4(q);
-    let t = dims4(k)[2];
+    let [_, kv, t, _] = dims4(k);
+    let rep = group_size([b, h, n, d], dims4(k));
+    assert_eq!(dims4(v), dims4(k), "fused attention: value shape");
     assert_eq!(
         dims4(probs),
         [b, h, n, t],
@@ -224,90 +317,99 @@ pub fn causal_attention_backward(
     assert_eq!(dims4(grad), [b, h, n, d], "fused attention: gradient shape");
     if t == 0 {
         // SAFETY: an empty buffer has no element to write.
-        let empty = |rows| unsafe { written_tensor(uninit(0), alloc::vec![b, h, rows, d]) };
-        return (empty(n), empty(t), empty(t));
+        let empty = |heads, rows| unsafe { heads_view(uninit(0), [b, heads, rows, d]) };
+        return (empty(h, n), empty(kv, t), empty(kv, t));
     }
-    let (q, k, v, probs, grad) = (values(q), values(k), values(v), values(probs), values(grad));
-    let (qs, ks, vs, ps, gs) = (
-        q.storage::<f32>(),
-        k.storage::<f32>(),
-        v.storage::<f32>(),
-        probs.storage::<f32>(),
-        grad.storage::<f32>(),
+    let (q, k, v, g) = (
+        Operand::of(q),
+        Operand::of(k),
+        Operand::of(v),
+        Operand::of(grad),
     );
-    let mut dq = uninit(b * h * n * d);
-    let mut dk = uninit(b * h * t * d);
-    let mut dv = uninit(b * h * t * d);
-    // `dP`, then `dS` in place: one `n×t` block per pair.
-    let mut ds = uninit(b * h * n * t);
-    let (oq, ok, ov, os) = (
-        Out::of(&mut dq),
-        Out::of(&mut dk),
-        Out::of(&mut dv),
-        Out::of(&mut ds),
-    );
-    let (di, ti) = (d as isize, t as isize);
-    for_each_pair(b * h, |pair| {
-        // SAFETY: each pair owns its blocks of the four outputs; the inputs are contiguous
-        // blocks of the right length.
+    let probs = values(probs);
+    let ps = probs.storage::<f32>();
+    let mut dq = uninit(b * n * h * d);
+    let mut dk = uninit(b * t * kv * d);
+    let mut dv = uninit(b * t * kv * d);
+    let (oq, ok, ov) = (Out::of(&mut dq), Out::of(&mut dk), Out::of(&mut dv));
+    let ti = t as isize;
+    let (q_rs, kv_rs) = ((h * d) as isize, (kv * d) as isize);
+    for_each_pair(b * kv, |group| {
+        let (bi, gi) = (group / kv, group % kv);
+        // `dP`, then `dS` in place, for one head at a time.
+        let mut ds = uninit(n * t);
+        // SAFETY: each group owns its key/value head's rows of `dk` and `dv` and its query
+        // heads' rows of `dq`; the operands' strides describe their views.
         unsafe {
-            let (qp, kp, vp, pp, gp) = (
-                qs.as_ptr().add(pair * n * d),
-                ks.as_ptr().add(pair * t * d),
-                vs.as_ptr().add(pair * t * d),
-                ps.as_ptr().add(pair * n * t),
-                gs.as_ptr().add(pair * n * d),
-            );
-            // dV = Pᵀ·dO
-            let dvp = ov.block(pair * t * d, t * d);
-            product(t, d, n, dvp.as_mut_ptr(), di, pp, (1, ti), gp, (di, 1), 1.0);
-            // dP = dO·Vᵀ
-            let dsp = os.block(pair * n * t, n * t);
-            product(n, t, d, dsp.as_mut_ptr(), ti, gp, (di, 1), vp, (1, di), 1.0);
-            // dS = scale·P∘(dP − Σⱼ P·dP), row by row (P is zero where masked).
-            let prow = core::slice::from_raw_parts(pp, n * t);
-            for (dsr, pr) in dsp.chunks_exact_mut(t).zip(prow.chunks_exact(t)) {
-                let dot: f32 = dsr.iter().zip(pr).map(|(g, p)| g * p).sum();
-                dsr.iter_mut()
-                    .zip(pr)
-                    .for_each(|(g, p)| *g = scale * p * (*g - dot));
+            let dsp = Out::of(&mut ds).block(0, n * t);
+            let dkp = ok.at(bi * t * kv * d + gi * d);
+            let dvp = ov.at(bi * t * kv * d + gi * d);
+            for r in 0..rep {
+                let hh = gi * rep + r;
+                let pp = ps.as_ptr().add((bi * h + hh) * n * t);
+                // The group's first head writes dK and dV, the others add to them.
+                let acc = r > 0;
+                // dV += Pᵀ·dO
+                product(t, d, n, dvp, kv_rs, pp, (1, ti), g.at(bi, hh), g.rows(), 1.0, acc);
+                // dP = dO·Vᵀ
+                product(
+                    n,
+                    t,
+                    d,
+                    dsp.as_mut_ptr(),
+                    ti,
+                    g.at(bi, hh),
+                    g.rows(),
+                    v.at(bi, gi),
+                    v.cols(),
+                    1.0,
+                    false,
+                );
+                // dS = scale·P∘(dP − Σⱼ P·dP), row by row (P is zero where masked).
+                let prow = core::slice::from_raw_parts(pp, n * t);
+                for (dsr, pr) in dsp.chunks_exact_mut(t).zip(prow.chunks_exact(t)) {
+                    let dot: f32 = dsr.iter().zip(pr).map(|(g, p)| g * p).sum();
+                    dsr.iter_mut()
+                        .zip(pr)
+                        .for_each(|(g, p)| *g = scale * p * (*g - dot));
+                }
+                // dQ = dS·K
+                product(
+                    n,
+                    d,
+                    t,
+                    oq.at(bi * n * h * d + hh * d),
+                    q_rs,
+                    dsp.as_ptr(),
+                    (ti, 1),
+                    k.at(bi, gi),
+                    k.rows(),
+                    1.0,
+                    false,
+                );
+                // dK += dSᵀ·Q
+                product(
+                    t,
+                    d,
+                    n,
+                    dkp,
+                    kv_rs,
+                    dsp.as_ptr(),
+                    (1, ti),
+                    q.at(bi, hh),
+                    q.rows(),
+                    1.0,
+                    acc,
+                );
             }
-            // dQ = dS·K, dK = dSᵀ·Q
-            let dqp = oq.block(pair * n * d, n * d);
-            product(
-                n,
-                d,
-                t,
-                dqp.as_mut_ptr(),
-                di,
-                dsp.as_ptr(),
-                (ti, 1),
-                kp,
-                (di, 1),
-                1.0,
-            );
-            let dkp = ok.block(pair * t * d, t * d);
-            product(
-                t,
-                d,
-                n,
-                dkp.as_mut_ptr(),
-                di,
-                dsp.as_ptr(),
-                (1, ti),
-                qp,
-                (di, 1),
-                1.0,
-            );
         }
     });
-    drop(ds);
-    // SAFETY: every pair wrote its whole block of the three gradients.
+    // SAFETY: every group wrote its heads' rows of the three gradients.
     unsafe {
         (
-            written_tensor(dq, alloc::vec![b, h, n, d]),
-            written_tensor(dk, alloc::vec![b, h, t, d]),
-            written_tensor(dv, alloc::vec![b, h, t, d]),
+            heads_view(dq, [b, h, n, d]),
+            heads_view(dk, [b, kv, t, d]),
+            heads_view(dv, [b, kv, t, d]),
         )
     }
 }
