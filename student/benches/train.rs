@@ -5,6 +5,7 @@
 //! `cargo bench -p distill-student --bench train`
 //! One SFT step = 4 sequences × 256 input tokens (32 prompt + 224 target), loss on the targets,
 //! backward, global-norm clipping, AdamW. Each figure is the best of 5 steps after a warm-up step.
+//! The two sides alternate over `DISTILL_BENCH_ROUNDS` rounds (default 3), best step of each.
 //! Environment: `DISTILL_BENCH_PYTHON` (default `python3`; needs torch + transformers, else the
 //! baseline is skipped), `RAYON_NUM_THREADS` (threads for both sides; default: all cores).
 
@@ -80,7 +81,32 @@ fn main() {
         SEQ - PROMPT
     );
 
-    let (secs, peak) = burn_step_secs(&model, false);
+    // This VM's speed drifts by tens of percent over a minute; alternating the two sides over
+    // several rounds, best step of each, keeps a slow spell from landing on one side only.
+    let rounds: usize = std::env::var("DISTILL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    save_pretrained(&model, dir.path(), &SaveOptions::default()).expect("save benchmark model");
+    let python = std::env::var("DISTILL_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let (mut secs, mut peak) = (f64::INFINITY, 0);
+    let mut torch: Option<(f64, serde_json::Value)> = None;
+    let mut torch_ok = true;
+    for round in 1..=rounds {
+        let (s, p) = burn_step_secs(&model, false);
+        (secs, peak) = (secs.min(s), peak.max(p));
+        let t = if torch_ok { torch_step(&python, dir.path(), threads) } else { None };
+        torch_ok = t.is_some();
+        let t_s = t.as_ref().map_or(f64::NAN, |v| v["step_s"].as_f64().unwrap_or(f64::NAN));
+        println!("round {round}: burn-flex {s:.3} s, pytorch {t_s:.3} s");
+        if let Some(v) = t
+            && torch.as_ref().is_none_or(|(best, _)| t_s < *best)
+        {
+            torch = Some((t_s, v));
+        }
+    }
     let burn_tps = (BATCH * SEQ) as f64 / secs;
     println!(
         "burn-flex train step: {secs:.3} s, {burn_tps:8.1} tok/s (peak RSS {:.0} MiB)",
@@ -92,43 +118,40 @@ fn main() {
         (BATCH * SEQ) as f64 / rsecs,
         rpeak as f64 / (1 << 20) as f64
     );
-
-    let dir = tempfile::tempdir().expect("temp dir");
-    save_pretrained(&model, dir.path(), &SaveOptions::default()).expect("save benchmark model");
-    let python = std::env::var("DISTILL_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/benches/torch_train_baseline.py"
-    );
-    let out = Command::new(&python)
-        .arg(script)
-        .arg(dir.path())
-        .args(["--threads", &threads.to_string()])
-        .args(["--batch", &BATCH.to_string(), "--seq", &SEQ.to_string()])
-        .args(["--prompt", &PROMPT.to_string()])
-        .args(["--reps", &REPS.to_string()])
-        .output();
-    let parsed = out.ok().filter(|o| o.status.success()).and_then(|o| {
-        let line = String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .last()?
-            .to_string();
-        serde_json::from_str::<serde_json::Value>(&line).ok()
-    });
-    match parsed {
-        Some(v) => {
-            let t = v["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    match torch {
+        Some((step_s, v)) => {
+            let t = (BATCH * SEQ) as f64 / step_s;
             println!(
-                "pytorch {} ({} threads, {} attention) train step: {:.3} s, {t:8.1} tok/s",
+                "pytorch {} ({} threads, {} attention) train step: {step_s:.3} s, {t:8.1} tok/s",
                 v["torch"],
                 v["threads"],
                 v["attention"].as_str().unwrap_or("?"),
-                v["step_s"].as_f64().unwrap_or(f64::NAN)
             );
             println!("ratio burn/pytorch: {:.2}x", burn_tps / t);
         }
         None => println!(
-            "pytorch baseline skipped: `{python} {script}` failed (needs torch + transformers)"
+            "pytorch baseline skipped: `{python} {TORCH_SCRIPT}` failed (needs torch + transformers)"
         ),
     }
+}
+
+const TORCH_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/benches/torch_train_baseline.py"
+);
+
+/// PyTorch's best step on the checkpoint in `dir` (its JSON report), `None` when it cannot run.
+fn torch_step(python: &str, dir: &std::path::Path, threads: usize) -> Option<serde_json::Value> {
+    let out = Command::new(python)
+        .arg(TORCH_SCRIPT)
+        .arg(dir)
+        .args(["--threads", &threads.to_string()])
+        .args(["--batch", &BATCH.to_string(), "--seq", &SEQ.to_string()])
+        .args(["--prompt", &PROMPT.to_string()])
+        .args(["--reps", &REPS.to_string()])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let line = String::from_utf8_lossy(&out.stdout).lines().last()?.to_string();
+    serde_json::from_str(&line).ok()
 }
