@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use distill_db::training::{self, CheckpointFile, StepMetrics as StepRow};
 use distill_student::train::{
-    Precision, SftRecord, TrainConfig, TrainError, Trainer, examples_from_records,
+    Precision, SftRecord, Sharding, TrainConfig, TrainError, Trainer, examples_from_records,
 };
 use distill_student::{ChatMessage, SaveOptions, Tokenizer};
 use serde::{Deserialize, Serialize};
@@ -64,6 +64,11 @@ pub struct TrainStageParams {
     /// the result, so a run may resume on another set.
     #[serde(default)]
     pub devices: Option<Vec<usize>>,
+    /// How the `devices` divide the training state: `"none"` (every device a whole replica)
+    /// or `"optimizer"` (ZeRO-1/2: each parameter's gradient and AdamW state on one device).
+    /// Not part of the stage's identity: the updates are the same.
+    #[serde(default)]
+    pub sharding: Sharding,
     /// Memory of the GPU, for the memory planner (default: an H200's 141 GB).
     #[serde(default)]
     pub gpu_mem_gib: Option<f64>,
@@ -96,6 +101,7 @@ const STAGE_KEYS: &[&str] = &[
     "keep_last",
     "device",
     "devices",
+    "sharding",
     "gpu_mem_gib",
 ];
 
@@ -350,6 +356,7 @@ impl Stage for Train {
             resume_from,
             artifacts: ctx.artifacts.clone(),
             checkpoint_every: self.stage.checkpoint_every,
+            sharding: self.stage.sharding,
             stop: stop.clone(),
             tx,
         };
@@ -613,6 +620,7 @@ struct TrainJob {
     resume_from: Option<PathBuf>,
     artifacts: PathBuf,
     checkpoint_every: usize,
+    sharding: Sharding,
     stop: Arc<AtomicBool>,
     tx: mpsc::Sender<Event>,
 }
@@ -653,10 +661,11 @@ impl TrainJob {
             None => Trainer::<B>::new(&self.base, &examples, self.config.clone(), device),
         }
         .map_err(|e| fail(&e))?;
+        trainer.set_sharding(self.sharding);
         trainer
             .replicate_on(&devices[1..])
             .map_err(|e| StageError::Input(e.to_string()))?;
-        tracing::info!(devices = devices.len(), "training");
+        tracing::info!(devices = devices.len(), sharding = ?self.sharding, "training");
         let mut last_saved = trainer.global_step();
         let _ = self.tx.blocking_send(Event::Start {
             total_steps: trainer.total_steps(),
@@ -713,6 +722,21 @@ impl TrainJob {
 mod tests {
     use super::*;
     use distill_student::train::LoraConfig;
+
+    /// `sharding` takes "none" and "optimizer"; anything else is refused naming the key.
+    #[test]
+    fn sharding_is_a_stage_key_and_names_itself_when_wrong() {
+        let parse = |v: &str| {
+            let table: toml::Table = toml::from_str(&format!("sharding = \"{v}\"")).unwrap();
+            parse_params::<TrainStageParams>(table)
+        };
+        assert_eq!(parse("optimizer").unwrap().sharding, Sharding::Optimizer);
+        assert_eq!(parse("none").unwrap().sharding, Sharding::None);
+        let err = parse("full").unwrap_err();
+        assert_eq!(err.field, "sharding", "{err:?}");
+        assert!(err.message.contains("optimizer"), "{}", err.message);
+        assert!(STAGE_KEYS.contains(&"sharding"));
+    }
 
     /// R1-Distill-Llama-70B's shape (Llama-3.3-70B) on one H200 at 4k tokens, bf16 with
     /// recomputation: `lora.base_bits = 4` is planned as QLoRA and fits; the same LoRA on a

@@ -666,7 +666,7 @@ impl<B: TrainBackend> GrpoTrainer<B> {
         let model = self.model.take().expect("model is present between steps");
         let (grads, stats) = self.loss_and_grads(&model, rollouts);
         let mut norms = SquaredNorms::<B> {
-            grads: &grads,
+            grads: std::slice::from_ref(&grads),
             parts: vec![],
         };
         model.visit(&mut norms);
@@ -896,10 +896,11 @@ impl<B: TrainBackend> GrpoTrainer<B> {
     pub fn save_checkpoint(&self, dir: impl AsRef<Path>) -> TrainResult<super::CheckpointInfo> {
         let dir = dir.as_ref();
         let tmp = checkpoint::begin(dir)?;
+        let mut record = self.opt_decay.to_record();
+        record.extend(self.opt_plain.to_record());
         save_weights_and_optimizer(
             self.model(),
-            &self.opt_decay,
-            &self.opt_plain,
+            record,
             Some(&self.base_dir),
             &tmp,
         )?;

@@ -47,6 +47,7 @@ pub use grpo::{
 };
 pub use lora::{ADAPTER_CONFIG_FILE, ADAPTER_FILE, LoraAdapters, LoraLayer, LoraPair};
 pub use model::TrainModel;
+pub use parallel::{ReplicaBytes, Sharding};
 pub use qlora::{QuantLayer, dequantize_base, init_quantized, load_quantized, quantize_base};
 pub use schedule::{learning_rate, warmup_steps};
 pub use trainer::{ADAPTER_DIR, CheckpointInfo, NamedTensor, StepMetrics, Trainer, peak_rss_bytes};

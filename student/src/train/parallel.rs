@@ -16,13 +16,258 @@
 //! multi-node case; the latter (NCCL all-reduce on CUDA; it does build beside `flex`) could not
 //! be run here, since NCCL refuses two ranks on one GPU and only one-GPU machines were available.
 
+use std::collections::HashMap;
+
 use super::TrainBackend;
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::model::TrainModel;
-use super::trainer::Adam;
+use super::trainer::{Adam, OptimRecord};
+
+/// How data-parallel replicas divide the training state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharding {
+    /// Every replica holds all weights, gradients and optimizer state (plain data parallelism).
+    #[default]
+    None,
+    /// ZeRO-1/2: each trainable parameter has one owner replica; its gradient is reduced onto
+    /// the owner only, which alone keeps its AdamW moments and updates it, and the new value is
+    /// then copied to the other replicas. Gradients and optimizer state per replica shrink to
+    /// about 1/N; the weights stay whole. Same updates as [`Sharding::None`], bit for bit.
+    Optimizer,
+}
+
+/// The owner replica of every trainable parameter of `model` among `n`: largest first, each to
+/// the replica owning the fewest elements so far (ties to the lower index), so the shares
+/// differ by at most one tensor.
+pub(super) fn owners<B: TrainBackend>(model: &TrainModel<B>, n: usize) -> HashMap<ParamId, usize> {
+    struct Sizes(Vec<(ParamId, usize)>);
+    impl<B: Backend> ModuleVisitor<B> for Sizes {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let t = p.val();
+            if t.is_require_grad() {
+                self.0.push((p.id, t.shape().num_elements()));
+            }
+        }
+    }
+    let mut sizes = Sizes(Vec::new());
+    model.visit(&mut sizes);
+    let mut params = sizes.0;
+    // Stable: equal sizes keep the visiting order.
+    params.sort_by(|a, b| b.1.cmp(&a.1));
+    let mut load = vec![0usize; n.max(1)];
+    params
+        .into_iter()
+        .map(|(id, numel)| {
+            let r = (0..load.len()).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+            load[r] += numel;
+            (id, r)
+        })
+        .collect()
+}
+
+/// Splits the AdamW records `record` by owner: entry `r` holds replica `r`'s parameters (all
+/// of them without `owners`).
+pub(super) fn split_record<B: TrainBackend>(
+    record: OptimRecord<B>,
+    owners: Option<&HashMap<ParamId, usize>>,
+    n: usize,
+) -> Vec<OptimRecord<B>> {
+    let mut out: Vec<OptimRecord<B>> = (0..n).map(|_| OptimRecord::<B>::default()).collect();
+    match owners {
+        Some(owners) => {
+            for (id, r) in record {
+                let owner = owners.get(&id).copied().unwrap_or(0);
+                out[owner].insert(id, r);
+            }
+        }
+        None => {
+            for o in &mut out {
+                o.clone_from(&record);
+            }
+        }
+    }
+    out
+}
+
+/// Sums every parameter's gradient over `parts` (one per replica, in device order) on its
+/// owner's device and hands it to the owner alone: entry `r` holds replica `r`'s parameters.
+pub(super) fn reduce_scatter<B: TrainBackend>(
+    model: &TrainModel<B>,
+    parts: Vec<GradientsParams>,
+    devices: &[B::Device],
+    owners: &HashMap<ParamId, usize>,
+) -> Vec<GradientsParams> {
+    struct Reduce<'a, B: TrainBackend> {
+        parts: Vec<GradientsParams>,
+        out: Vec<GradientsParams>,
+        devices: &'a [B::Device],
+        owners: &'a HashMap<ParamId, usize>,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Reduce<'_, B> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let owner = self.owners.get(&p.id).copied().unwrap_or(0);
+            let device = &self.devices[owner];
+            let mut total: Option<Tensor<B::InnerBackend, D>> = None;
+            for part in &mut self.parts {
+                if let Some(g) = part.remove::<B::InnerBackend, D>(p.id) {
+                    let g = g.to_device(device);
+                    total = Some(match total {
+                        Some(t) => t + g,
+                        None => g,
+                    });
+                }
+            }
+            if let Some(total) = total {
+                self.out[owner].register::<B::InnerBackend, D>(p.id, total);
+            }
+        }
+    }
+    debug_assert_eq!(parts.len(), devices.len());
+    let mut reduce = Reduce::<B> {
+        out: devices.iter().map(|_| GradientsParams::new()).collect(),
+        parts,
+        devices,
+        owners,
+    };
+    model.visit(&mut reduce);
+    reduce.out
+}
+
+/// After a sharded update: copies each parameter's new value from its owner into every other
+/// replica (`models` in device order).
+pub(super) fn all_gather<B: TrainBackend>(
+    models: Vec<TrainModel<B>>,
+    devices: &[B::Device],
+    owners: &HashMap<ParamId, usize>,
+) -> Vec<TrainModel<B>> {
+    /// Replica `me`'s own parameters' values.
+    struct Collect<'a> {
+        me: usize,
+        owners: &'a HashMap<ParamId, usize>,
+        values: &'a mut GradientsParams,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if self.owners.get(&p.id) == Some(&self.me) {
+                self.values
+                    .register::<B::InnerBackend, D>(p.id, p.val().inner());
+            }
+        }
+    }
+    /// Replaces the parameters replica `me` does not own by their owners' values.
+    struct Replace<'a, B: TrainBackend> {
+        me: usize,
+        owners: &'a HashMap<ParamId, usize>,
+        values: &'a GradientsParams,
+        device: &'a B::Device,
+    }
+    impl<B: TrainBackend> ModuleMapper<B> for Replace<'_, B> {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            match self.owners.get(&p.id) {
+                Some(&owner) if owner != self.me => {
+                    let Some(value) = self.values.get::<B::InnerBackend, D>(p.id) else {
+                        return p;
+                    };
+                    let device = self.device;
+                    p.map(|old| {
+                        let new = Tensor::from_inner(value.to_device(device));
+                        if old.is_require_grad() {
+                            new.require_grad()
+                        } else {
+                            new
+                        }
+                    })
+                }
+                _ => p,
+            }
+        }
+    }
+    let mut values = GradientsParams::new();
+    for (me, model) in models.iter().enumerate() {
+        model.visit(&mut Collect {
+            me,
+            owners,
+            values: &mut values,
+        });
+    }
+    models
+        .into_iter()
+        .enumerate()
+        .map(|(me, model)| {
+            model.map(&mut Replace::<B> {
+                me,
+                owners,
+                values: &values,
+                device: &devices[me],
+            })
+        })
+        .collect()
+}
+
+/// Bytes one replica holds, measured from its tensors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaBytes {
+    /// Weights (every parameter, trainable or frozen).
+    pub params: u64,
+    /// Gradients it received in the last step (after the reduce).
+    pub grads: u64,
+    /// AdamW moments.
+    pub optimizer: u64,
+}
+
+/// Bytes of `model`'s parameters and of the AdamW moments `record` holds for them.
+pub(super) fn held_bytes<B: TrainBackend>(
+    model: &TrainModel<B>,
+    record: &OptimRecord<B>,
+) -> (u64, u64) {
+    struct Count<'a, B: TrainBackend> {
+        record: &'a OptimRecord<B>,
+        params: u64,
+        optimizer: u64,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Count<'_, B> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let bytes = |t: &Tensor<B::InnerBackend, D>| {
+                (t.shape().num_elements() * t.dtype().size()) as u64
+            };
+            self.params += bytes(&p.val().inner());
+            if let Some(r) = self.record.get(&p.id) {
+                let state = r.clone().into_state::<D>();
+                self.optimizer += bytes(&state.momentum.moment_1) + bytes(&state.momentum.moment_2);
+            }
+        }
+    }
+    let mut count = Count::<B> {
+        record,
+        params: 0,
+        optimizer: 0,
+    };
+    model.visit(&mut count);
+    (count.params, count.optimizer)
+}
+
+/// Bytes of the gradients in `grads` (those of `model`'s parameters).
+pub(super) fn grad_bytes<B: TrainBackend>(model: &TrainModel<B>, grads: &GradientsParams) -> u64 {
+    struct Count<'a> {
+        grads: &'a GradientsParams,
+        bytes: u64,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Count<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
+                self.bytes += (g.shape().num_elements() * g.dtype().size()) as u64;
+            }
+        }
+    }
+    let mut count = Count { grads, bytes: 0 };
+    model.visit(&mut count);
+    count.bytes
+}
 
 /// A copy of the model and its optimizer state on another device.
 pub(super) struct Replica<B: TrainBackend> {

@@ -15,7 +15,7 @@
 //! re-runs one layer at a time under autodiff and pushes the gradient through it the same way
 //! (per-layer activation checkpointing, exact up to float reassociation).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -41,7 +41,7 @@ pub const ADAPTER_DIR: &str = "adapter";
 use super::adamw;
 use super::model::{Fwd, SequentialIds, TrainModel, causal_attention, to_dtype};
 use crate::kernels::cross_entropy;
-use super::parallel::{self, Replica};
+use super::parallel::{self, ReplicaBytes, Replica, Sharding};
 use super::qlora::{QuantLayer, load_quantized, quantize_base};
 use super::schedule;
 use crate::model::CausalLm;
@@ -128,6 +128,12 @@ pub struct Trainer<B: TrainBackend> {
     last: Option<StepMetrics>,
     /// Data-parallel copies on further devices (empty: one device).
     replicas: Vec<Replica<B>>,
+    /// How the replicas divide the optimizer state.
+    sharding: Sharding,
+    /// Each trainable parameter's owner replica, when the state is sharded over replicas.
+    owners: Option<HashMap<ParamId, usize>>,
+    /// Gradient bytes each replica received in the last step.
+    last_grad_bytes: Vec<u64>,
 }
 
 /// dtype parameters are stored in: f32 masters, except a LoRA run's frozen base, which is kept
@@ -192,15 +198,21 @@ impl<B: Backend> ModuleVisitor<B> for ParamList {
     }
 }
 
-/// Sum of squared gradient entries, per tensor, in f32.
+/// Sum of squared gradient entries, per tensor in visiting order, in f32: each gradient from
+/// the first of `grads` holding it (one set, or the shards of a sharded step, which so give
+/// the same sum in the same order).
 pub(super) struct SquaredNorms<'a, B: TrainBackend> {
-    pub grads: &'a GradientsParams,
+    pub grads: &'a [GradientsParams],
     pub parts: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B: TrainBackend> ModuleVisitor<B> for SquaredNorms<'_, B> {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.get::<B::InnerBackend, D>(p.id) {
+        if let Some(g) = self
+            .grads
+            .iter()
+            .find_map(|grads| grads.get::<B::InnerBackend, D>(p.id))
+        {
             self.parts.push(to_dtype(g, DType::F32).square().sum());
         }
     }
@@ -441,6 +453,9 @@ impl<B: TrainBackend> Trainer<B> {
             target_tokens_seen: 0,
             last: None,
             replicas: Vec::new(),
+            sharding: Sharding::None,
+            owners: None,
+            last_grad_bytes: Vec::new(),
             config,
         })
     }
@@ -524,7 +539,82 @@ impl<B: TrainBackend> Trainer<B> {
             added.push(Replica::fork(model, opt_decay, opt_plain, device));
         }
         self.replicas.extend(added);
+        self.reshard();
         Ok(())
+    }
+
+    /// Divides the optimizer state over the replicas as `sharding` says (from the next step;
+    /// the updates stay the same). Applies to replicas added later too.
+    pub fn set_sharding(&mut self, sharding: Sharding) {
+        self.sharding = sharding;
+        self.reshard();
+    }
+
+    /// How the replicas divide the optimizer state.
+    pub fn sharding(&self) -> Sharding {
+        self.sharding
+    }
+
+    /// Bytes of weights, last step's gradients and AdamW state each device holds (the
+    /// trainer's own first, then its replicas'), measured from the tensors.
+    pub fn replica_bytes(&self) -> Vec<ReplicaBytes> {
+        let record = |d: &Adam<B>, p: &Adam<B>| {
+            let mut r = d.to_record();
+            r.extend(p.to_record());
+            r
+        };
+        let mut out = vec![parallel::held_bytes(
+            self.model(),
+            &record(&self.opt_decay, &self.opt_plain),
+        )];
+        for rep in &self.replicas {
+            let m = rep.model.as_ref().expect("replica model between steps");
+            out.push(parallel::held_bytes(m, &record(&rep.opt_decay, &rep.opt_plain)));
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, (params, optimizer))| ReplicaBytes {
+                params,
+                grads: self.last_grad_bytes.get(i).copied().unwrap_or(0),
+                optimizer,
+            })
+            .collect()
+    }
+
+    /// Every parameter's AdamW state, gathered from the replicas that hold it.
+    fn optimizer_record(&self) -> OptimRecord<B> {
+        let mut record = self.opt_decay.to_record();
+        record.extend(self.opt_plain.to_record());
+        if self.owners.is_some() {
+            for rep in &self.replicas {
+                record.extend(rep.opt_decay.to_record());
+                record.extend(rep.opt_plain.to_record());
+            }
+        }
+        record
+    }
+
+    /// Hands every replica the state it keeps under `self.sharding`: its own parameters'
+    /// (sharded) or all of it.
+    fn reshard(&mut self) {
+        let record = self.optimizer_record();
+        let n = 1 + self.replicas.len();
+        self.owners = (self.sharding == Sharding::Optimizer && n > 1)
+            .then(|| parallel::owners(self.model(), n));
+        let mut shares = parallel::split_record::<B>(record, self.owners.as_ref(), n).into_iter();
+        let (config, decay_ids) = (&self.config, &self.decay_ids);
+        let optimizers = |share: OptimRecord<B>| {
+            let (decay, plain): (OptimRecord<B>, OptimRecord<B>) =
+                share.into_iter().partition(|(id, _)| decay_ids.contains(id));
+            (
+                adam::<B>(config, config.weight_decay).load_record(decay),
+                adam::<B>(config, 0.0).load_record(plain),
+            )
+        };
+        (self.opt_decay, self.opt_plain) = optimizers(shares.next().unwrap_or_default());
+        for rep in &mut self.replicas {
+            (rep.opt_decay, rep.opt_plain) = optimizers(shares.next().unwrap_or_default());
+        }
     }
 
     /// Devices training runs on: the trainer's own, then its replicas'.
@@ -587,13 +677,21 @@ impl<B: TrainBackend> Trainer<B> {
             nll += sum_f64(out.nll_parts);
             parts.push(out.grads);
         }
-        let mut grads = if self.replicas.is_empty() {
-            parts
-        } else {
-            parallel::all_reduce(&model, parts, &self.devices())
+        let mut grads = match (&self.owners, self.replicas.is_empty()) {
+            (_, true) => parts,
+            (Some(owners), false) => parallel::reduce_scatter(&model, parts, &self.devices(), owners),
+            (None, false) => parallel::all_reduce(&model, parts, &self.devices()),
         };
+        self.last_grad_bytes = grads
+            .iter()
+            .map(|g| parallel::grad_bytes(&model, g))
+            .collect();
         let mut norms = SquaredNorms::<B> {
-            grads: &grads[0],
+            grads: if self.owners.is_some() {
+                &grads
+            } else {
+                &grads[..1]
+            },
             parts: vec![],
         };
         model.visit(&mut norms);
@@ -629,9 +727,20 @@ impl<B: TrainBackend> Trainer<B> {
                 &mut rep.opt_plain,
             ));
         }
-        let model = update(
+        let mut model = update(
             model, own_grads, factor, decay_ids, lr, opt_decay, opt_plain,
         );
+        if let Some(owners) = &self.owners {
+            let mut models = vec![model];
+            for rep in &mut self.replicas {
+                models.push(rep.model.take().expect("replica model between steps"));
+            }
+            let mut models = parallel::all_gather(models, &self.devices(), owners).into_iter();
+            model = models.next().expect("the trainer's own model");
+            for (rep, m) in self.replicas.iter_mut().zip(models) {
+                rep.model = Some(m);
+            }
+        }
         self.model = Some(model);
 
         self.global_step += 1;
@@ -672,8 +781,7 @@ impl<B: TrainBackend> Trainer<B> {
         let tmp = checkpoint::begin(dir)?;
         save_weights_and_optimizer(
             self.model(),
-            &self.opt_decay,
-            &self.opt_plain,
+            self.optimizer_record(),
             self.base_dir.as_deref(),
             &tmp,
         )?;
@@ -813,11 +921,11 @@ pub(super) fn assemble<B: TrainBackend>(
 }
 
 /// Writes a model's weights (HF layout, or PEFT for (Q)LoRA with tokenizer files from
-/// `base_dir`) and both optimizers' state into the checkpoint folder being built, `tmp`.
+/// `base_dir`) and the optimizers' state `record` (one file, whatever the sharding, so a run
+/// resumes on any number of devices) into the checkpoint folder being built, `tmp`.
 pub(super) fn save_weights_and_optimizer<B: TrainBackend>(
     model: &TrainModel<B>,
-    opt_decay: &Adam<B>,
-    opt_plain: &Adam<B>,
+    record: OptimRecord<B>,
     base_dir: Option<&Path>,
     tmp: &Path,
 ) -> TrainResult<()> {
@@ -836,8 +944,6 @@ pub(super) fn save_weights_and_optimizer<B: TrainBackend>(
             save_pretrained(&model.base, tmp, &opts)?;
         }
     }
-    let mut record = opt_decay.to_record();
-    record.extend(opt_plain.to_record());
     let record_path = tmp.join(format!("{OPTIMIZER_STEM}.mpk"));
     NamedMpkFileRecorder::<FullPrecisionSettings>::new()
         .record(record, tmp.join(OPTIMIZER_STEM))
