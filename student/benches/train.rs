@@ -97,9 +97,15 @@ fn main() {
     for round in 1..=rounds {
         let (s, p) = burn_step_secs(&model, false);
         (secs, peak) = (secs.min(s), peak.max(p));
-        let t = if torch_ok { torch_step(&python, dir.path(), threads) } else { None };
+        let t = if torch_ok {
+            torch_step(&python, dir.path(), threads)
+        } else {
+            None
+        };
         torch_ok = t.is_some();
-        let t_s = t.as_ref().map_or(f64::NAN, |v| v["step_s"].as_f64().unwrap_or(f64::NAN));
+        let t_s = t
+            .as_ref()
+            .map_or(f64::NAN, |v| v["step_s"].as_f64().unwrap_or(f64::NAN));
         println!("round {round}: burn-flex {s:.3} s, pytorch {t_s:.3} s");
         if let Some(v) = t
             && torch.as_ref().is_none_or(|(best, _)| t_s < *best)
@@ -152,6 +158,9 @@ fn torch_step(python: &str, dir: &std::path::Path, threads: usize) -> Option<ser
         .output()
         .ok()
         .filter(|o| o.status.success())?;
-    let line = String::from_utf8_lossy(&out.stdout).lines().last()?.to_string();
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()?
+        .to_string();
     serde_json::from_str(&line).ok()
 }

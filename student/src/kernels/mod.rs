@@ -22,12 +22,12 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, binary};
 use burn::prelude::*;
+use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::softmax;
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::ops::{AttentionModuleOptions, FloatTensor, IntTensor};
-use burn::tensor::IndexingUpdateOp;
-pub use burn_flex::ops::fused::AdamwStep;
 use burn::tensor::{TensorMetadata, TensorPrimitive};
+pub use burn_flex::ops::fused::AdamwStep;
 
 /// Which implementation CUDA's matrix products use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,7 +254,10 @@ pub trait Kernels: Backend {
     }
 
     /// Cross-entropy as one operation (one autodiff node, see [`Kernels::fuses_elementwise`]).
-    fn fused_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
         Self::cross_entropy_forward(logits, targets).0
     }
 
@@ -474,7 +477,9 @@ pub fn attention_backward_composed<B: Kernels>(
         if kv == h {
             t_
         } else {
-            t_.reshape([b, kv, h / kv, t, d]).sum_dim(2).reshape([b, kv, t, d])
+            t_.reshape([b, kv, h / kv, t, d])
+                .sum_dim(2)
+                .reshape([b, kv, t, d])
         }
     };
     let (p, g) = (float::<B, 4>(probs), float::<B, 4>(grad));
@@ -576,7 +581,10 @@ impl<B: Kernels, C: CheckpointStrategy> Kernels for Autodiff<B, C> {
         }
     }
 
-    fn fused_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
         match FusedCrossEntropy
             .prepare::<C>([logits.node.clone()])
             .compute_bound()
@@ -903,7 +911,9 @@ pub fn cross_entropy_backward_composed<B: Backend>(
     let g = float::<B, 1>(grad).unsqueeze_dim::<2>(1);
     let t = Tensor::<B, 1, Int>::from_primitive(targets).unsqueeze_dim::<2>(1);
     let probs = (x.clone() - float::<B, 1>(lse).unsqueeze_dim::<2>(1)).exp();
-    let picked = x.zeros_like().scatter(1, t, g.clone(), IndexingUpdateOp::Add);
+    let picked = x
+        .zeros_like()
+        .scatter(1, t, g.clone(), IndexingUpdateOp::Add);
     (probs * g - picked).into_primitive().tensor()
 }
 
@@ -915,7 +925,8 @@ pub fn adamw_step_composed<B: Backend>(
     s: AdamwStep,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let shape = param.shape();
-    let flat = |t: FloatTensor<B>| float::<B, 1>(B::float_reshape(t, [shape.num_elements()].into()));
+    let flat =
+        |t: FloatTensor<B>| float::<B, 1>(B::float_reshape(t, [shape.num_elements()].into()));
     let back = |t: Tensor<B, 1>| B::float_reshape(t.into_primitive().tensor(), shape.clone());
     let mut g = flat(grad);
     if let Some(f) = s.grad_scale {
@@ -1072,7 +1083,10 @@ pub fn repeat_kv<B: Backend>(t: Tensor<B, 4>, heads: usize) -> Tensor<B, 4> {
     if kv == heads {
         return t;
     }
-    assert!(kv > 0 && heads % kv == 0, "{heads} query heads over {kv} key/value heads");
+    assert!(
+        kv > 0 && heads.is_multiple_of(kv),
+        "{heads} query heads over {kv} key/value heads"
+    );
     t.unsqueeze_dim::<5>(2)
         .expand([b, kv, heads / kv, s, d])
         .reshape([b, heads, s, d])
@@ -1498,7 +1512,10 @@ mod tests {
             weights.into_primitive().tensor(),
         );
         assert!(max_diff(float::<Cpu, 1>(nll), a.0) < 1e-4, "composed nll");
-        assert!(max_diff(float::<Cpu, 2>(g), a.1) < 1e-5, "composed d logits");
+        assert!(
+            max_diff(float::<Cpu, 2>(g), a.1) < 1e-5,
+            "composed d logits"
+        );
     }
 
     /// Three AdamW steps (decayed, clipped, over several kernel blocks) give Burn's `AdamW`'s
@@ -1517,7 +1534,12 @@ mod tests {
             .with_weight_decay(wd)
             .build();
         let bits = |t: &Tensor<Cpu, 2>| -> Vec<u32> {
-            t.to_data().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+            t.to_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
         };
         let p0 = Tensor::<Cpu, 2>::random(shape, Distribution::Normal(0.0, 1.0), &device);
         let (mut reference, mut state): (_, Option<AdamWState<Cpu, 2>>) = (p0.clone(), None);
@@ -1549,9 +1571,21 @@ mod tests {
             let s = state.as_ref().expect("state").momentum.clone();
             for (name, (p, mv)) in [("fused", &fused), ("composed", &composed)] {
                 let (m, v) = mv.as_ref().expect("moments");
-                assert_eq!(bits(&float(p.clone())), bits(&reference), "{name} params, step {time}");
-                assert_eq!(bits(&float(m.clone())), bits(&s.moment_1), "{name} m, step {time}");
-                assert_eq!(bits(&float(v.clone())), bits(&s.moment_2), "{name} v, step {time}");
+                assert_eq!(
+                    bits(&float(p.clone())),
+                    bits(&reference),
+                    "{name} params, step {time}"
+                );
+                assert_eq!(
+                    bits(&float(m.clone())),
+                    bits(&s.moment_1),
+                    "{name} m, step {time}"
+                );
+                assert_eq!(
+                    bits(&float(v.clone())),
+                    bits(&s.moment_2),
+                    "{name} v, step {time}"
+                );
             }
         }
     }

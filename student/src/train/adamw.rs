@@ -78,7 +78,7 @@ impl<B: Kernels> SimpleOptimizer<B> for FusedAdamW {
             bias_1: 1f32 - self.beta_1.powi(t),
             bias_2: 1f32 - self.beta_2.powi(t),
             epsilon: self.epsilon,
-            keep: (decay_rate != 0.0).then(|| (1.0 - decay_rate) as f32),
+            keep: (decay_rate != 0.0).then_some((1.0 - decay_rate) as f32),
             lr: lr as f32,
         };
         let moments = state.map(|s| {
@@ -112,8 +112,7 @@ pub(crate) struct Adam<M: AutodiffModule<B>, B: AutodiffBackend<InnerBackend: Ke
 
 /// `hashbrown` map of `ParamId` → AdamW state, as Burn's adaptor keeps it (the record of
 /// Burn's own `AdamW`, field for field).
-pub(crate) type AdamRecord<M, B> =
-    <OptimizerAdaptor<FusedAdamW, M, B> as Optimizer<M, B>>::Record;
+pub(crate) type AdamRecord<M, B> = <OptimizerAdaptor<FusedAdamW, M, B> as Optimizer<M, B>>::Record;
 
 impl<M: AutodiffModule<B>, B: AutodiffBackend<InnerBackend: Kernels>> Adam<M, B> {
     /// AdamW with Burn's defaults overridden by these (no clipping inside the optimizer: the

@@ -898,12 +898,7 @@ impl<B: TrainBackend> GrpoTrainer<B> {
         let tmp = checkpoint::begin(dir)?;
         let mut record = self.opt_decay.to_record();
         record.extend(self.opt_plain.to_record());
-        save_weights_and_optimizer(
-            self.model(),
-            record,
-            Some(&self.base_dir),
-            &tmp,
-        )?;
+        save_weights_and_optimizer(self.model(), record, Some(&self.base_dir), &tmp)?;
         let state = GrpoState {
             format: GRPO_STATE_FORMAT,
             global_step: self.global_step,

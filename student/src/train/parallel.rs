@@ -58,7 +58,7 @@ pub(super) fn owners<B: TrainBackend>(model: &TrainModel<B>, n: usize) -> HashMa
     model.visit(&mut sizes);
     let mut params = sizes.0;
     // Stable: equal sizes keep the visiting order.
-    params.sort_by(|a, b| b.1.cmp(&a.1));
+    params.sort_by_key(|p| std::cmp::Reverse(p.1));
     let mut load = vec![0usize; n.max(1)];
     params
         .into_iter()

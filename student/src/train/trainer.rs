@@ -40,10 +40,10 @@ use super::lora::LoraAdapters;
 pub const ADAPTER_DIR: &str = "adapter";
 use super::adamw;
 use super::model::{Fwd, SequentialIds, TrainModel, causal_attention, to_dtype};
-use crate::kernels::cross_entropy;
-use super::parallel::{self, ReplicaBytes, Replica, Sharding};
+use super::parallel::{self, Replica, ReplicaBytes, Sharding};
 use super::qlora::{QuantLayer, load_quantized, quantize_base};
 use super::schedule;
+use crate::kernels::cross_entropy;
 use crate::model::CausalLm;
 use crate::tokenizer::SftExample;
 use crate::weights::{
@@ -569,7 +569,10 @@ impl<B: TrainBackend> Trainer<B> {
         )];
         for rep in &self.replicas {
             let m = rep.model.as_ref().expect("replica model between steps");
-            out.push(parallel::held_bytes(m, &record(&rep.opt_decay, &rep.opt_plain)));
+            out.push(parallel::held_bytes(
+                m,
+                &record(&rep.opt_decay, &rep.opt_plain),
+            ));
         }
         out.into_iter()
             .enumerate()
@@ -604,8 +607,9 @@ impl<B: TrainBackend> Trainer<B> {
         let mut shares = parallel::split_record::<B>(record, self.owners.as_ref(), n).into_iter();
         let (config, decay_ids) = (&self.config, &self.decay_ids);
         let optimizers = |share: OptimRecord<B>| {
-            let (decay, plain): (OptimRecord<B>, OptimRecord<B>) =
-                share.into_iter().partition(|(id, _)| decay_ids.contains(id));
+            let (decay, plain): (OptimRecord<B>, OptimRecord<B>) = share
+                .into_iter()
+                .partition(|(id, _)| decay_ids.contains(id));
             (
                 adam::<B>(config, config.weight_decay).load_record(decay),
                 adam::<B>(config, 0.0).load_record(plain),
@@ -679,7 +683,9 @@ impl<B: TrainBackend> Trainer<B> {
         }
         let mut grads = match (&self.owners, self.replicas.is_empty()) {
             (_, true) => parts,
-            (Some(owners), false) => parallel::reduce_scatter(&model, parts, &self.devices(), owners),
+            (Some(owners), false) => {
+                parallel::reduce_scatter(&model, parts, &self.devices(), owners)
+            }
             (None, false) => parallel::all_reduce(&model, parts, &self.devices()),
         };
         self.last_grad_bytes = grads

@@ -659,14 +659,20 @@ fn optimizer_sharding_matches_one_device_and_divides_the_state() {
                 let whole = one.replica_bytes()[0];
                 let shares = sharded.replica_bytes();
                 assert_eq!(shares.len(), devices);
-                assert_eq!(shares.iter().map(|s| s.optimizer).sum::<u64>(), whole.optimizer);
+                assert_eq!(
+                    shares.iter().map(|s| s.optimizer).sum::<u64>(),
+                    whole.optimizer
+                );
                 assert_eq!(shares.iter().map(|s| s.grads).sum::<u64>(), whole.grads);
                 for s in &shares {
                     assert_eq!(s.params, whole.params, "the weights stay whole");
                     assert!(s.optimizer > 0 && s.grads > 0, "{s:?}");
                     // Whole tensors are dealt out (the tied embedding is a third of this
                     // model), so a share may exceed 1/N by up to one tensor.
-                    assert!(10 * s.optimizer <= 6 * whole.optimizer, "{s:?} of {whole:?}");
+                    assert!(
+                        10 * s.optimizer <= 6 * whole.optimizer,
+                        "{s:?} of {whole:?}"
+                    );
                 }
                 for s in plain.replica_bytes() {
                     assert_eq!((s.optimizer, s.grads), (whole.optimizer, whole.grads));
@@ -696,7 +702,9 @@ fn optimizer_sharding_matches_one_device_and_divides_the_state() {
         for sharding in [Sharding::Optimizer, Sharding::None] {
             let mut resumed = Trainer::<T>::resume(&ckpt, &examples, &device()).unwrap();
             resumed.set_sharding(sharding);
-            resumed.replicate_on(&vec![device(); resume_on - 1]).unwrap();
+            resumed
+                .replicate_on(&vec![device(); resume_on - 1])
+                .unwrap();
             while resumed.step().unwrap().is_some() {}
             let r = exported(&resumed);
             for (name, (_, v)) in &a {
