@@ -56,6 +56,17 @@ pub enum PlanMethod {
     Qlora,
 }
 
+/// How `distill model plan`'s GPUs divide the training state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlanShardingArg {
+    /// Every GPU a whole replica (the train stage's `sharding = "none"`).
+    None,
+    /// The AdamW state divided (the train stage's `sharding = "optimizer"`).
+    Optimizer,
+    /// Weights, gradients and AdamW state divided (ZeRO-3/FSDP; not in distill's trainer yet).
+    Full,
+}
+
 /// `distill model` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -103,9 +114,12 @@ pub enum ModelCommand {
         /// Sequences per micro-batch per GPU.
         #[arg(long, default_value_t = 1)]
         micro_batch: usize,
-        /// GPUs the state is sharded over.
+        /// GPUs of the run.
         #[arg(long, default_value_t = 1)]
         gpus: usize,
+        /// How the GPUs divide the state.
+        #[arg(long, value_enum, default_value = "full")]
+        sharding: PlanShardingArg,
         /// Memory of one GPU, GiB [default: an H200's 141 GB].
         #[arg(long)]
         gpu_mem_gib: Option<f64>,
@@ -222,6 +236,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             seq_len,
             micro_batch,
             gpus,
+            sharding,
             gpu_mem_gib,
             no_recompute,
             f32,
@@ -229,7 +244,9 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             published,
             json,
         } => {
-            use distill_student::plan::{Method, PlanSettings, plan_for, r1_distill_table};
+            use distill_student::plan::{
+                Method, PlanSettings, PlanSharding, plan_for, r1_distill_table,
+            };
             let defaults = PlanSettings::default();
             let gpu_mem_gib = gpu_mem_gib.unwrap_or(defaults.gpu_mem_gib);
             if published {
@@ -250,6 +267,11 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 seq_len,
                 micro_batch,
                 gpus,
+                sharding: match sharding {
+                    PlanShardingArg::None => PlanSharding::None,
+                    PlanShardingArg::Optimizer => PlanSharding::Optimizer,
+                    PlanShardingArg::Full => PlanSharding::Full,
+                },
                 gpu_mem_gib,
                 recompute: !no_recompute,
                 bf16: !f32,
@@ -262,7 +284,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 crate::cli::out(&format!("{}\n", serde_json::to_string_pretty(&plan)?));
             } else {
                 let mut text = format!(
-                    "{} · {} · seq {} · micro-batch {} · {} GPU(s) of {:.0} GiB · {}{}\n",
+                    "{} · {} · seq {} · micro-batch {} · {} GPU(s){} of {:.0} GiB · {}{}\n",
                     model.display(),
                     match settings.method {
                         Method::Full => "full fine-tuning".to_string(),
@@ -272,6 +294,12 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                     seq_len,
                     micro_batch,
                     gpus,
+                    match (gpus > 1, sharding) {
+                        (false, _) => "",
+                        (true, PlanShardingArg::None) => " (replicated)",
+                        (true, PlanShardingArg::Optimizer) => " (optimizer state sharded)",
+                        (true, PlanShardingArg::Full) => " (ZeRO-3 sharded)",
+                    },
                     gpu_mem_gib,
                     if settings.bf16 { "bf16" } else { "f32" },
                     if settings.recompute {

@@ -65,7 +65,8 @@ pub struct TrainStageParams {
     #[serde(default)]
     pub devices: Option<Vec<usize>>,
     /// How the `devices` divide the training state: `"none"` (every device a whole replica)
-    /// or `"optimizer"` (ZeRO-1/2: each parameter's gradient and AdamW state on one device).
+    /// or `"optimizer"` (ZeRO-1: each parameter's summed gradient and AdamW state on one
+    /// device).
     /// Not part of the stage's identity: the updates are the same.
     #[serde(default)]
     pub sharding: Sharding,
@@ -194,14 +195,16 @@ fn check_devices(stage: &TrainStageParams, config: &TrainConfig) -> Result<(), P
     })
 }
 
-/// Refuses a GPU run the memory planner says cannot fit, naming what would. Data parallelism
-/// replicates everything, so each GPU is planned as if it trained alone.
+/// Refuses a GPU run the memory planner says cannot fit, naming what would. Each of `gpus`
+/// data-parallel GPUs is planned with the state `sharding` leaves it.
 fn check_plan(
     base: &Path,
     config: &TrainConfig,
     gpu_mem_gib: Option<f64>,
+    gpus: usize,
+    sharding: Sharding,
 ) -> Result<(), ParamError> {
-    use distill_student::plan::{Method, PlanSettings, plan_for};
+    use distill_student::plan::{Method, PlanSettings, PlanSharding, plan_for};
     let defaults = PlanSettings::default();
     let settings = PlanSettings {
         method: match &config.lora {
@@ -214,7 +217,11 @@ fn check_plan(
             distill_student::train::MicroBatch::Sequences(n) => n,
             distill_student::train::MicroBatch::Tokens(t) => t.div_ceil(config.max_seq_len).max(1),
         },
-        gpus: 1,
+        gpus,
+        sharding: match sharding {
+            Sharding::None => PlanSharding::None,
+            Sharding::Optimizer => PlanSharding::Optimizer,
+        },
         gpu_mem_gib: gpu_mem_gib.unwrap_or(defaults.gpu_mem_gib),
         recompute: config.recompute,
         bf16: config.precision == Precision::Bf16,
@@ -272,7 +279,15 @@ impl Stage for Train {
                 Base::Folder(dir) => dir.as_path(),
                 Base::Init(init) => init.config.as_path(),
             };
-            check_plan(config, &self.config, self.stage.gpu_mem_gib).map_err(param)?;
+            let gpus = self.stage.devices.as_ref().map_or(1, Vec::len);
+            check_plan(
+                config,
+                &self.config,
+                self.stage.gpu_mem_gib,
+                gpus,
+                self.stage.sharding,
+            )
+            .map_err(param)?;
         }
         Ok(())
     }
@@ -755,8 +770,8 @@ mod tests {
             recompute: true,
             ..TrainConfig::default()
         };
-        check_plan(&dir, &config(Some(4)), None).unwrap();
-        let err = check_plan(&dir, &config(None), None).unwrap_err();
+        check_plan(&dir, &config(Some(4)), None, 1, Sharding::None).unwrap();
+        let err = check_plan(&dir, &config(None), None, 1, Sharding::None).unwrap_err();
         assert!(
             err.message
                 .contains("would fit: QLoRA (4-bit base, rank 16"),

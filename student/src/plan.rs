@@ -44,12 +44,14 @@
 //! - **overhead**: CUDA context, allocator slack and the cuBLASLt workspace (32 MiB), `1 GiB + 5%`
 //!   of the GPU.
 //!
-//! Several GPUs are planned as ZeRO-3/FSDP sharding (weights, gradients and optimizer state
-//! divided by the GPU count, plus two gathered layers in flight: `2·e·P_l`, or for QLoRA two
-//! layers as stored, NF4 linear weights and the rest in `e`), which is what open-r1 runs with
-//! DeepSpeed; the dequantization scratch is per GPU and not divided. This crate's trainer does
-//! not shard: its data parallelism replicates the whole state on every GPU, so each of its GPUs
-//! needs the one-GPU figure; the multi-GPU rows say what a sharded run would need.
+//! Several GPUs are planned as [`PlanSettings::sharding`] says. `Full` (the default, and the
+//! published table's multi-GPU rows) is ZeRO-3/FSDP sharding (weights, gradients and optimizer
+//! state divided by the GPU count, plus two gathered layers in flight: `2·e·P_l`, or for QLoRA
+//! two layers as stored, NF4 linear weights and the rest in `e`), which is what open-r1 runs
+//! with DeepSpeed and this crate's trainer does not do yet. `Optimizer` is the trainer's
+//! `sharding = "optimizer"`: only the AdamW state is divided (each replica computes its
+//! micro-batches' whole gradients before the reduce). `None` replicates: every GPU needs the
+//! one-GPU figure. The dequantization scratch is per GPU and never divided.
 
 use std::path::Path;
 
@@ -94,6 +96,21 @@ impl Method {
     }
 }
 
+/// How the GPUs of a multi-GPU run divide the training state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanSharding {
+    /// Every GPU holds the whole state (the trainer's `sharding = "none"`).
+    None,
+    /// The AdamW state divided (the trainer's `sharding = "optimizer"`): each GPU still holds
+    /// the weights and, until the reduce, its micro-batches' whole gradients.
+    Optimizer,
+    /// Weights, gradients and optimizer state divided, two layers gathered in flight
+    /// (ZeRO-3/FSDP, what open-r1 runs with DeepSpeed; not in this crate's trainer yet).
+    #[default]
+    Full,
+}
+
 /// The run to plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanSettings {
@@ -103,8 +120,11 @@ pub struct PlanSettings {
     pub seq_len: usize,
     /// Sequences per micro-batch (per GPU).
     pub micro_batch: usize,
-    /// GPUs the state is sharded over.
+    /// GPUs of the run.
     pub gpus: usize,
+    /// How they divide the state.
+    #[serde(default)]
+    pub sharding: PlanSharding,
     /// Memory of one GPU, GiB.
     pub gpu_mem_gib: f64,
     /// Per-layer activation recomputation.
@@ -124,6 +144,7 @@ impl Default for PlanSettings {
             seq_len: 32768,
             micro_batch: 1,
             gpus: 1,
+            sharding: PlanSharding::Full,
             gpu_mem_gib: H200_GIB,
             recompute: true,
             bf16: true,
@@ -306,7 +327,8 @@ fn estimate(c: &ModelConfig, s: &PlanSettings) -> Plan {
         + 2 * e * b * h * rows * n
         + 2 * e * t * i;
 
-    // ZeRO-3: state sharded, two layers gathered in flight.
+    // ZeRO-3: state sharded, two layers gathered in flight. The trainer's optimizer sharding
+    // divides the AdamW state only.
     let shard = |x: u64| if g > 1 { x.div_ceil(g) } else { x };
     let gathered = match (g > 1, qlora) {
         (false, _) => 0,
@@ -315,11 +337,15 @@ fn estimate(c: &ModelConfig, s: &PlanSettings) -> Plan {
     };
     let gpu_bytes = (s.gpu_mem_gib * GIB) as u64;
     let overhead = (GIB + 0.05 * gpu_bytes as f64) as u64;
-    let (weights, gradients, optimizer) = (
-        shard(weights) + gathered,
-        shard(gradients),
-        shard(optimizer),
-    );
+    let (weights, gradients, optimizer) = match s.sharding {
+        PlanSharding::None => (weights, gradients, optimizer),
+        PlanSharding::Optimizer => (weights, gradients, shard(optimizer)),
+        PlanSharding::Full => (
+            shard(weights) + gathered,
+            shard(gradients),
+            shard(optimizer),
+        ),
+    };
     let total =
         weights + compute_copies + dequant_scratch + gradients + optimizer + activations + overhead;
     Plan {
@@ -429,8 +455,28 @@ fn suggestions(c: &ModelConfig, s: &PlanSettings) -> Vec<String> {
             ));
         }
     }
+    if s.sharding != PlanSharding::Full {
+        for gpus in [2, 4, 8, 16, 32, 64].into_iter().filter(|&g| g > s.gpus) {
+            let t = PlanSettings {
+                gpus,
+                sharding: PlanSharding::Optimizer,
+                ..s.clone()
+            };
+            if let Some(total) = fits(&t) {
+                out.push(format!(
+                    "sharding = \"optimizer\" over {gpus} GPUs: {} per GPU",
+                    gib(total)
+                ));
+                break;
+            }
+        }
+    }
     for gpus in [2, 4, 8, 16, 32, 64].into_iter().filter(|&g| g > s.gpus) {
-        let t = PlanSettings { gpus, ..s.clone() };
+        let t = PlanSettings {
+            gpus,
+            sharding: PlanSharding::Full,
+            ..s.clone()
+        };
         if let Some(total) = fits(&t) {
             out.push(format!(
                 "shard over {gpus} GPUs (ZeRO-3; not in this crate's trainer yet): {} per GPU",
@@ -630,6 +676,7 @@ mod tests {
             seq_len: 8,
             micro_batch: 2,
             gpus: 1,
+            sharding: PlanSharding::Full,
             gpu_mem_gib: 1.0,
             recompute: false,
             bf16: false,
@@ -638,6 +685,32 @@ mod tests {
             method: Method::Full,
         };
         let p = plan(&c, &s);
+        // Four GPUs: replicated, the trainer's optimizer sharding (AdamW state only), ZeRO-3.
+        let on4 = |sharding| {
+            plan(
+                &c,
+                &PlanSettings {
+                    gpus: 4,
+                    sharding,
+                    ..s.clone()
+                },
+            )
+        };
+        let (none, opt, full) = (
+            on4(PlanSharding::None),
+            on4(PlanSharding::Optimizer),
+            on4(PlanSharding::Full),
+        );
+        assert_eq!(
+            (none.weights, none.gradients, none.optimizer),
+            (p.weights, p.gradients, p.optimizer)
+        );
+        assert_eq!((opt.weights, opt.gradients), (p.weights, p.gradients));
+        assert_eq!(opt.optimizer, (8 * params).div_ceil(4));
+        assert_eq!(full.optimizer, opt.optimizer);
+        // ZeRO-3 divides weights and gradients too, and gathers two f32 layers in flight.
+        assert_eq!(full.weights, (4 * params).div_ceil(4) + 2 * 4 * pl);
+        assert_eq!(full.gradients, p.gradients.div_ceil(4));
         assert_eq!(p.weights, 4 * params);
         assert_eq!(p.compute_copies, 0);
         // The largest stage's gradients (a layer here, larger than the 100 × 64 head) are transient.
@@ -712,6 +785,7 @@ mod tests {
             seq_len: 8,
             micro_batch: 2,
             gpus: 1,
+            sharding: PlanSharding::Full,
             gpu_mem_gib: 1.0,
             recompute: false,
             bf16: false,

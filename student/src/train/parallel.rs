@@ -34,10 +34,12 @@ pub enum Sharding {
     /// Every replica holds all weights, gradients and optimizer state (plain data parallelism).
     #[default]
     None,
-    /// ZeRO-1/2: each trainable parameter has one owner replica; its gradient is reduced onto
-    /// the owner only, which alone keeps its AdamW moments and updates it, and the new value is
-    /// then copied to the other replicas. Gradients and optimizer state per replica shrink to
-    /// about 1/N; the weights stay whole. Same updates as [`Sharding::None`], bit for bit.
+    /// ZeRO-1 (with ZeRO-2's reduce-scatter): each trainable parameter has one owner replica;
+    /// its gradient is reduced onto the owner only, which alone keeps its AdamW moments and
+    /// updates it, and the new value is then copied to the other replicas. The AdamW state and
+    /// the reduced gradients per replica shrink to about 1/N; the weights stay whole, and each
+    /// replica still holds its micro-batches' whole gradients until the reduce. Same updates as
+    /// [`Sharding::None`], bit for bit.
     Optimizer,
 }
 

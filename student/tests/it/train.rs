@@ -611,7 +611,7 @@ fn data_parallel_matches_one_device() {
     assert!(err.to_string().contains("multiple of 2"), "{err}");
 }
 
-/// ZeRO-1/2 over 2 and 4 in-process replicas, full and LoRA: every step and the final weights
+/// Optimizer sharding (ZeRO-1) over 2 and 4 in-process replicas, full and LoRA: every step and the final weights
 /// equal plain replicas' bit for bit, the first step's weights one device's within 1e-6 (the
 /// run's end within 1e-5, as for plain replicas); each replica receives only
 /// its parameters' gradients and keeps only their AdamW state (measured from the tensors held:
