@@ -455,35 +455,33 @@ fn suggestions(c: &ModelConfig, s: &PlanSettings) -> Vec<String> {
             ));
         }
     }
-    if s.sharding != PlanSharding::Full {
-        for gpus in [2, 4, 8, 16, 32, 64].into_iter().filter(|&g| g > s.gpus) {
-            let t = PlanSettings {
-                gpus,
-                sharding: PlanSharding::Optimizer,
-                ..s.clone()
-            };
-            if let Some(total) = fits(&t) {
-                out.push(format!(
-                    "sharding = \"optimizer\" over {gpus} GPUs: {} per GPU",
-                    gib(total)
-                ));
-                break;
-            }
-        }
+    // The fewest GPUs (from the next power of two up) on which `sharding` fits.
+    let fewest_gpus = |sharding| {
+        [2, 4, 8, 16, 32, 64]
+            .into_iter()
+            .filter(|&g| g > s.gpus)
+            .find_map(|gpus| {
+                let t = PlanSettings {
+                    gpus,
+                    sharding,
+                    ..s.clone()
+                };
+                fits(&t).map(|total| (gpus, total))
+            })
+    };
+    if s.sharding != PlanSharding::Full
+        && let Some((gpus, total)) = fewest_gpus(PlanSharding::Optimizer)
+    {
+        out.push(format!(
+            "sharding = \"optimizer\" over {gpus} GPUs: {} per GPU",
+            gib(total)
+        ));
     }
-    for gpus in [2, 4, 8, 16, 32, 64].into_iter().filter(|&g| g > s.gpus) {
-        let t = PlanSettings {
-            gpus,
-            sharding: PlanSharding::Full,
-            ..s.clone()
-        };
-        if let Some(total) = fits(&t) {
-            out.push(format!(
-                "shard over {gpus} GPUs (ZeRO-3; not in this crate's trainer yet): {} per GPU",
-                gib(total)
-            ));
-            break;
-        }
+    if let Some((gpus, total)) = fewest_gpus(PlanSharding::Full) {
+        out.push(format!(
+            "shard over {gpus} GPUs (ZeRO-3; not in this crate's trainer yet): {} per GPU",
+            gib(total)
+        ));
     }
     // Longest sequence (a multiple of 512) that fits, by bisection.
     let at = |n: usize| {
