@@ -1147,6 +1147,14 @@ mod tests {
 
     type Ad = Autodiff<crate::CpuBackend>;
 
+    /// Gradients of `Σ y·w`: pushes the fixed upstream gradient `w` back through `y`'s graph.
+    fn weighted_backward<const D: usize>(
+        y: &Tensor<Ad, D>,
+        w: &Tensor<crate::CpuBackend, D>,
+    ) -> <Ad as burn::tensor::backend::AutodiffBackend>::Gradients {
+        (y.clone() * Tensor::from_inner(w.clone())).sum().backward()
+    }
+
     fn max_diff<const D: usize>(
         a: Tensor<crate::CpuBackend, D>,
         b: Tensor<crate::CpuBackend, D>,
@@ -1307,8 +1315,7 @@ mod tests {
                 } else {
                     burns_attention(q.clone(), k.clone(), v.clone())
                 };
-                let loss = (y.clone() * Tensor::from_inner(weights.clone())).sum();
-                let grads = loss.backward();
+                let grads = weighted_backward(&y, &weights);
                 let g = |t: &Tensor<Ad, 4>| t.grad(&grads).expect("grad");
                 (y.inner(), g(&q), g(&k), g(&v))
             };
@@ -1392,9 +1399,7 @@ mod tests {
                     false,
                 ))
             };
-            let grads = (y.clone() * Tensor::from_inner(weights.clone()))
-                .sum()
-                .backward();
+            let grads = weighted_backward(&y, &weights);
             (
                 y.inner(),
                 xa.grad(&grads).expect("dx"),
@@ -1449,9 +1454,7 @@ mod tests {
             } else {
                 burn::tensor::activation::silu(ga.clone()) * ua.clone()
             };
-            let grads = (y.clone() * Tensor::from_inner(weights.clone()))
-                .sum()
-                .backward();
+            let grads = weighted_backward(&y, &weights);
             (
                 y.inner(),
                 ga.grad(&grads).expect("dg"),
@@ -1494,9 +1497,7 @@ mod tests {
                     .reshape([n])
                     .neg()
             };
-            let grads = (nll.clone() * Tensor::from_inner(weights.clone()))
-                .sum()
-                .backward();
+            let grads = weighted_backward(&nll, &weights);
             (nll.inner(), x.grad(&grads).expect("d logits"))
         };
         let (a, b) = (run(false), run(true));

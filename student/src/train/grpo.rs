@@ -42,8 +42,9 @@ use super::model::{Fwd, TrainModel};
 use super::schedule;
 use super::trainer::{
     Adam, NamedTensor, SquaredNorms, adam, assemble, compute_dtype, dir_bytes, export_model,
-    gpu_reserved_bytes, load_base, load_checkpoint_weights, load_optimizer, named_gradients,
-    peak_rss_bytes, save_weights_and_optimizer, select_rows, storage_dtype, sum_f64, update,
+    gpu_reserved_bytes, load_base, load_checkpoint_weights, load_optimizer, merged_record,
+    named_gradients, peak_rss_bytes, save_weights_and_optimizer, select_rows, storage_dtype,
+    sum_f64, update,
 };
 use crate::batching::{BatchEvent, BatchGenerator, SequenceRequest};
 use crate::generate::{FinishReason, Generation, GenerationConfig};
@@ -896,8 +897,7 @@ impl<B: TrainBackend> GrpoTrainer<B> {
     pub fn save_checkpoint(&self, dir: impl AsRef<Path>) -> TrainResult<super::CheckpointInfo> {
         let dir = dir.as_ref();
         let tmp = checkpoint::begin(dir)?;
-        let mut record = self.opt_decay.to_record();
-        record.extend(self.opt_plain.to_record());
+        let record = merged_record(&self.opt_decay, &self.opt_plain);
         save_weights_and_optimizer(self.model(), record, Some(&self.base_dir), &tmp)?;
         let state = GrpoState {
             format: GRPO_STATE_FORMAT,

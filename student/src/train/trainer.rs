@@ -276,6 +276,13 @@ pub(super) fn gpu_reserved_bytes<B: Backend>(devices: &[B::Device]) -> Option<u6
     }
 }
 
+/// The state of both optimizers (decayed and plain groups) as one record.
+pub(super) fn merged_record<B: TrainBackend>(decay: &Adam<B>, plain: &Adam<B>) -> OptimRecord<B> {
+    let mut record = decay.to_record();
+    record.extend(plain.to_record());
+    record
+}
+
 pub(super) fn adam<B: TrainBackend>(config: &TrainConfig, weight_decay: f64) -> Adam<B> {
     Adam::new(
         config.adam_beta1 as f32,
@@ -533,9 +540,9 @@ impl<B: TrainBackend> Trainer<B> {
         let model = self.model();
         let mut added = Vec::with_capacity(devices.len());
         for device in devices {
-            let opt_decay = adam::<B>(&self.config, self.config.weight_decay)
-                .load_record(self.opt_decay.to_record());
-            let opt_plain = adam::<B>(&self.config, 0.0).load_record(self.opt_plain.to_record());
+            // Empty optimizers: `reshard` hands each replica its state.
+            let opt_decay = adam::<B>(&self.config, self.config.weight_decay);
+            let opt_plain = adam::<B>(&self.config, 0.0);
             added.push(Replica::fork(model, opt_decay, opt_plain, device));
         }
         self.replicas.extend(added);
@@ -558,20 +565,15 @@ impl<B: TrainBackend> Trainer<B> {
     /// Bytes of weights, last step's gradients and AdamW state each device holds (the
     /// trainer's own first, then its replicas'), measured from the tensors.
     pub fn replica_bytes(&self) -> Vec<ReplicaBytes> {
-        let record = |d: &Adam<B>, p: &Adam<B>| {
-            let mut r = d.to_record();
-            r.extend(p.to_record());
-            r
-        };
         let mut out = vec![parallel::held_bytes(
             self.model(),
-            &record(&self.opt_decay, &self.opt_plain),
+            &merged_record(&self.opt_decay, &self.opt_plain),
         )];
         for rep in &self.replicas {
             let m = rep.model.as_ref().expect("replica model between steps");
             out.push(parallel::held_bytes(
                 m,
-                &record(&rep.opt_decay, &rep.opt_plain),
+                &merged_record(&rep.opt_decay, &rep.opt_plain),
             ));
         }
         out.into_iter()
@@ -586,12 +588,10 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// Every parameter's AdamW state, gathered from the replicas that hold it.
     fn optimizer_record(&self) -> OptimRecord<B> {
-        let mut record = self.opt_decay.to_record();
-        record.extend(self.opt_plain.to_record());
+        let mut record = merged_record(&self.opt_decay, &self.opt_plain);
         if self.owners.is_some() {
             for rep in &self.replicas {
-                record.extend(rep.opt_decay.to_record());
-                record.extend(rep.opt_plain.to_record());
+                record.extend(merged_record(&rep.opt_decay, &rep.opt_plain));
             }
         }
         record
@@ -692,12 +692,9 @@ impl<B: TrainBackend> Trainer<B> {
             .iter()
             .map(|g| parallel::grad_bytes(&model, g))
             .collect();
+        // Plain replicas hold equal totals, so the first set is read; shards are read in turn.
         let mut norms = SquaredNorms::<B> {
-            grads: if self.owners.is_some() {
-                &grads
-            } else {
-                &grads[..1]
-            },
+            grads: &grads,
             parts: vec![],
         };
         model.visit(&mut norms);
