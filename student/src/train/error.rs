@@ -47,6 +47,9 @@ pub enum TrainError {
         /// What is wrong with it.
         message: String,
     },
+    /// Another training process failed, or the connection to it did.
+    #[error(transparent)]
+    Collective(#[from] super::collective::CollectiveError),
     /// The loss or the gradient norm stopped being finite; the update was not applied.
     #[error("step {step}: loss {loss} / gradient norm {grad_norm} is not finite (update skipped)")]
     NonFinite {

@@ -24,6 +24,7 @@
 
 mod adamw;
 mod checkpoint;
+mod collective;
 mod config;
 mod data;
 mod error;
@@ -36,6 +37,9 @@ mod schedule;
 mod trainer;
 
 pub use checkpoint::{RngState, STATE_FILE, TrainerState, read_trainer_state};
+pub use collective::{
+    Collective, CollectiveError, CollectiveResult, SharedGroup, TcpGroup, World, join_world,
+};
 pub use config::{
     LoraConfig, LoraTarget, LrSchedule, MicroBatch, Overlong, Precision, TrainConfig,
 };

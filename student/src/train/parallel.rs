@@ -22,8 +22,10 @@ use super::TrainBackend;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use burn::tensor::TensorData;
 use serde::{Deserialize, Serialize};
 
+use super::collective::{Collective, CollectiveError, CollectiveResult};
 use super::model::TrainModel;
 use super::trainer::{Adam, OptimRecord};
 
@@ -341,6 +343,194 @@ pub(super) fn all_reduce<B: TrainBackend>(
     };
     model.visit(&mut reduce);
     reduce.out
+}
+
+/// Sums this process's gradient set `grads`, and `scalars`, over the processes of `group`.
+/// Rank 0 adds the ranks' values in rank order with the same tensor additions as
+/// [`all_reduce`], so N processes of one replica sum bit for bit as one process of N replicas;
+/// every rank gets the totals (the gradients on `device`). Tensors cross through host memory.
+pub(super) fn all_reduce_across<B: TrainBackend>(
+    group: &mut dyn Collective,
+    model: &TrainModel<B>,
+    grads: GradientsParams,
+    scalars: &mut [f64],
+    device: &B::Device,
+) -> CollectiveResult<GradientsParams> {
+    /// Takes every parameter's gradient, in visiting order, as host data.
+    struct Take {
+        grads: GradientsParams,
+        out: Vec<Option<TensorData>>,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Take {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let g = self.grads.remove::<B::InnerBackend, D>(p.id);
+            self.out.push(g.map(Tensor::into_data));
+        }
+    }
+    /// Rank 0: sums each parameter's gradient over the ranks, in rank order.
+    struct Sum<'a, B: TrainBackend> {
+        ranks: Vec<std::vec::IntoIter<Option<TensorData>>>,
+        device: &'a B::Device,
+        out: GradientsParams,
+        totals: Vec<Option<TensorData>>,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Sum<'_, B> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let mut total: Option<Tensor<B::InnerBackend, D>> = None;
+            for rank in &mut self.ranks {
+                if let Some(data) = rank.next().flatten() {
+                    let g = Tensor::<B::InnerBackend, D>::from_data(data, self.device);
+                    total = Some(match total {
+                        Some(t) => t + g,
+                        None => g,
+                    });
+                }
+            }
+            self.totals.push(total.as_ref().map(|t| t.to_data()));
+            if let Some(total) = total {
+                self.out.register::<B::InnerBackend, D>(p.id, total);
+            }
+        }
+    }
+    /// The other ranks: registers rank 0's totals.
+    struct Put<'a, B: TrainBackend> {
+        totals: std::vec::IntoIter<Option<TensorData>>,
+        device: &'a B::Device,
+        out: GradientsParams,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Put<'_, B> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if let Some(data) = self.totals.next().flatten() {
+                let t = Tensor::<B::InnerBackend, D>::from_data(data, self.device);
+                self.out.register::<B::InnerBackend, D>(p.id, t);
+            }
+        }
+    }
+
+    let mut take = Take {
+        grads,
+        out: Vec::new(),
+    };
+    model.visit(&mut take);
+    let mine = wire::encode(scalars, &take.out);
+    drop(take);
+    match group.gather(&mine)? {
+        Some(all) => {
+            let mut ranks = Vec::with_capacity(all.len());
+            let mut sums: Option<Vec<f64>> = None;
+            for (rank, bytes) in all.iter().enumerate() {
+                let (s, tensors) = wire::decode(bytes)
+                    .map_err(|message| CollectiveError::Protocol { rank, message })?;
+                if s.len() != scalars.len() {
+                    return Err(CollectiveError::Protocol {
+                        rank,
+                        message: format!("{} scalars, expected {}", s.len(), scalars.len()),
+                    });
+                }
+                sums = Some(match sums {
+                    None => s,
+                    Some(acc) => acc.iter().zip(&s).map(|(a, b)| a + b).collect(),
+                });
+                ranks.push(tensors.into_iter());
+            }
+            let mut sum = Sum::<B> {
+                ranks,
+                device,
+                out: GradientsParams::new(),
+                totals: Vec::new(),
+            };
+            model.visit(&mut sum);
+            let sums = sums.unwrap_or_default();
+            scalars.copy_from_slice(&sums);
+            group.broadcast(Some(&wire::encode(&sums, &sum.totals)))?;
+            Ok(sum.out)
+        }
+        None => {
+            let bytes = group.broadcast(None)?;
+            let (sums, totals) = wire::decode(&bytes)
+                .map_err(|message| CollectiveError::Protocol { rank: 0, message })?;
+            if sums.len() != scalars.len() {
+                return Err(CollectiveError::Protocol {
+                    rank: 0,
+                    message: format!("{} scalars, expected {}", sums.len(), scalars.len()),
+                });
+            }
+            scalars.copy_from_slice(&sums);
+            let mut put = Put::<B> {
+                totals: totals.into_iter(),
+                device,
+                out: GradientsParams::new(),
+            };
+            model.visit(&mut put);
+            Ok(put.out)
+        }
+    }
+}
+
+/// Tensors and scalars as bytes: a JSON header (each tensor's dtype and shape, or null for a
+/// parameter without a gradient), the scalars as little-endian f64 (NaN survives, which JSON
+/// would not carry), then the tensors' bytes.
+mod wire {
+    use burn::tensor::{DType, TensorData};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    struct Head {
+        scalars: usize,
+        tensors: Vec<Option<(DType, Vec<usize>, usize)>>,
+    }
+
+    pub fn encode(scalars: &[f64], tensors: &[Option<TensorData>]) -> Vec<u8> {
+        let head = Head {
+            scalars: scalars.len(),
+            tensors: tensors
+                .iter()
+                .map(|t| {
+                    t.as_ref()
+                        .map(|t| (t.dtype, t.shape.to_vec(), t.as_bytes().len()))
+                })
+                .collect(),
+        };
+        let head = serde_json::to_vec(&head).expect("a header serialises");
+        let body: usize = tensors.iter().flatten().map(|t| t.as_bytes().len()).sum();
+        let mut out = Vec::with_capacity(8 + head.len() + 8 * scalars.len() + body);
+        out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+        out.extend_from_slice(&head);
+        for s in scalars {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+        for t in tensors.iter().flatten() {
+            out.extend_from_slice(t.as_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<(Vec<f64>, Vec<Option<TensorData>>), String> {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Result<&[u8], String> {
+            let end = at.checked_add(n).filter(|&e| e <= bytes.len());
+            let end = end.ok_or_else(|| format!("{} bytes end early", bytes.len()))?;
+            let s = &bytes[at..end];
+            at = end;
+            Ok(s)
+        };
+        let len = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")) as usize;
+        let head: Head = serde_json::from_slice(take(len)?).map_err(|e| e.to_string())?;
+        let scalars = (0..head.scalars)
+            .map(|_| Ok(f64::from_le_bytes(take(8)?.try_into().expect("8 bytes"))))
+            .collect::<Result<Vec<f64>, String>>()?;
+        let tensors = head
+            .tensors
+            .into_iter()
+            .map(|t| {
+                t.map(|(dtype, shape, n)| {
+                    Ok(TensorData::from_bytes_vec(take(n)?.to_vec(), shape, dtype))
+                })
+                .transpose()
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok((scalars, tensors))
+    }
 }
 
 #[cfg(test)]

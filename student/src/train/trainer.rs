@@ -27,6 +27,7 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::DType;
 use serde::{Deserialize, Serialize};
 
+use super::collective::SharedGroup;
 use super::checkpoint::{
     self, OPTIMIZER_STEM, RngState, STATE_FORMAT, TrainerState, read_trainer_state,
 };
@@ -134,6 +135,8 @@ pub struct Trainer<B: TrainBackend> {
     owners: Option<HashMap<ParamId, usize>>,
     /// Gradient bytes each replica received in the last step.
     last_grad_bytes: Vec<u64>,
+    /// The other training processes, when this is one of several (one replica each).
+    group: Option<SharedGroup>,
 }
 
 /// dtype parameters are stored in: f32 masters, except a LoRA run's frozen base, which is kept
@@ -463,6 +466,7 @@ impl<B: TrainBackend> Trainer<B> {
             sharding: Sharding::None,
             owners: None,
             last_grad_bytes: Vec::new(),
+            group: None,
             config,
         })
     }
@@ -535,6 +539,12 @@ impl<B: TrainBackend> Trainer<B> {
     /// it must be a multiple of the device count. Checkpoints and exports come from the
     /// trainer's own device, so a run may resume on a different number of devices.
     pub fn replicate_on(&mut self, devices: &[B::Device]) -> TrainResult<()> {
+        if self.group.is_some() && !devices.is_empty() {
+            return Err(TrainError::Config {
+                field: "devices".into(),
+                message: "with several training processes each trains on one device".into(),
+            });
+        }
         self.config
             .check_devices(1 + self.replicas.len() + devices.len())?;
         let model = self.model();
@@ -555,6 +565,30 @@ impl<B: TrainBackend> Trainer<B> {
     pub fn set_sharding(&mut self, sharding: Sharding) {
         self.sharding = sharding;
         self.reshard();
+    }
+
+    /// Trains as one of the processes of `group`, one replica each: every step deals its
+    /// micro-batches over the ranks and sums the gradients across them, so all ranks apply the
+    /// same update. Every rank must build the same trainer and call [`Trainer::step`] in
+    /// lockstep. Optimizer sharding across processes is not supported yet.
+    pub fn join_group(&mut self, group: SharedGroup) -> TrainResult<()> {
+        if !self.replicas.is_empty() {
+            return Err(TrainError::Config {
+                field: "devices".into(),
+                message: "with several training processes each trains on one device".into(),
+            });
+        }
+        if self.sharding != Sharding::None {
+            return Err(TrainError::Config {
+                field: "sharding".into(),
+                message: "optimizer sharding across training processes is not supported yet"
+                    .into(),
+            });
+        }
+        let size = group.lock().unwrap_or_else(|e| e.into_inner()).size();
+        self.config.check_devices(size)?;
+        self.group = Some(group);
+        Ok(())
     }
 
     /// How the replicas divide the optimizer state.
@@ -650,9 +684,17 @@ impl<B: TrainBackend> Trainer<B> {
         let step_seed = data::mix(data::mix(self.config.seed, 0xD80F), self.global_step as u64);
         let model = self.model.take().expect("model is present between steps");
         let n = 1 + self.replicas.len();
+        // Across processes every rank holds one replica: its share is its rank's.
+        let (first, world) = match &self.group {
+            Some(g) => {
+                let g = g.lock().unwrap_or_else(|e| e.into_inner());
+                (g.rank(), g.size())
+            }
+            None => (0, n),
+        };
         let shares: Vec<Vec<(usize, &[usize])>> = (0..n)
             .map(|r| {
-                parallel::share(r, n, members.len())
+                parallel::share(first + r, world, members.len())
                     .map(|m| (m, members[m].as_slice()))
                     .collect()
             })
@@ -688,6 +730,30 @@ impl<B: TrainBackend> Trainer<B> {
             }
             (None, false) => parallel::all_reduce(&model, parts, &self.devices()),
         };
+        if let Some(group) = &self.group {
+            let mut scalars = [
+                nll,
+                totals.input_tokens as f64,
+                totals.padded as f64,
+                totals.sequences as f64,
+            ];
+            let mine = grads.pop().unwrap_or_default();
+            let mut g = group.lock().unwrap_or_else(|e| e.into_inner());
+            match parallel::all_reduce_across(&mut *g, &model, mine, &mut scalars, &self.device) {
+                Ok(total) => grads = vec![total],
+                Err(e) => {
+                    drop(g);
+                    self.model = Some(model);
+                    return Err(e.into());
+                }
+            }
+            nll = scalars[0];
+            totals = Totals {
+                input_tokens: scalars[1] as usize,
+                padded: scalars[2] as usize,
+                sequences: scalars[3] as usize,
+            };
+        }
         self.last_grad_bytes = grads
             .iter()
             .map(|g| parallel::grad_bytes(&model, g))

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use distill_student::train::{
-    LoraConfig, LrSchedule, MicroBatch, Precision, SftRecord, Sharding, TrainConfig, TrainError,
-    Trainer, examples_from_records,
+    LoraConfig, LrSchedule, MicroBatch, Precision, SftRecord, Sharding, TcpGroup, TrainConfig,
+    TrainError, Trainer, World, examples_from_records,
 };
 use distill_student::{
     DType, GenerationConfig, SaveOptions, SftExample, Tokenizer, generate, load_model,
@@ -609,6 +609,106 @@ fn data_parallel_matches_one_device() {
         "{err}"
     );
     assert!(err.to_string().contains("multiple of 2"), "{err}");
+}
+
+/// Training processes joined over loopback TCP (torchrun's layout, threads standing in for the
+/// processes), full and LoRA: every step's loss and gradient norm, and the final weights,
+/// equal one process's replicas bit for bit, and one device's within 1e-5; a rank that goes
+/// away fails the others' step with a collective error instead of hanging them.
+#[test]
+fn processes_over_loopback_match_one_process() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    let dir = fixture("llama-bias-tied");
+    let examples = random_examples(13, 512, 8);
+    let join = |size: usize| -> Vec<TcpGroup> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let handles: Vec<_> = (0..size)
+            .map(|rank| {
+                let w = World {
+                    rank,
+                    size,
+                    local_rank: 0,
+                    master: format!("127.0.0.1:{port}"),
+                };
+                std::thread::spawn(move || TcpGroup::join(&w, Duration::from_secs(30)).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    for lora in [false, true] {
+        let config = TrainConfig {
+            grad_accum: 4,
+            ..resume_config(lora)
+        };
+        let mut one = Trainer::<T>::new(&dir, &examples, config.clone(), &device()).unwrap();
+        let mut replicas = Trainer::<T>::new(&dir, &examples, config.clone(), &device()).unwrap();
+        replicas.replicate_on(&[device()]).unwrap();
+        let ranks: Vec<_> = join(2)
+            .into_iter()
+            .map(|g| {
+                let (dir, examples, config) = (dir.clone(), examples.clone(), config.clone());
+                std::thread::spawn(move || {
+                    let mut t = Trainer::<T>::new(&dir, &examples, config, &device()).unwrap();
+                    t.join_group(Arc::new(Mutex::new(g))).unwrap();
+                    let mut steps = Vec::new();
+                    while let Some(m) = t.step().unwrap() {
+                        steps.push(m);
+                    }
+                    (steps, exported(&t))
+                })
+            })
+            .collect();
+        let ranks: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut n = 0;
+        while let Some(a) = one.step().unwrap() {
+            let b = replicas.step().unwrap().unwrap();
+            for (steps, _) in &ranks {
+                let c = &steps[n];
+                assert_eq!(
+                    (c.step, c.tokens, c.input_tokens, c.sequences),
+                    (b.step, b.tokens, b.input_tokens, b.sequences)
+                );
+                assert_eq!(
+                    (c.loss.to_bits(), c.grad_norm.to_bits()),
+                    (b.loss.to_bits(), b.grad_norm.to_bits()),
+                    "step {}",
+                    b.step
+                );
+                assert!((a.loss - c.loss).abs() <= 1e-5 * a.loss);
+            }
+            n += 1;
+        }
+        assert!(n >= 3 && ranks.iter().all(|(s, _)| s.len() == n), "{n}");
+        let (a, b) = (exported(&one), exported(&replicas));
+        let mut worst = 0f32;
+        for (_, weights) in &ranks {
+            for (name, (_, v)) in &b {
+                assert_eq!(&weights[name].1, v, "{name}");
+                worst = worst.max(assert_close(name, &weights[name].1, &a[name].1, 1e-5));
+            }
+        }
+        println!("lora={lora}: 2 processes, {n} steps, max |weight diff| vs one device {worst:.1e}");
+    }
+    // Rank 1 leaves before the first step: rank 0's step fails and says which rank.
+    let mut groups = join(2).into_iter();
+    let (root, gone) = (groups.next().unwrap(), groups.next().unwrap());
+    drop(gone);
+    let config = TrainConfig {
+        grad_accum: 4,
+        ..resume_config(false)
+    };
+    let mut t = Trainer::<T>::new(&dir, &examples, config, &device()).unwrap();
+    t.join_group(Arc::new(Mutex::new(root))).unwrap();
+    let err = t.step().unwrap_err();
+    assert!(
+        matches!(err, TrainError::Collective(_)) && err.to_string().contains("training process 1"),
+        "{err}"
+    );
 }
 
 /// Optimizer sharding (ZeRO-1) over 2 and 4 in-process replicas, full and LoRA: every step and the final weights
