@@ -335,17 +335,21 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
     let registry = Registry::builtin();
     match cli.command {
         Command::Run { config } => {
-            let workdir = std::env::current_dir().context("cannot read the working directory")?;
-            let pipeline = config::load(&config, &workdir, &registry)?;
-            let fps = fingerprints(&pipeline)?;
-            let db_path = cli
-                .db
-                .or_else(|| pipeline.run.db.as_ref().map(|p| workdir.join(p)))
-                .unwrap_or_else(default_db);
-            let db = open_for_run(&db_path).await?;
-            execute(&db, &pipeline, &fps, bars).await
+            as_rank(async {
+                let workdir =
+                    std::env::current_dir().context("cannot read the working directory")?;
+                let pipeline = config::load(&config, &workdir, &registry)?;
+                let fps = fingerprints(&pipeline)?;
+                let db_path = cli
+                    .db
+                    .or_else(|| pipeline.run.db.as_ref().map(|p| workdir.join(p)))
+                    .unwrap_or_else(default_db);
+                let db = open_for_run(&db_path).await?;
+                execute(&db, &pipeline, &fps, bars).await
+            })
+            .await
         }
-        Command::Resume { run } => {
+        Command::Resume { run } => as_rank(async {
             let db = open_existing(cli.db).await?;
             let run = runs::find(&db, &run).await?;
             let pipeline = config::parse(
@@ -362,7 +366,8 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             })?;
             let fps = fingerprints(&pipeline)?;
             execute(&db, &pipeline, &fps, bars).await
-        }
+        })
+        .await,
         Command::Status { run, json } => {
             let db = open_existing(cli.db).await?;
             let run = find_or_latest(&db, run).await?;
@@ -700,6 +705,41 @@ async fn find_or_latest(db: &Db, run: Option<String>) -> Result<runs::Run> {
 
 fn default_db() -> PathBuf {
     PathBuf::from("distill.db")
+}
+
+/// Under torchrun or `srun` with several processes (their variables set), ranks other than 0
+/// serve rank 0's training jobs and never open the job database; rank 0 waits for them to
+/// connect, runs `body`, then lets them exit. A single process just runs `body`.
+async fn as_rank(body: impl std::future::Future<Output = Result<ExitCode>>) -> Result<ExitCode> {
+    use distill_stages::cluster;
+    use distill_student::train::{SharedGroup, World, join_world};
+    let Some(world) = World::from_env()? else {
+        return body.await;
+    };
+    let (rank, size) = (world.rank, world.size);
+    tracing::info!(rank, size, master = %world.master, "joining the training processes");
+    let group = tokio::task::spawn_blocking({
+        let world = world.clone();
+        move || join_world(&world)
+    })
+    .await
+    .context("joining the training processes")??;
+    let group: SharedGroup = std::sync::Arc::new(std::sync::Mutex::new(group));
+    if rank > 0 {
+        tracing::info!(rank, size, "serving rank 0's training jobs");
+        tokio::task::spawn_blocking(move || cluster::serve(world, group))
+            .await
+            .context("serving rank 0")?
+            .with_context(|| format!("training process {rank} of {size}"))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    cluster::install(world, group);
+    let result = body.await;
+    let error = result.as_ref().err().map(error_chain);
+    tokio::task::spawn_blocking(move || cluster::finish(error.as_deref()))
+        .await
+        .ok();
+    result
 }
 
 async fn open_for_run(path: &Path) -> Result<Db> {

@@ -8,6 +8,7 @@
 //! so an interrupted stage resumes by doing only the missing items.
 
 pub mod checkpoint_files;
+pub mod cluster;
 mod context;
 pub mod curation;
 pub mod device;

@@ -365,13 +365,15 @@ impl Stage for Train {
         let (tx, mut rx) = mpsc::channel::<Event>(64);
         let stop = Arc::new(AtomicBool::new(false));
         let job = TrainJob {
-            base: base.clone(),
-            config: self.config.clone(),
-            records,
-            resume_from,
+            spec: TrainSpec {
+                base: base.clone(),
+                config: self.config.clone(),
+                records,
+                resume_from,
+                sharding: self.stage.sharding,
+            },
             artifacts: ctx.artifacts.clone(),
             checkpoint_every: self.stage.checkpoint_every,
-            sharding: self.stage.sharding,
             stop: stop.clone(),
             tx,
         };
@@ -627,25 +629,73 @@ enum Finished {
     Interrupted,
 }
 
+/// What every training process needs to build the same trainer: the train stage's job, as
+/// rank 0 sends it to the others when several processes train together.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TrainSpec {
+    pub base: PathBuf,
+    pub config: TrainConfig,
+    pub records: Vec<SftRecord>,
+    pub resume_from: Option<PathBuf>,
+    pub sharding: Sharding,
+}
+
+impl TrainSpec {
+    /// The trainer this spec describes, on `devices` (the first its own, the rest replicas).
+    pub(crate) fn build<B: distill_student::train::TrainBackend>(
+        &self,
+        devices: &[B::Device],
+    ) -> Result<Trainer<B>, StageError> {
+        let device = &devices[0];
+        let tokenizer = Tokenizer::from_dir(&self.base)
+            .map_err(|e| StageError::Input(format!("base model: {e}")))?;
+        let examples = examples_from_records(&tokenizer, &self.records)
+            .map_err(|e| StageError::Input(format!("rendering the training examples: {e}")))?;
+        let mut trainer = match &self.resume_from {
+            Some(ckpt) => Trainer::<B>::resume_with_base(ckpt, Some(&self.base), &examples, device),
+            None => Trainer::<B>::new(&self.base, &examples, self.config.clone(), device),
+        }
+        .map_err(|e| training_error(&e))?;
+        trainer.set_sharding(self.sharding);
+        trainer
+            .replicate_on(&devices[1..])
+            .map_err(|e| StageError::Input(e.to_string()))?;
+        Ok(trainer)
+    }
+}
+
+pub(crate) fn training_error(e: &dyn std::fmt::Display) -> StageError {
+    StageError::Failed(format!("training: {e}"))
+}
+
 /// The training loop, on a blocking thread.
 struct TrainJob {
-    base: PathBuf,
-    config: TrainConfig,
-    records: Vec<SftRecord>,
-    resume_from: Option<PathBuf>,
+    spec: TrainSpec,
     artifacts: PathBuf,
     checkpoint_every: usize,
-    sharding: Sharding,
     stop: Arc<AtomicBool>,
     tx: mpsc::Sender<Event>,
 }
 
 impl TrainJob {
     fn run(self, device: Device, devices: &[usize]) -> Result<Finished, StageError> {
+        let cluster = crate::cluster::current();
+        // One device per process when several train together: this process's LOCAL_RANK.
+        let devices = match cluster {
+            Some(c) if devices.len() > 1 => {
+                return Err(StageError::Input(format!(
+                    "`devices`: {} processes train together, each on one device (its LOCAL_RANK); \
+                     list at most one device",
+                    c.world().size
+                )));
+            }
+            Some(c) => vec![c.world().local_rank],
+            None => devices.to_vec(),
+        };
         match device {
             Device::Cpu => {
                 type B = burn::backend::Autodiff<distill_student::CpuBackend>;
-                self.train::<B>(&vec![Default::default(); devices.len()])
+                self.train::<B>(&vec![Default::default(); devices.len()], device)
             }
             #[cfg(feature = "cuda")]
             Device::Cuda => {
@@ -654,7 +704,7 @@ impl TrainJob {
                     .iter()
                     .map(|&i| burn::backend::cuda::CudaDevice::new(i))
                     .collect();
-                self.train::<B>(&devices)
+                self.train::<B>(&devices, device)
             }
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => Err(StageError::Input("built without CUDA".into())),
@@ -664,23 +714,33 @@ impl TrainJob {
     fn train<B: distill_student::train::TrainBackend>(
         self,
         devices: &[B::Device],
+        kind: Device,
     ) -> Result<Finished, StageError> {
-        let device = &devices[0];
-        let fail = |e: &dyn std::fmt::Display| StageError::Failed(format!("training: {e}"));
-        let tokenizer = Tokenizer::from_dir(&self.base)
-            .map_err(|e| StageError::Input(format!("base model: {e}")))?;
-        let examples = examples_from_records(&tokenizer, &self.records)
-            .map_err(|e| StageError::Input(format!("rendering the training examples: {e}")))?;
-        let mut trainer = match &self.resume_from {
-            Some(ckpt) => Trainer::<B>::resume_with_base(ckpt, Some(&self.base), &examples, device),
-            None => Trainer::<B>::new(&self.base, &examples, self.config.clone(), device),
+        let cluster = crate::cluster::current();
+        let built = match cluster {
+            // Every rank builds the same trainer; a failure anywhere fails the stage.
+            Some(c) => c.start(&self.spec, kind).and_then(|()| {
+                let built = self.spec.build::<B>(devices);
+                c.ready(built)
+            }),
+            None => self.spec.build::<B>(devices),
+        };
+        let mut trainer = built?;
+        let result = self.steps(&mut trainer, cluster);
+        if let (Some(c), Err(e)) = (cluster, &result) {
+            c.abort(&e.to_string());
         }
-        .map_err(|e| fail(&e))?;
-        trainer.set_sharding(self.sharding);
-        trainer
-            .replicate_on(&devices[1..])
-            .map_err(|e| StageError::Input(e.to_string()))?;
-        tracing::info!(devices = devices.len(), sharding = ?self.sharding, "training");
+        result
+    }
+
+    fn steps<B: distill_student::train::TrainBackend>(
+        &self,
+        trainer: &mut Trainer<B>,
+        cluster: Option<&crate::cluster::Cluster>,
+    ) -> Result<Finished, StageError> {
+        let sharding = self.spec.sharding;
+        let processes = cluster.map_or(1, |c| c.world().size);
+        tracing::info!(devices = trainer.devices().len(), processes, sharding = ?sharding, "training");
         let mut last_saved = trainer.global_step();
         let _ = self.tx.blocking_send(Event::Start {
             total_steps: trainer.total_steps(),
@@ -694,41 +754,52 @@ impl TrainJob {
                     } else {
                         trainer.save_checkpoint(path).map(drop)
                     }
-                    .map_err(|e| fail(&e))
+                    .map_err(|e| training_error(&e))
                 })?;
             let _ = self.tx.blocking_send(Event::Checkpoint(saved));
             Ok(())
         };
+        // Rank 0 tells the other processes whether to step before each step.
+        let control = |step: bool| -> Result<(), StageError> {
+            match cluster {
+                Some(c) => c.control(step),
+                None => Ok(()),
+            }
+        };
         loop {
             if self.stop.load(Ordering::Relaxed) {
+                control(false)?;
                 if trainer.global_step() > last_saved {
-                    save(&trainer, false)?;
+                    save(trainer, false)?;
                 }
                 return Ok(Finished::Interrupted);
             }
-            match trainer.step().map_err(|e| fail(&e))? {
+            control(true)?;
+            match trainer.step().map_err(|e| training_error(&e))? {
                 Some(m) => {
                     let step = m.step;
                     if self.tx.blocking_send(Event::Step(m)).is_err() {
+                        control(false)?;
                         return Ok(Finished::Interrupted);
                     }
                     if self.checkpoint_every > 0
                         && step % self.checkpoint_every == 0
                         && !trainer.is_finished()
                     {
-                        save(&trainer, false)?;
+                        save(trainer, false)?;
                         last_saved = step;
                     }
                 }
                 None => break,
             }
         }
-        save(&trainer, true)?;
+        control(false)?;
+        save(trainer, true)?;
         let data = serde_json::to_value(trainer.data_stats()).unwrap_or(Value::Null);
         Ok(Finished::Done {
             total_steps: trainer.total_steps(),
             data,
-            devices: trainer.devices().len(),
+            devices: trainer.devices().len() * processes,
         })
     }
 }

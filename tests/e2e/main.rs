@@ -9,6 +9,7 @@ mod generate;
 mod grpo;
 mod import;
 mod model;
+mod processes;
 mod quickstart;
 mod serve;
 mod train;
