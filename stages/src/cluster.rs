@@ -26,7 +26,7 @@ use crate::train::{TrainSpec, training_error};
 #[derive(Debug, Serialize, Deserialize)]
 enum Control {
     /// Build this trainer.
-    Job { spec: TrainSpec, device: Device },
+    Job { spec: Box<TrainSpec>, device: Device },
     /// Take one step.
     Step,
     /// The job is over (done or interrupted).
@@ -100,7 +100,7 @@ impl Cluster {
             ));
         }
         self.send(&Control::Job {
-            spec: spec.clone(),
+            spec: Box::new(spec.clone()),
             device,
         })
     }
