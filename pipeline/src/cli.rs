@@ -726,6 +726,13 @@ async fn as_rank(body: impl std::future::Future<Output = Result<ExitCode>>) -> R
     .context("joining the training processes")??;
     let group: SharedGroup = std::sync::Arc::new(std::sync::Mutex::new(group));
     if rank > 0 {
+        // torchrun and a terminal send Ctrl-C to every process; rank 0 decides what stops
+        // (it saves a checkpoint and ends the job), so the others only keep serving it.
+        tokio::spawn(async {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("interrupt: rank 0 decides when training stops");
+            }
+        });
         tracing::info!(rank, size, "serving rank 0's training jobs");
         tokio::task::spawn_blocking(move || cluster::serve(world, group))
             .await
