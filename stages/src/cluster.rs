@@ -29,6 +29,8 @@ enum Control {
     Job { spec: Box<TrainSpec>, device: Device },
     /// Take one step.
     Step,
+    /// Rank 0 writes a checkpoint: send it this rank's part of the state.
+    Save,
     /// The job is over (done or interrupted).
     End,
     /// The run is over: exit.
@@ -129,6 +131,11 @@ impl Cluster {
         self.send(if step { &Control::Step } else { &Control::End })
     }
 
+    /// Rank 0: the other ranks send their part of the checkpoint it is about to write.
+    pub(crate) fn save(&self) -> Result<(), StageError> {
+        self.send(&Control::Save)
+    }
+
     /// Rank 0: a job failed; the other ranks stop with `message`.
     pub(crate) fn abort(&self, message: &str) {
         if !self.broken.swap(true, Ordering::Relaxed) {
@@ -226,6 +233,7 @@ fn steps<B: TrainBackend>(
             Control::Step => {
                 trainer.step().map_err(|e| training_error(&e))?;
             }
+            Control::Save => trainer.share_checkpoint().map_err(|e| training_error(&e))?,
             Control::End => return Ok(true),
             Control::Finish => return Ok(false),
             Control::Job { .. } => {

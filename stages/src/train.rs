@@ -747,6 +747,10 @@ impl TrainJob {
             done: last_saved,
         });
         let save = |trainer: &Trainer<B>, last: bool| -> Result<(), StageError> {
+            // A checkpoint holds the whole optimizer state: sharded ranks send theirs.
+            if let (Some(c), false) = (cluster, last) {
+                c.save()?;
+            }
             let saved =
                 SavedCheckpoint::write(&self.artifacts, trainer.global_step(), last, |path| {
                     if last {
@@ -768,10 +772,10 @@ impl TrainJob {
         };
         loop {
             if self.stop.load(Ordering::Relaxed) {
-                control(false)?;
                 if trainer.global_step() > last_saved {
                     save(trainer, false)?;
                 }
+                control(false)?;
                 return Ok(Finished::Interrupted);
             }
             control(true)?;

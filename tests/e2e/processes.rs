@@ -78,6 +78,60 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Runs `distill run pipeline.toml` in `w` as `n` processes with torchrun's variables.
+async fn launch(w: &Workdir, n: usize) -> Vec<Out> {
+    let port = free_port().to_string();
+    let children: Vec<_> = (0..n)
+        .map(|rank| {
+            let mut c = w.cmd(&["run", "pipeline.toml"]);
+            c.env("WORLD_SIZE", n.to_string())
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        children
+            .into_iter()
+            .map(|c| Out(c.wait_with_output().unwrap()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sharded_processes_checkpoint_and_train_as_sharded_replicas_do() {
+    // The optimizer state divided between two processes, a checkpoint every 2 steps (each
+    // rank sends rank 0 its part): the same steps, checkpoints and weights as two sharded
+    // replicas in one process.
+    let keys = "sharding = \"optimizer\"\ncheckpoint_every = 2";
+    let replicas = workdir(&format!("devices = [0, 1]\n{keys}"));
+    let mut cmd = replicas.cmd(&["run", "pipeline.toml"]);
+    tokio::task::spawn_blocking(move || Out(cmd.output().unwrap()))
+        .await
+        .unwrap()
+        .ok();
+    let two = workdir(keys);
+    for out in launch(&two, 2).await {
+        out.ok();
+    }
+    assert_eq!(losses(&two).await, losses(&replicas).await);
+    assert!(final_weights(&two) == final_weights(&replicas));
+    // Rank 0's checkpoint holds the whole optimizer state (its own part alone would be about
+    // half the size); the record's parameter ids are each process's own, so compare sizes.
+    let optimizer = |w: &Workdir| {
+        std::fs::metadata(w.path().join("runs/dist/student/checkpoint-2/optimizer.mpk"))
+            .unwrap()
+            .len()
+    };
+    assert_eq!(optimizer(&two), optimizer(&replicas));
+}
+
 #[tokio::test]
 async fn two_processes_on_loopback_train_as_one_process_does() {
     // One process with two replicas, and one with one device: the references.

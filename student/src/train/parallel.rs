@@ -467,6 +467,131 @@ pub(super) fn all_reduce_across<B: TrainBackend>(
     }
 }
 
+/// Every trainable parameter's position in `model`'s visiting order. `ParamId`s are drawn at
+/// random in each process, so processes name parameters by position to each other.
+pub(super) fn positions<B: TrainBackend>(model: &TrainModel<B>) -> Vec<ParamId> {
+    struct Ids(Vec<ParamId>);
+    impl<B: Backend> ModuleVisitor<B> for Ids {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.0.push(p.id);
+        }
+    }
+    let mut ids = Ids(Vec::new());
+    model.visit(&mut ids);
+    ids.0
+}
+
+/// Keeps only the gradients of the parameters rank `me` owns.
+pub(super) fn retain_owned<B: TrainBackend>(
+    model: &TrainModel<B>,
+    mut grads: GradientsParams,
+    owners: &HashMap<ParamId, usize>,
+    me: usize,
+) -> GradientsParams {
+    struct Drop<'a> {
+        grads: &'a mut GradientsParams,
+        owners: &'a HashMap<ParamId, usize>,
+        me: usize,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Drop<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            if self.owners.get(&p.id).is_some_and(|&o| o != self.me) {
+                self.grads.remove::<B::InnerBackend, D>(p.id);
+            }
+        }
+    }
+    model.visit(&mut Drop {
+        grads: &mut grads,
+        owners,
+        me,
+    });
+    grads
+}
+
+/// After a sharded update across processes: every rank sends its own parameters' new values
+/// to rank 0, which broadcasts all of them; each rank takes the values it does not own.
+pub(super) fn all_gather_across<B: TrainBackend>(
+    group: &mut dyn Collective,
+    model: TrainModel<B>,
+    owners: &HashMap<ParamId, usize>,
+    device: &B::Device,
+) -> CollectiveResult<TrainModel<B>> {
+    let me = group.rank();
+    struct Own<'a> {
+        me: usize,
+        owners: &'a HashMap<ParamId, usize>,
+        out: Vec<Option<TensorData>>,
+    }
+    impl<B: TrainBackend> ModuleVisitor<B> for Own<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let mine = self.owners.get(&p.id) == Some(&self.me);
+            self.out.push(mine.then(|| p.val().inner().into_data()));
+        }
+    }
+    struct Replace<'a, B: TrainBackend> {
+        me: usize,
+        owners: &'a HashMap<ParamId, usize>,
+        values: std::vec::IntoIter<Option<TensorData>>,
+        device: &'a B::Device,
+    }
+    impl<B: TrainBackend> ModuleMapper<B> for Replace<'_, B> {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let value = self.values.next().flatten();
+            match (self.owners.get(&p.id), value) {
+                (Some(&owner), Some(value)) if owner != self.me => {
+                    let device = self.device;
+                    p.map(|old| {
+                        let new = Tensor::from_inner(Tensor::from_data(value, device));
+                        if old.is_require_grad() {
+                            new.require_grad()
+                        } else {
+                            new
+                        }
+                    })
+                }
+                _ => p,
+            }
+        }
+    }
+    let mut own = Own {
+        me,
+        owners,
+        out: Vec::new(),
+    };
+    model.visit(&mut own);
+    let payload = wire::encode(&[], &own.out);
+    let all = match group.gather(&payload)? {
+        Some(all) => {
+            // Position i comes from whichever rank sent it (its owner).
+            let mut merged: Vec<Option<TensorData>> = vec![None; own.out.len()];
+            for (rank, bytes) in all.iter().enumerate() {
+                let (_, values) = wire::decode(bytes)
+                    .map_err(|message| CollectiveError::Protocol { rank, message })?;
+                for (slot, v) in merged.iter_mut().zip(values) {
+                    if v.is_some() {
+                        *slot = v;
+                    }
+                }
+            }
+            let bytes = wire::encode(&[], &merged);
+            group.broadcast(Some(&bytes))?;
+            merged
+        }
+        None => {
+            let bytes = group.broadcast(None)?;
+            wire::decode(&bytes)
+                .map_err(|message| CollectiveError::Protocol { rank: 0, message })?
+                .1
+        }
+    };
+    Ok(model.map(&mut Replace::<B> {
+        me,
+        owners,
+        values: all.into_iter(),
+        device,
+    }))
+}
+
 /// Tensors and scalars as bytes: a JSON header (each tensor's dtype and shape, or null for a
 /// parameter without a gradient), the scalars as little-endian f64 (NaN survives, which JSON
 /// would not carry), then the tensors' bytes.

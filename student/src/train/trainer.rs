@@ -570,7 +570,10 @@ impl<B: TrainBackend> Trainer<B> {
     /// Trains as one of the processes of `group`, one replica each: every step deals its
     /// micro-batches over the ranks and sums the gradients across them, so all ranks apply the
     /// same update. Every rank must build the same trainer and call [`Trainer::step`] in
-    /// lockstep. Optimizer sharding across processes is not supported yet.
+    /// lockstep. With [`Sharding::Optimizer`] each rank keeps only its own parameters' AdamW
+    /// state: it updates them alone and the ranks exchange the new values; a checkpoint is then
+    /// a collective ([`Trainer::save_checkpoint`] on rank 0, [`Trainer::share_checkpoint`] on
+    /// the others, at the same step).
     pub fn join_group(&mut self, group: SharedGroup) -> TrainResult<()> {
         if !self.replicas.is_empty() {
             return Err(TrainError::Config {
@@ -578,17 +581,77 @@ impl<B: TrainBackend> Trainer<B> {
                 message: "with several training processes each trains on one device".into(),
             });
         }
-        if self.sharding != Sharding::None {
-            return Err(TrainError::Config {
-                field: "sharding".into(),
-                message: "optimizer sharding across training processes is not supported yet"
-                    .into(),
-            });
-        }
         let size = group.lock().unwrap_or_else(|e| e.into_inner()).size();
         self.config.check_devices(size)?;
         self.group = Some(group);
+        self.reshard();
         Ok(())
+    }
+
+    /// This process's rank, when it trains as one of several.
+    pub fn group_rank(&self) -> Option<usize> {
+        self.group
+            .as_ref()
+            .map(|g| g.lock().unwrap_or_else(|e| e.into_inner()).rank())
+    }
+
+    /// Rank other than 0 of a group sharding the optimizer: its part of the checkpoint rank 0
+    /// is writing with [`Trainer::save_checkpoint`] (nothing to do otherwise).
+    pub fn share_checkpoint(&self) -> TrainResult<()> {
+        self.gathered_record().map(drop)
+    }
+
+    /// Every parameter's AdamW state. With the optimizer sharded across processes this is a
+    /// collective every rank enters at the same step: rank 0 gets the whole record, the others
+    /// `None`. Processes name parameters by position (their `ParamId`s are their own).
+    fn gathered_record(&self) -> TrainResult<Option<OptimRecord<B>>> {
+        use burn::record::NamedMpkBytesRecorder;
+        let local = self.optimizer_record();
+        let (Some(group), Some(_)) = (&self.group, &self.owners) else {
+            return Ok(Some(local));
+        };
+        let ids = parallel::positions(self.model());
+        let position: HashMap<ParamId, u64> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i as u64))
+            .collect();
+        let keyed: OptimRecord<B> = local
+            .into_iter()
+            .filter_map(|(id, r)| Some((ParamId::from(*position.get(&id)?), r)))
+            .collect();
+        let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
+        let bad = |e: &dyn std::fmt::Display| TrainError::Checkpoint {
+            path: PathBuf::from("optimizer state from another training process"),
+            message: e.to_string(),
+        };
+        let bytes = recorder.record(keyed, ()).map_err(|e| bad(&e))?;
+        let all = group
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .gather(&bytes)?;
+        let Some(all) = all else { return Ok(None) };
+        let mut record = OptimRecord::<B>::default();
+        for bytes in all {
+            let part: OptimRecord<B> = recorder.load(bytes, &self.device).map_err(|e| bad(&e))?;
+            for (at, r) in part {
+                let id = ids
+                    .get(at.val() as usize)
+                    .ok_or_else(|| bad(&format!("parameter {} of {}", at.val(), ids.len())))?;
+                record.insert(*id, r);
+            }
+        }
+        Ok(Some(record))
+    }
+
+    /// Loads `record` into the two optimizers (decayed and plain groups).
+    fn load_optimizers(&mut self, record: OptimRecord<B>) {
+        let decay_ids = &self.decay_ids;
+        let (decay, plain): (OptimRecord<B>, OptimRecord<B>) = record
+            .into_iter()
+            .partition(|(id, _)| decay_ids.contains(id));
+        self.opt_decay = adam::<B>(&self.config, self.config.weight_decay).load_record(decay);
+        self.opt_plain = adam::<B>(&self.config, 0.0).load_record(plain);
     }
 
     /// How the replicas divide the optimizer state.
@@ -635,6 +698,22 @@ impl<B: TrainBackend> Trainer<B> {
     /// (sharded) or all of it.
     fn reshard(&mut self) {
         let record = self.optimizer_record();
+        if let Some(group) = &self.group {
+            // One replica per process: this rank keeps its share (set the sharding before
+            // joining: a shard cannot be widened back without the other ranks).
+            let (rank, size) = {
+                let g = group.lock().unwrap_or_else(|e| e.into_inner());
+                (g.rank(), g.size())
+            };
+            self.owners = (self.sharding == Sharding::Optimizer)
+                .then(|| parallel::owners(self.model(), size));
+            let mine = parallel::split_record::<B>(record, self.owners.as_ref(), size)
+                .into_iter()
+                .nth(rank)
+                .unwrap_or_default();
+            self.load_optimizers(mine);
+            return;
+        }
         let n = 1 + self.replicas.len();
         self.owners = (self.sharding == Sharding::Optimizer && n > 1)
             .then(|| parallel::owners(self.model(), n));
@@ -781,7 +860,14 @@ impl<B: TrainBackend> Trainer<B> {
             .map(|max| max / (grad_norm + 1e-6))
             .filter(|&c| c < 1.0);
         let lr = self.next_lr();
-        let own_grads = grads.remove(0);
+        let mut own_grads = grads.remove(0);
+        // Sharded across processes: every rank holds the totals (the norm above read them in
+        // the unsharded order) and updates only its own parameters.
+        if let (Some(group), Some(owners)) = (&self.group, &self.owners) {
+            let me = group.lock().unwrap_or_else(|e| e.into_inner()).rank();
+            own_grads = parallel::retain_owned(&model, own_grads, owners, me);
+            self.last_grad_bytes = vec![parallel::grad_bytes(&model, &own_grads)];
+        }
         let decay_ids = &self.decay_ids;
         let (opt_decay, opt_plain) = (&mut self.opt_decay, &mut self.opt_plain);
         for (rep, g) in self.replicas.iter_mut().zip(grads) {
@@ -799,7 +885,16 @@ impl<B: TrainBackend> Trainer<B> {
         let mut model = update(
             model, own_grads, factor, decay_ids, lr, opt_decay, opt_plain,
         );
-        if let Some(owners) = &self.owners {
+        if let (Some(group), Some(owners)) = (&self.group, &self.owners) {
+            let mut g = group.lock().unwrap_or_else(|e| e.into_inner());
+            model = match parallel::all_gather_across(&mut *g, model, owners, &self.device) {
+                Ok(m) => m,
+                Err(e) => {
+                    // The update is half-applied across ranks: this trainer cannot go on.
+                    return Err(e.into());
+                }
+            };
+        } else if let Some(owners) = &self.owners {
             let mut models = vec![model];
             for rep in &mut self.replicas {
                 models.push(rep.model.take().expect("replica model between steps"));
@@ -847,10 +942,16 @@ impl<B: TrainBackend> Trainer<B> {
     /// into `dir` atomically: built in `dir.tmp`, fsynced, then renamed.
     pub fn save_checkpoint(&self, dir: impl AsRef<Path>) -> TrainResult<CheckpointInfo> {
         let dir = dir.as_ref();
+        let Some(record) = self.gathered_record()? else {
+            return Err(TrainError::Config {
+                field: "rank".into(),
+                message: "only rank 0 writes checkpoints; the others call share_checkpoint".into(),
+            });
+        };
         let tmp = checkpoint::begin(dir)?;
         save_weights_and_optimizer(
             self.model(),
-            self.optimizer_record(),
+            record,
             self.base_dir.as_deref(),
             &tmp,
         )?;

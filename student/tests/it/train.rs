@@ -612,9 +612,11 @@ fn data_parallel_matches_one_device() {
 }
 
 /// Training processes joined over loopback TCP (torchrun's layout, threads standing in for the
-/// processes), full and LoRA: every step's loss and gradient norm, and the final weights,
-/// equal one process's replicas bit for bit, and one device's within 1e-5; a rank that goes
-/// away fails the others' step with a collective error instead of hanging them.
+/// processes), full and LoRA, plain and with the optimizer sharded across them: every step's
+/// loss and gradient norm, and the final weights, equal one process's replicas bit for bit,
+/// and one device's within 1e-5; sharded, each rank holds about half the AdamW state, and the
+/// checkpoint rank 0 writes mid-run (the others sending their part) resumes on one device to
+/// the same end; a rank that goes away fails the others' step instead of hanging them.
 #[test]
 fn processes_over_loopback_match_one_process() {
     use std::sync::{Arc, Mutex};
@@ -640,7 +642,12 @@ fn processes_over_loopback_match_one_process() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     };
-    for lora in [false, true] {
+    for (lora, sharding) in [
+        (false, Sharding::None),
+        (true, Sharding::None),
+        (false, Sharding::Optimizer),
+        (true, Sharding::Optimizer),
+    ] {
         let config = TrainConfig {
             grad_accum: 4,
             ..resume_config(lora)
@@ -648,18 +655,34 @@ fn processes_over_loopback_match_one_process() {
         let mut one = Trainer::<T>::new(&dir, &examples, config.clone(), &device()).unwrap();
         let mut replicas = Trainer::<T>::new(&dir, &examples, config.clone(), &device()).unwrap();
         replicas.replicate_on(&[device()]).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let ckpt = tmp.path().join("checkpoint");
         let ranks: Vec<_> = join(2)
             .into_iter()
             .map(|g| {
                 let (dir, examples, config) = (dir.clone(), examples.clone(), config.clone());
+                let ckpt = ckpt.clone();
                 std::thread::spawn(move || {
                     let mut t = Trainer::<T>::new(&dir, &examples, config, &device()).unwrap();
+                    t.set_sharding(sharding);
                     t.join_group(Arc::new(Mutex::new(g))).unwrap();
+                    let rank = if t.group_rank() == Some(0) { 0 } else { 1 };
                     let mut steps = Vec::new();
+                    let mut bytes = None;
                     while let Some(m) = t.step().unwrap() {
+                        if m.step == 1 {
+                            bytes = Some(t.replica_bytes()[0]);
+                        }
+                        if m.step == 4 {
+                            if rank == 0 {
+                                t.save_checkpoint(&ckpt).unwrap();
+                            } else {
+                                t.share_checkpoint().unwrap();
+                            }
+                        }
                         steps.push(m);
                     }
-                    (steps, exported(&t))
+                    (steps, exported(&t), bytes.unwrap())
                 })
             })
             .collect();
@@ -667,7 +690,7 @@ fn processes_over_loopback_match_one_process() {
         let mut n = 0;
         while let Some(a) = one.step().unwrap() {
             let b = replicas.step().unwrap().unwrap();
-            for (steps, _) in &ranks {
+            for (steps, _, _) in &ranks {
                 let c = &steps[n];
                 assert_eq!(
                     (c.step, c.tokens, c.input_tokens, c.sequences),
@@ -683,16 +706,35 @@ fn processes_over_loopback_match_one_process() {
             }
             n += 1;
         }
-        assert!(n >= 3 && ranks.iter().all(|(s, _)| s.len() == n), "{n}");
+        assert!(n >= 5 && ranks.iter().all(|(s, _, _)| s.len() == n), "{n}");
         let (a, b) = (exported(&one), exported(&replicas));
         let mut worst = 0f32;
-        for (_, weights) in &ranks {
+        for (_, weights, _) in &ranks {
             for (name, (_, v)) in &b {
                 assert_eq!(&weights[name].1, v, "{name}");
                 worst = worst.max(assert_close(name, &weights[name].1, &a[name].1, 1e-5));
             }
         }
-        println!("lora={lora}: 2 processes, {n} steps, max |weight diff| vs one device {worst:.1e}");
+        // AdamW state per rank: whole on each without sharding, divided with it.
+        let whole = replicas.replica_bytes()[0].optimizer;
+        let held: Vec<u64> = ranks.iter().map(|(_, _, b)| b.optimizer).collect();
+        match sharding {
+            Sharding::None => assert!(held.iter().all(|&h| h == whole), "{held:?} vs {whole}"),
+            Sharding::Optimizer => {
+                assert_eq!(held.iter().sum::<u64>(), whole, "{held:?}");
+                assert!(held.iter().all(|&h| h < whole * 7 / 10), "{held:?} of {whole}");
+            }
+        }
+        // The checkpoint holds every rank's state: one device resumes it to the same end.
+        let mut resumed = Trainer::<T>::resume(&ckpt, &examples, &device()).unwrap();
+        while resumed.step().unwrap().is_some() {}
+        let c = exported(&resumed);
+        for (name, (_, v)) in &a {
+            worst = worst.max(assert_close(name, &c[name].1, v, 1e-5));
+        }
+        println!(
+            "lora={lora}, {sharding:?}: 2 processes, {n} steps, AdamW bytes per rank {held:?} of {whole}, max |weight diff| vs one device {worst:.1e}"
+        );
     }
     // Rank 1 leaves before the first step: rank 0's step fails and says which rank.
     let mut groups = join(2).into_iter();
