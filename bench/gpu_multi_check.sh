@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Data parallelism on a machine with several GPUs: correctness across real devices, then scaling.
 # Not yet run: the machines used so far had one GPU (bench/RESULTS-gpu-train.md).
+# .devbin/bins.tar.xz must also hold a `distill` built with `--features cuda` (for the processes check).
 # Build here and carry .devbin exactly as bench/gpu_parallel_check.sh says, then on the GPU
 # machine, from the repository root: OUT=somewhere bash bench/gpu_multi_check.sh
 set -u
@@ -23,4 +24,7 @@ ALL=$(seq -s, 0 $((N - 1)))
         TRAIN_STEP_DEVICES=$devs timeout 150 "$BIN/train_step" cuda $M 4096 1 10 bf16 recompute full \
             | grep -o '"step":[0-9]*\|"tokens_per_s":[0-9.]*' | paste -sd' '
     done
+    echo "== processes: one distill process per GPU (torchrun's variables) against one process on GPUs $ALL"
+    DEVICE=cuda DISTILL_BIN="$BIN/distill" bash bench/processes_check.sh "$N"
+    echo "exit $?"
 } 2>&1 | tee "$OUT/gpu_multi_check.log"

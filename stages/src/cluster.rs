@@ -15,7 +15,7 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use distill_student::train::{Collective, SharedGroup, TrainBackend, Trainer, World};
+use distill_student::train::{Collective, SharedGroup, TrainBackend, Trainer, World, lock};
 use serde::{Deserialize, Serialize};
 
 use crate::StageError;
@@ -81,7 +81,7 @@ impl Cluster {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, dyn Collective + 'static> {
-        self.group.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.group)
     }
 
     fn send(&self, control: &Control) -> Result<(), StageError> {
@@ -148,9 +148,7 @@ impl Cluster {
 /// when a job failed here or rank 0 failed or went away.
 pub fn serve(world: World, group: SharedGroup) -> Result<(), StageError> {
     let recv = || -> Result<Control, StageError> {
-        let bytes = group
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let bytes = lock(&group)
             .broadcast(None)
             .map_err(|e| StageError::Failed(e.to_string()))?;
         serde_json::from_slice(&bytes)
@@ -167,7 +165,7 @@ pub fn serve(world: World, group: SharedGroup) -> Result<(), StageError> {
                     Err(e) => {
                         // Rank 0 hears of it in place of this rank's next message, then ends
                         // the run; wait for that, so the launcher sees rank 0's outcome first.
-                        group.lock().unwrap_or_else(|e| e.into_inner()).fail(&e.to_string());
+                        lock(&group).fail(&e.to_string());
                         while let Ok(c) = recv() {
                             if matches!(c, Control::Finish) {
                                 break;
@@ -220,9 +218,7 @@ fn steps<B: TrainBackend>(
     recv: &dyn Fn() -> Result<Control, StageError>,
 ) -> Result<bool, StageError> {
     let mut trainer = spec.build::<B>(devices)?;
-    group
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+    lock(group)
         .gather(&[])
         .map_err(|e| training_error(&e))?;
     trainer

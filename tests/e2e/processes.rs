@@ -147,28 +147,7 @@ async fn two_processes_on_loopback_train_as_one_process_does() {
 
     // Two processes in one folder, as torchrun starts them on one node.
     let two = workdir("");
-    let port = free_port().to_string();
-    let children: Vec<_> = (0..2)
-        .map(|rank| {
-            let mut c = two.cmd(&["run", "pipeline.toml"]);
-            c.env("WORLD_SIZE", "2")
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            c.spawn().unwrap()
-        })
-        .collect();
-    let outs = tokio::task::spawn_blocking(move || {
-        children
-            .into_iter()
-            .map(|c| Out(c.wait_with_output().unwrap()))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let outs = launch(&two, 2).await;
     for out in &outs {
         out.ok();
     }
@@ -202,27 +181,7 @@ async fn a_failure_on_rank_0_reaches_every_process() {
     // non-zero with rank 0's error instead of waiting for the rendezvous timeout.
     let w = workdir("");
     std::fs::remove_dir_all(w.path().join("model")).unwrap();
-    let port = free_port().to_string();
-    let children: Vec<_> = (0..2)
-        .map(|rank| {
-            let mut c = w.cmd(&["run", "pipeline.toml"]);
-            c.env("WORLD_SIZE", "2")
-                .env("RANK", rank.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            c.spawn().unwrap()
-        })
-        .collect();
-    let outs = tokio::task::spawn_blocking(move || {
-        children
-            .into_iter()
-            .map(|c| Out(c.wait_with_output().unwrap()))
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap();
+    let outs = launch(&w, 2).await;
     assert_ne!(outs[0].code(), 0, "{}", outs[0].stderr());
     assert_ne!(outs[1].code(), 0, "{}", outs[1].stderr());
     let (e0, e1) = (outs[0].stderr(), outs[1].stderr());

@@ -178,6 +178,12 @@ pub trait Collective: Send {
 /// A group shared by the stage that holds it between jobs and the trainer that uses it.
 pub type SharedGroup = std::sync::Arc<std::sync::Mutex<dyn Collective>>;
 
+/// The group, locked. A panic elsewhere while it was held leaves nothing half-written that
+/// matters here (a failed exchange already fails the job), so a poisoned lock is taken as is.
+pub fn lock(group: &SharedGroup) -> std::sync::MutexGuard<'_, dyn Collective + 'static> {
+    group.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Frame tags.
 const DATA: u8 = 0;
 const ERROR: u8 = 1;

@@ -38,7 +38,7 @@ mod trainer;
 
 pub use checkpoint::{RngState, STATE_FILE, TrainerState, read_trainer_state};
 pub use collective::{
-    Collective, CollectiveError, CollectiveResult, SharedGroup, TcpGroup, World, join_world,
+    Collective, CollectiveError, CollectiveResult, SharedGroup, TcpGroup, World, join_world, lock,
 };
 pub use config::{
     LoraConfig, LoraTarget, LrSchedule, MicroBatch, Overlong, Precision, TrainConfig,

@@ -27,7 +27,7 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::DType;
 use serde::{Deserialize, Serialize};
 
-use super::collective::SharedGroup;
+use super::collective::{SharedGroup, lock};
 use super::checkpoint::{
     self, OPTIMIZER_STEM, RngState, STATE_FORMAT, TrainerState, read_trainer_state,
 };
@@ -581,7 +581,7 @@ impl<B: TrainBackend> Trainer<B> {
                 message: "with several training processes each trains on one device".into(),
             });
         }
-        let size = group.lock().unwrap_or_else(|e| e.into_inner()).size();
+        let size = lock(&group).size();
         self.config.check_devices(size)?;
         self.group = Some(group);
         self.reshard();
@@ -592,7 +592,7 @@ impl<B: TrainBackend> Trainer<B> {
     pub fn group_rank(&self) -> Option<usize> {
         self.group
             .as_ref()
-            .map(|g| g.lock().unwrap_or_else(|e| e.into_inner()).rank())
+            .map(|g| lock(g).rank())
     }
 
     /// Rank other than 0 of a group sharding the optimizer: its part of the checkpoint rank 0
@@ -626,9 +626,7 @@ impl<B: TrainBackend> Trainer<B> {
             message: e.to_string(),
         };
         let bytes = recorder.record(keyed, ()).map_err(|e| bad(&e))?;
-        let all = group
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let all = lock(group)
             .gather(&bytes)?;
         let Some(all) = all else { return Ok(None) };
         let mut record = OptimRecord::<B>::default();
@@ -702,7 +700,7 @@ impl<B: TrainBackend> Trainer<B> {
             // One replica per process: this rank keeps its share (set the sharding before
             // joining: a shard cannot be widened back without the other ranks).
             let (rank, size) = {
-                let g = group.lock().unwrap_or_else(|e| e.into_inner());
+                let g = lock(group);
                 (g.rank(), g.size())
             };
             self.owners = (self.sharding == Sharding::Optimizer)
@@ -766,7 +764,7 @@ impl<B: TrainBackend> Trainer<B> {
         // Across processes every rank holds one replica: its share is its rank's.
         let (first, world) = match &self.group {
             Some(g) => {
-                let g = g.lock().unwrap_or_else(|e| e.into_inner());
+                let g = lock(g);
                 (g.rank(), g.size())
             }
             None => (0, n),
@@ -817,7 +815,7 @@ impl<B: TrainBackend> Trainer<B> {
                 totals.sequences as f64,
             ];
             let mine = grads.pop().unwrap_or_default();
-            let mut g = group.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = lock(group);
             match parallel::all_reduce_across(&mut *g, &model, mine, &mut scalars, &self.device) {
                 Ok(total) => grads = vec![total],
                 Err(e) => {
@@ -864,7 +862,7 @@ impl<B: TrainBackend> Trainer<B> {
         // Sharded across processes: every rank holds the totals (the norm above read them in
         // the unsharded order) and updates only its own parameters.
         if let (Some(group), Some(owners)) = (&self.group, &self.owners) {
-            let me = group.lock().unwrap_or_else(|e| e.into_inner()).rank();
+            let me = lock(group).rank();
             own_grads = parallel::retain_owned(&model, own_grads, owners, me);
             self.last_grad_bytes = vec![parallel::grad_bytes(&model, &own_grads)];
         }
@@ -886,7 +884,7 @@ impl<B: TrainBackend> Trainer<B> {
             model, own_grads, factor, decay_ids, lr, opt_decay, opt_plain,
         );
         if let (Some(group), Some(owners)) = (&self.group, &self.owners) {
-            let mut g = group.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = lock(group);
             model = match parallel::all_gather_across(&mut *g, model, owners, &self.device) {
                 Ok(m) => m,
                 Err(e) => {
