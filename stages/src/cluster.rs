@@ -12,7 +12,7 @@
 //! belongs to one set of training processes for its whole life, and the train stages are
 //! built long before the CLI knows it.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use distill_student::train::{Collective, SharedGroup, TrainBackend, Trainer, World, lock};
@@ -43,6 +43,9 @@ pub struct Cluster {
     group: SharedGroup,
     /// A job failed part-way: the ranks may be out of step, so no further job starts.
     broken: AtomicBool,
+    /// Held by the train stage whose job the processes are running: stages the DAG runs
+    /// concurrently take the processes in turn.
+    turn: Mutex<()>,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -53,6 +56,7 @@ pub fn install(world: World, group: SharedGroup) {
         world,
         group,
         broken: AtomicBool::new(false),
+        turn: Mutex::new(()),
     });
 }
 
@@ -90,6 +94,16 @@ impl Cluster {
             .broadcast(Some(&bytes))
             .map(drop)
             .map_err(|e| training_error(&e))
+    }
+
+    /// Rank 0: waits until no other train stage has the processes, and holds them until the
+    /// guard drops.
+    pub(crate) fn turn(&self) -> MutexGuard<'_, ()> {
+        if let Ok(guard) = self.turn.try_lock() {
+            return guard;
+        }
+        tracing::info!("waiting for another train stage to finish with the training processes");
+        self.turn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Rank 0: hands the other ranks the job they build their trainer from.

@@ -717,6 +717,8 @@ impl TrainJob {
         kind: Device,
     ) -> Result<Finished, StageError> {
         let cluster = crate::cluster::current();
+        // One job at a time on the processes, whatever the DAG runs concurrently.
+        let _turn = cluster.map(|c| c.turn());
         let built = match cluster {
             // Every rank builds the same trainer; a failure anywhere fails the stage.
             Some(c) => c.start(&self.spec, kind).and_then(|()| {

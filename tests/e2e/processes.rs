@@ -42,6 +42,20 @@ grad_accum = 2
 max_seq_len = 256
 seed = 3
 {devices}
+
+# A second student beside the first: the DAG runs both at once, the processes take them in turn.
+[[stage]]
+name = "student2"
+kind = "train"
+needs = ["verified"]
+base_model = "model"
+max_steps = 2
+learning_rate = 2e-3
+micro_batch = {{ sequences = 2 }}
+grad_accum = 2
+max_seq_len = 256
+seed = 5
+{devices}
 "#
     )
 }
@@ -63,8 +77,15 @@ fn final_weights(w: &Workdir) -> Vec<u8> {
     std::fs::read(w.path().join("runs/dist/student/final/model.safetensors")).unwrap()
 }
 
+fn final_weights_2(w: &Workdir) -> Vec<u8> {
+    std::fs::read(w.path().join("runs/dist/student2/final/model.safetensors")).unwrap()
+}
+
 async fn losses(w: &Workdir) -> Vec<f64> {
-    sqlx::query_scalar("SELECT loss FROM train_metrics ORDER BY step")
+    sqlx::query_scalar(
+        "SELECT m.loss FROM train_metrics m JOIN stages s ON s.id = m.stage_id
+         WHERE s.name = 'student' ORDER BY m.step",
+    )
         .fetch_all(&w.db().await)
         .await
         .unwrap()
@@ -164,6 +185,10 @@ async fn two_processes_on_loopback_train_as_one_process_does() {
     assert!(
         final_weights(&two) == final_weights(&replicas),
         "the final weights differ from one process's replicas"
+    );
+    assert!(
+        final_weights_2(&two) == final_weights_2(&replicas),
+        "the second student's final weights differ from one process's replicas"
     );
     let devices: String = sqlx::query_scalar(
         "SELECT json_extract(summary, '$.devices') FROM stages WHERE name = 'student'",
