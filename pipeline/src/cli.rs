@@ -349,25 +349,27 @@ async fn dispatch(cli: Cli, bars: MultiProgress) -> Result<ExitCode> {
             })
             .await
         }
-        Command::Resume { run } => as_rank(async {
-            let db = open_existing(cli.db).await?;
-            let run = runs::find(&db, &run).await?;
-            let pipeline = config::parse(
-                &run.config,
-                Path::new(&run.config_path),
-                Path::new(&run.workdir),
-                &registry,
-            )
-            .with_context(|| {
-                format!(
-                    "the config recorded for run `{}` no longer validates",
-                    run.name
+        Command::Resume { run } => {
+            as_rank(async {
+                let db = open_existing(cli.db).await?;
+                let run = runs::find(&db, &run).await?;
+                let pipeline = config::parse(
+                    &run.config,
+                    Path::new(&run.config_path),
+                    Path::new(&run.workdir),
+                    &registry,
                 )
-            })?;
-            let fps = fingerprints(&pipeline)?;
-            execute(&db, &pipeline, &fps, bars).await
-        })
-        .await,
+                .with_context(|| {
+                    format!(
+                        "the config recorded for run `{}` no longer validates",
+                        run.name
+                    )
+                })?;
+                let fps = fingerprints(&pipeline)?;
+                execute(&db, &pipeline, &fps, bars).await
+            })
+            .await
+        }
         Command::Status { run, json } => {
             let db = open_existing(cli.db).await?;
             let run = find_or_latest(&db, run).await?;

@@ -12,8 +12,8 @@
 //! belongs to one set of training processes for its whole life, and the train stages are
 //! built long before the CLI knows it.
 
-use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use distill_student::train::{Collective, SharedGroup, TrainBackend, Trainer, World, lock};
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,10 @@ use crate::train::{TrainSpec, training_error};
 #[derive(Debug, Serialize, Deserialize)]
 enum Control {
     /// Build this trainer.
-    Job { spec: Box<TrainSpec>, device: Device },
+    Job {
+        spec: Box<TrainSpec>,
+        device: Device,
+    },
     /// Take one step.
     Step,
     /// Rank 0 writes a checkpoint: send it this rank's part of the state.
@@ -172,7 +175,11 @@ pub fn serve(world: World, group: SharedGroup) -> Result<(), StageError> {
         match recv()? {
             Control::Finish => return Ok(()),
             Control::Job { spec, device } => {
-                tracing::info!(rank = world.rank, records = spec.records.len(), "training job");
+                tracing::info!(
+                    rank = world.rank,
+                    records = spec.records.len(),
+                    "training job"
+                );
                 match job(&world, &group, &spec, device, &recv) {
                     Ok(true) => {}
                     Ok(false) => return Ok(()),
@@ -232,9 +239,7 @@ fn steps<B: TrainBackend>(
     recv: &dyn Fn() -> Result<Control, StageError>,
 ) -> Result<bool, StageError> {
     let mut trainer = spec.build::<B>(devices)?;
-    lock(group)
-        .gather(&[])
-        .map_err(|e| training_error(&e))?;
+    lock(group).gather(&[]).map_err(|e| training_error(&e))?;
     trainer
         .join_group(group.clone())
         .map_err(|e| StageError::Input(e.to_string()))?;

@@ -86,9 +86,9 @@ async fn losses(w: &Workdir) -> Vec<f64> {
         "SELECT m.loss FROM train_metrics m JOIN stages s ON s.id = m.stage_id
          WHERE s.name = 'student' ORDER BY m.step",
     )
-        .fetch_all(&w.db().await)
-        .await
-        .unwrap()
+    .fetch_all(&w.db().await)
+    .await
+    .unwrap()
 }
 
 fn free_port() -> u16 {
@@ -146,9 +146,12 @@ async fn sharded_processes_checkpoint_and_train_as_sharded_replicas_do() {
     // Rank 0's checkpoint holds the whole optimizer state (its own part alone would be about
     // half the size); the record's parameter ids are each process's own, so compare sizes.
     let optimizer = |w: &Workdir| {
-        std::fs::metadata(w.path().join("runs/dist/student/checkpoint-2/optimizer.mpk"))
-            .unwrap()
-            .len()
+        std::fs::metadata(
+            w.path()
+                .join("runs/dist/student/checkpoint-2/optimizer.mpk"),
+        )
+        .unwrap()
+        .len()
     };
     assert_eq!(optimizer(&two), optimizer(&replicas));
 }
@@ -176,9 +179,16 @@ async fn two_processes_on_loopback_train_as_one_process_does() {
     assert!(outs[0].stdout().contains("student"), "{}", outs[0].stdout());
     assert!(outs[1].stdout().trim().is_empty(), "{}", outs[1].stdout());
 
-    let (a, b, c) = (losses(&two).await, losses(&replicas).await, losses(&one).await);
+    let (a, b, c) = (
+        losses(&two).await,
+        losses(&replicas).await,
+        losses(&one).await,
+    );
     assert_eq!(a.len(), 4);
-    assert_eq!(a, b, "two processes step as two replicas of one process, bit for bit");
+    assert_eq!(
+        a, b,
+        "two processes step as two replicas of one process, bit for bit"
+    );
     for (x, y) in a.iter().zip(&c) {
         assert!((x - y).abs() <= 1e-5 * y.abs(), "{a:?} vs one device {c:?}");
     }

@@ -110,7 +110,11 @@ impl World {
         // `SLURM_STEP_ID` marks a task `srun` started; a batch script alone also sees
         // `SLURM_NTASKS` but is one process.
         let (rank, size, local) = if var("WORLD_SIZE").is_some() {
-            (number("RANK")?, number("WORLD_SIZE")?, number("LOCAL_RANK")?)
+            (
+                number("RANK")?,
+                number("WORLD_SIZE")?,
+                number("LOCAL_RANK")?,
+            )
         } else if var("SLURM_STEP_ID").is_some() && var("SLURM_NTASKS").is_some() {
             (
                 number("SLURM_PROCID")?,
@@ -170,6 +174,9 @@ pub trait Collective: Send {
     /// Every rank sends `payload` to rank 0, which returns all of them in rank order (its own
     /// first); the other ranks return `None`.
     fn gather(&mut self, payload: &[u8]) -> CollectiveResult<Option<Vec<Vec<u8>>>>;
+    /// Rank 0 sends `payloads[r]` to each rank r (one payload per rank, its own first); every
+    /// rank returns its own.
+    fn scatter(&mut self, payloads: Option<Vec<Vec<u8>>>) -> CollectiveResult<Vec<u8>>;
     /// Tells rank 0 (from a worker) or every worker (from rank 0) that this rank failed, in
     /// place of its next message. Best effort: the connection may already be gone.
     fn fail(&mut self, message: &str);
@@ -271,9 +278,7 @@ impl TcpGroup {
                 let attempt = world
                     .master
                     .to_socket_addrs()
-                    .and_then(|mut a| {
-                        a.next().ok_or_else(|| std::io::Error::other("no address"))
-                    })
+                    .and_then(|mut a| a.next().ok_or_else(|| std::io::Error::other("no address")))
                     .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(5)));
                 match attempt {
                     Ok(s) => break s,
@@ -405,6 +410,29 @@ impl Collective for TcpGroup {
         }
     }
 
+    fn scatter(&mut self, payloads: Option<Vec<Vec<u8>>>) -> CollectiveResult<Vec<u8>> {
+        if self.rank != 0 {
+            return self.recv(0);
+        }
+        let payloads = payloads.unwrap_or_default();
+        if payloads.len() != self.size {
+            return Err(CollectiveError::Protocol {
+                rank: 0,
+                message: format!(
+                    "{} payloads to scatter over {} ranks",
+                    payloads.len(),
+                    self.size
+                ),
+            });
+        }
+        let mut payloads = payloads.into_iter();
+        let own = payloads.next().unwrap_or_default();
+        for (r, p) in payloads.enumerate() {
+            self.send(r + 1, DATA, &p)?;
+        }
+        Ok(own)
+    }
+
     fn fail(&mut self, message: &str) {
         let targets: Vec<usize> = if self.rank == 0 {
             (1..self.size).collect()
@@ -530,6 +558,11 @@ mod tests {
                     let all = g.gather(&mine).unwrap();
                     let root = (g.rank() == 0).then(|| all.clone().unwrap().concat());
                     let got = g.broadcast(root.as_deref()).unwrap();
+                    let parts = (g.rank() == 0).then(|| vec![vec![7], vec![8, 8], vec![9]]);
+                    assert_eq!(
+                        g.scatter(parts).unwrap(),
+                        vec![7 + g.rank() as u8; 1 + (g.rank() == 1) as usize]
+                    );
                     (g.rank(), all, got)
                 })
             })

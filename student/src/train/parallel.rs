@@ -345,16 +345,31 @@ pub(super) fn all_reduce<B: TrainBackend>(
     reduce.out
 }
 
+/// Where [`all_reduce_across`] hands the totals.
+pub(super) enum Across<'a> {
+    /// Every rank gets every total.
+    AllReduce,
+    /// Each rank gets only the totals of the parameters it owns (ZeRO-2's reduce-scatter), and
+    /// rank 0, which holds them all while it sums, appends `norm` of the whole set to the
+    /// scalars (so the clipping norm is the unsharded one).
+    ReduceScatter {
+        owners: &'a HashMap<ParamId, usize>,
+        norm: &'a dyn Fn(&GradientsParams) -> f64,
+    },
+}
+
 /// Sums this process's gradient set `grads`, and `scalars`, over the processes of `group`.
 /// Rank 0 adds the ranks' values in rank order with the same tensor additions as
 /// [`all_reduce`], so N processes of one replica sum bit for bit as one process of N replicas;
-/// every rank gets the totals (the gradients on `device`). Tensors cross through host memory.
+/// the ranks get the totals as `how` says (the gradients on `device`) and the summed scalars.
+/// Tensors cross through host memory.
 pub(super) fn all_reduce_across<B: TrainBackend>(
     group: &mut dyn Collective,
     model: &TrainModel<B>,
     grads: GradientsParams,
-    scalars: &mut [f64],
+    scalars: &mut Vec<f64>,
     device: &B::Device,
+    how: Across<'_>,
 ) -> CollectiveResult<GradientsParams> {
     /// Takes every parameter's gradient, in visiting order, as host data.
     struct Take {
@@ -440,22 +455,51 @@ pub(super) fn all_reduce_across<B: TrainBackend>(
                 totals: Vec::new(),
             };
             model.visit(&mut sum);
-            let sums = sums.unwrap_or_default();
-            scalars.copy_from_slice(&sums);
-            group.broadcast(Some(&wire::encode(&sums, &sum.totals)))?;
-            Ok(sum.out)
+            let mut sums = sums.unwrap_or_default();
+            match how {
+                Across::AllReduce => {
+                    group.broadcast(Some(&wire::encode(&sums, &sum.totals)))?;
+                    *scalars = sums;
+                    Ok(sum.out)
+                }
+                Across::ReduceScatter { owners, norm } => {
+                    sums.push(norm(&sum.out));
+                    let ids = positions(model);
+                    let payloads = (0..group.size())
+                        .map(|r| {
+                            let mine: Vec<Option<TensorData>> = sum
+                                .totals
+                                .iter()
+                                .zip(&ids)
+                                .map(|(t, id)| match owners.get(id) == Some(&r) {
+                                    true => t.clone(),
+                                    false => None,
+                                })
+                                .collect();
+                            wire::encode(&sums, &mine)
+                        })
+                        .collect();
+                    group.scatter(Some(payloads))?;
+                    *scalars = sums;
+                    Ok(retain_owned(model, sum.out, owners, 0))
+                }
+            }
         }
         None => {
-            let bytes = group.broadcast(None)?;
+            let bytes = match how {
+                Across::AllReduce => group.broadcast(None)?,
+                Across::ReduceScatter { .. } => group.scatter(None)?,
+            };
             let (sums, totals) = wire::decode(&bytes)
                 .map_err(|message| CollectiveError::Protocol { rank: 0, message })?;
-            if sums.len() != scalars.len() {
+            let expected = scalars.len() + matches!(how, Across::ReduceScatter { .. }) as usize;
+            if sums.len() != expected {
                 return Err(CollectiveError::Protocol {
                     rank: 0,
-                    message: format!("{} scalars, expected {}", sums.len(), scalars.len()),
+                    message: format!("{} scalars, expected {expected}", sums.len()),
                 });
             }
-            scalars.copy_from_slice(&sums);
+            *scalars = sums;
             let mut put = Put::<B> {
                 totals: totals.into_iter(),
                 device,

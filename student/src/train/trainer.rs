@@ -27,10 +27,10 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::DType;
 use serde::{Deserialize, Serialize};
 
-use super::collective::{SharedGroup, lock};
 use super::checkpoint::{
     self, OPTIMIZER_STEM, RngState, STATE_FORMAT, TrainerState, read_trainer_state,
 };
+use super::collective::{SharedGroup, lock};
 use super::config::{Precision, TrainConfig};
 use super::data::{self, Batch, DataStats, Sequence};
 use super::error::{TrainError, TrainResult};
@@ -590,9 +590,7 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// This process's rank, when it trains as one of several.
     pub fn group_rank(&self) -> Option<usize> {
-        self.group
-            .as_ref()
-            .map(|g| lock(g).rank())
+        self.group.as_ref().map(|g| lock(g).rank())
     }
 
     /// Rank other than 0 of a group sharding the optimizer: its part of the checkpoint rank 0
@@ -626,8 +624,7 @@ impl<B: TrainBackend> Trainer<B> {
             message: e.to_string(),
         };
         let bytes = recorder.record(keyed, ()).map_err(|e| bad(&e))?;
-        let all = lock(group)
-            .gather(&bytes)?;
+        let all = lock(group).gather(&bytes)?;
         let Some(all) = all else { return Ok(None) };
         let mut record = OptimRecord::<B>::default();
         for bytes in all {
@@ -807,19 +804,41 @@ impl<B: TrainBackend> Trainer<B> {
             }
             (None, false) => parallel::all_reduce(&model, parts, &self.devices()),
         };
+        let grad_norm_of = |grads: &[GradientsParams]| {
+            // Plain replicas hold equal totals, so the first set is read; shards are read in
+            // turn.
+            let mut norms = SquaredNorms::<B> {
+                grads,
+                parts: vec![],
+            };
+            model.visit(&mut norms);
+            sum_f64(norms.parts).sqrt()
+        };
+        // Across processes sharded, rank 0 computes the norm of the whole set it summed.
+        let mut norm_from_rank_0 = None;
         if let Some(group) = &self.group {
-            let mut scalars = [
+            let mut scalars = vec![
                 nll,
                 totals.input_tokens as f64,
                 totals.padded as f64,
                 totals.sequences as f64,
             ];
             let mine = grads.pop().unwrap_or_default();
-            let mut g = lock(group);
-            match parallel::all_reduce_across(&mut *g, &model, mine, &mut scalars, &self.device) {
+            let norm = |g: &GradientsParams| grad_norm_of(std::slice::from_ref(g));
+            let how = match &self.owners {
+                Some(owners) => parallel::Across::ReduceScatter {
+                    owners,
+                    norm: &norm,
+                },
+                None => parallel::Across::AllReduce,
+            };
+            let reduced = {
+                let mut g = lock(group);
+                parallel::all_reduce_across(&mut *g, &model, mine, &mut scalars, &self.device, how)
+            };
+            match reduced {
                 Ok(total) => grads = vec![total],
                 Err(e) => {
-                    drop(g);
                     self.model = Some(model);
                     return Err(e.into());
                 }
@@ -830,18 +849,13 @@ impl<B: TrainBackend> Trainer<B> {
                 padded: scalars[2] as usize,
                 sequences: scalars[3] as usize,
             };
+            norm_from_rank_0 = scalars.get(4).copied();
         }
         self.last_grad_bytes = grads
             .iter()
             .map(|g| parallel::grad_bytes(&model, g))
             .collect();
-        // Plain replicas hold equal totals, so the first set is read; shards are read in turn.
-        let mut norms = SquaredNorms::<B> {
-            grads: &grads,
-            parts: vec![],
-        };
-        model.visit(&mut norms);
-        let grad_norm = sum_f64(norms.parts).sqrt();
+        let grad_norm = norm_from_rank_0.unwrap_or_else(|| grad_norm_of(&grads));
         let loss = nll / denom as f64;
         if !(loss.is_finite() && grad_norm.is_finite()) {
             self.model = Some(model);
@@ -858,14 +872,7 @@ impl<B: TrainBackend> Trainer<B> {
             .map(|max| max / (grad_norm + 1e-6))
             .filter(|&c| c < 1.0);
         let lr = self.next_lr();
-        let mut own_grads = grads.remove(0);
-        // Sharded across processes: every rank holds the totals (the norm above read them in
-        // the unsharded order) and updates only its own parameters.
-        if let (Some(group), Some(owners)) = (&self.group, &self.owners) {
-            let me = lock(group).rank();
-            own_grads = parallel::retain_owned(&model, own_grads, owners, me);
-            self.last_grad_bytes = vec![parallel::grad_bytes(&model, &own_grads)];
-        }
+        let own_grads = grads.remove(0);
         let decay_ids = &self.decay_ids;
         let (opt_decay, opt_plain) = (&mut self.opt_decay, &mut self.opt_plain);
         for (rep, g) in self.replicas.iter_mut().zip(grads) {
@@ -947,12 +954,7 @@ impl<B: TrainBackend> Trainer<B> {
             });
         };
         let tmp = checkpoint::begin(dir)?;
-        save_weights_and_optimizer(
-            self.model(),
-            record,
-            self.base_dir.as_deref(),
-            &tmp,
-        )?;
+        save_weights_and_optimizer(self.model(), record, self.base_dir.as_deref(), &tmp)?;
         let state = self.state();
         checkpoint::write_state(&tmp, &state)?;
         let bytes = dir_bytes(&tmp)?;

@@ -715,16 +715,40 @@ fn processes_over_loopback_match_one_process() {
                 worst = worst.max(assert_close(name, &weights[name].1, &a[name].1, 1e-5));
             }
         }
-        // AdamW state per rank: whole on each without sharding, divided with it.
-        let whole = replicas.replica_bytes()[0].optimizer;
-        let held: Vec<u64> = ranks.iter().map(|(_, _, b)| b.optimizer).collect();
-        match sharding {
-            Sharding::None => assert!(held.iter().all(|&h| h == whole), "{held:?} vs {whole}"),
-            Sharding::Optimizer => {
-                assert_eq!(held.iter().sum::<u64>(), whole, "{held:?}");
-                assert!(held.iter().all(|&h| h < whole * 7 / 10), "{held:?} of {whole}");
+        // AdamW state and reduced gradients per rank: whole on each without sharding, divided
+        // with it (a replica of the unsharded in-process run holds the whole of both).
+        let whole = replicas.replica_bytes()[0];
+        for (what, whole, held) in [
+            (
+                "AdamW state",
+                whole.optimizer,
+                ranks
+                    .iter()
+                    .map(|(_, _, b)| b.optimizer)
+                    .collect::<Vec<u64>>(),
+            ),
+            (
+                "gradients",
+                whole.grads,
+                ranks.iter().map(|(_, _, b)| b.grads).collect(),
+            ),
+        ] {
+            match sharding {
+                Sharding::None => assert!(
+                    held.iter().all(|&h| h == whole),
+                    "{what}: {held:?} vs {whole}"
+                ),
+                Sharding::Optimizer => {
+                    assert_eq!(held.iter().sum::<u64>(), whole, "{what}: {held:?}");
+                    assert!(
+                        held.iter().all(|&h| h < whole * 7 / 10),
+                        "{what}: {held:?} of {whole}"
+                    );
+                }
             }
         }
+        let held: Vec<u64> = ranks.iter().map(|(_, _, b)| b.optimizer).collect();
+        let whole = whole.optimizer;
         // The checkpoint holds every rank's state: one device resumes it to the same end.
         let mut resumed = Trainer::<T>::resume(&ckpt, &examples, &device()).unwrap();
         while resumed.step().unwrap().is_some() {}
