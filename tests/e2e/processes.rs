@@ -144,7 +144,7 @@ async fn sharded_processes_checkpoint_and_train_as_sharded_replicas_do() {
     assert_eq!(losses(&two).await, losses(&replicas).await);
     assert!(final_weights(&two) == final_weights(&replicas));
     // Rank 0's checkpoint holds the whole optimizer state (its own part alone would be about
-    // half the size); the record's parameter ids are each process's own, so compare sizes.
+    // half the size). The record is a hash map, written in no fixed order: compare sizes.
     let optimizer = |w: &Workdir| {
         std::fs::metadata(
             w.path()

@@ -511,8 +511,8 @@ pub(super) fn all_reduce_across<B: TrainBackend>(
     }
 }
 
-/// Every trainable parameter's position in `model`'s visiting order. `ParamId`s are drawn at
-/// random in each process, so processes name parameters by position to each other.
+/// Every parameter's id, in `model`'s visiting order: the order in which the processes'
+/// messages list tensors.
 pub(super) fn positions<B: TrainBackend>(model: &TrainModel<B>) -> Vec<ParamId> {
     struct Ids(Vec<ParamId>);
     impl<B: Backend> ModuleVisitor<B> for Ids {

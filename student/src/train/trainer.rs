@@ -601,40 +601,26 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// Every parameter's AdamW state. With the optimizer sharded across processes this is a
     /// collective every rank enters at the same step: rank 0 gets the whole record, the others
-    /// `None`. Processes name parameters by position (their `ParamId`s are their own).
+    /// `None`. The ranks' records share their keys: `ParamId`s are visiting positions
+    /// (`SequentialIds`), the same in every process.
     fn gathered_record(&self) -> TrainResult<Option<OptimRecord<B>>> {
         use burn::record::NamedMpkBytesRecorder;
         let local = self.optimizer_record();
         let (Some(group), Some(_)) = (&self.group, &self.owners) else {
             return Ok(Some(local));
         };
-        let ids = parallel::positions(self.model());
-        let position: HashMap<ParamId, u64> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (*id, i as u64))
-            .collect();
-        let keyed: OptimRecord<B> = local
-            .into_iter()
-            .filter_map(|(id, r)| Some((ParamId::from(*position.get(&id)?), r)))
-            .collect();
         let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
         let bad = |e: &dyn std::fmt::Display| TrainError::Checkpoint {
             path: PathBuf::from("optimizer state from another training process"),
             message: e.to_string(),
         };
-        let bytes = recorder.record(keyed, ()).map_err(|e| bad(&e))?;
+        let bytes = recorder.record(local, ()).map_err(|e| bad(&e))?;
         let all = lock(group).gather(&bytes)?;
         let Some(all) = all else { return Ok(None) };
         let mut record = OptimRecord::<B>::default();
         for bytes in all {
             let part: OptimRecord<B> = recorder.load(bytes, &self.device).map_err(|e| bad(&e))?;
-            for (at, r) in part {
-                let id = ids
-                    .get(at.val() as usize)
-                    .ok_or_else(|| bad(&format!("parameter {} of {}", at.val(), ids.len())))?;
-                record.insert(*id, r);
-            }
+            record.extend(part);
         }
         Ok(Some(record))
     }
