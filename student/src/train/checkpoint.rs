@@ -8,6 +8,8 @@
 //!   adapter_model.safetensors, adapter_config.json                            (LoRA: PEFT layout;
 //!                                   the frozen base is the folder named in trainer_state.json)
 //!   optimizer.mpk                   AdamW moments and step counts (Burn NamedMpk record, f32)
+//!   optimizer-R-of-N.mpk            instead, when N processes shard the optimizer: rank R's
+//!                                   part, written by that rank (R and N as 00000)
 //!   trainer_state.json              step, data position, schedule, seeds, config, data fingerprint
 //! ```
 
@@ -24,6 +26,23 @@ use super::trainer::StepMetrics;
 pub const STATE_FILE: &str = "trainer_state.json";
 /// Stem of the optimizer record (Burn appends `.mpk`).
 pub const OPTIMIZER_STEM: &str = "optimizer";
+/// Stem of rank `rank`'s part of an optimizer record sharded over `size` processes.
+pub fn optimizer_shard_stem(rank: usize, size: usize) -> String {
+    format!("{OPTIMIZER_STEM}-{rank:05}-of-{size:05}")
+}
+
+/// The number of shards `ckpt` holds the optimizer record in, from its file names (`None`: one
+/// `optimizer.mpk`, or no optimizer file at all).
+pub fn optimizer_shards(ckpt: &Path) -> Option<usize> {
+    let entries = std::fs::read_dir(ckpt).ok()?;
+    entries.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let rest = name.strip_prefix(&format!("{OPTIMIZER_STEM}-"))?;
+        let (_, n) = rest.strip_suffix(".mpk")?.split_once("-of-")?;
+        n.parse().ok()
+    })
+}
+
 /// Version of the checkpoint layout this crate writes and reads.
 pub const STATE_FORMAT: u32 = 1;
 

@@ -898,7 +898,7 @@ impl<B: TrainBackend> GrpoTrainer<B> {
         let dir = dir.as_ref();
         let tmp = checkpoint::begin(dir)?;
         let record = merged_record(&self.opt_decay, &self.opt_plain);
-        save_weights_and_optimizer(self.model(), record, Some(&self.base_dir), &tmp)?;
+        save_weights_and_optimizer(self.model(), Some(record), Some(&self.base_dir), &tmp)?;
         let state = GrpoState {
             format: GRPO_STATE_FORMAT,
             global_step: self.global_step,

@@ -593,36 +593,39 @@ impl<B: TrainBackend> Trainer<B> {
         self.group.as_ref().map(|g| lock(g).rank())
     }
 
-    /// Rank other than 0 of a group sharding the optimizer: its part of the checkpoint rank 0
-    /// is writing with [`Trainer::save_checkpoint`] (nothing to do otherwise).
+    /// Rank other than 0 of a group sharding the optimizer: writes its part of the checkpoint
+    /// rank 0 is building with [`Trainer::save_checkpoint`] (nothing to do otherwise).
     pub fn share_checkpoint(&self) -> TrainResult<()> {
-        self.gathered_record().map(drop)
+        let (Some(group), Some(_)) = (&self.group, &self.owners) else {
+            return Ok(());
+        };
+        let path = lock(group).broadcast(None)?;
+        let tmp = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
+        match self.write_optimizer_shard(&tmp) {
+            Ok(()) => lock(group).gather(&[]).map(drop).map_err(Into::into),
+            Err(e) => {
+                lock(group).fail(&e.to_string());
+                Err(e)
+            }
+        }
     }
 
-    /// Every parameter's AdamW state. With the optimizer sharded across processes this is a
-    /// collective every rank enters at the same step: rank 0 gets the whole record, the others
-    /// `None`. The ranks' records share their keys: `ParamId`s are visiting positions
-    /// (`SequentialIds`), the same in every process.
-    fn gathered_record(&self) -> TrainResult<Option<OptimRecord<B>>> {
-        use burn::record::NamedMpkBytesRecorder;
-        let local = self.optimizer_record();
-        let (Some(group), Some(_)) = (&self.group, &self.owners) else {
-            return Ok(Some(local));
+    /// This rank's optimizer state as `optimizer-R-of-N.mpk` in `dir`. The ranks' records
+    /// share their keys: `ParamId`s are visiting positions (`SequentialIds`), the same in
+    /// every process, so a resume merges the files whatever the number of processes.
+    fn write_optimizer_shard(&self, dir: &Path) -> TrainResult<()> {
+        let (rank, size) = match &self.group {
+            Some(group) => {
+                let g = lock(group);
+                (g.rank(), g.size())
+            }
+            None => (0, 1),
         };
-        let recorder = NamedMpkBytesRecorder::<FullPrecisionSettings>::default();
-        let bad = |e: &dyn std::fmt::Display| TrainError::Checkpoint {
-            path: PathBuf::from("optimizer state from another training process"),
-            message: e.to_string(),
-        };
-        let bytes = recorder.record(local, ()).map_err(|e| bad(&e))?;
-        let all = lock(group).gather(&bytes)?;
-        let Some(all) = all else { return Ok(None) };
-        let mut record = OptimRecord::<B>::default();
-        for bytes in all {
-            let part: OptimRecord<B> = recorder.load(bytes, &self.device).map_err(|e| bad(&e))?;
-            record.extend(part);
-        }
-        Ok(Some(record))
+        let stem = checkpoint::optimizer_shard_stem(rank, size);
+        let path = dir.join(format!("{stem}.mpk"));
+        NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+            .record(self.optimizer_record(), dir.join(&stem))
+            .map_err(|e| TrainError::checkpoint(&path, e.to_string()))
     }
 
     /// Loads `record` into the two optimizers (decayed and plain groups).
@@ -933,13 +936,26 @@ impl<B: TrainBackend> Trainer<B> {
     /// into `dir` atomically: built in `dir.tmp`, fsynced, then renamed.
     pub fn save_checkpoint(&self, dir: impl AsRef<Path>) -> TrainResult<CheckpointInfo> {
         let dir = dir.as_ref();
-        let Some(record) = self.gathered_record()? else {
+        if self.group_rank().is_some_and(|r| r != 0) {
             return Err(TrainError::Config {
                 field: "rank".into(),
                 message: "only rank 0 writes checkpoints; the others call share_checkpoint".into(),
             });
-        };
+        }
         let tmp = checkpoint::begin(dir)?;
+        // Sharded across processes, every rank writes its own part of the optimizer state
+        // into the folder being built; rank 0 writes the rest once all parts are in.
+        let record = match (&self.group, &self.owners) {
+            (Some(group), Some(_)) => {
+                let path = tmp.to_string_lossy().into_owned();
+                lock(group).broadcast(Some(path.as_bytes()))?;
+                let own = self.write_optimizer_shard(&tmp);
+                lock(group).gather(&[])?;
+                own?;
+                None
+            }
+            _ => Some(self.optimizer_record()),
+        };
         save_weights_and_optimizer(self.model(), record, self.base_dir.as_deref(), &tmp)?;
         let state = self.state();
         checkpoint::write_state(&tmp, &state)?;
@@ -1081,7 +1097,7 @@ pub(super) fn assemble<B: TrainBackend>(
 /// resumes on any number of devices) into the checkpoint folder being built, `tmp`.
 pub(super) fn save_weights_and_optimizer<B: TrainBackend>(
     model: &TrainModel<B>,
-    record: OptimRecord<B>,
+    record: Option<OptimRecord<B>>,
     base_dir: Option<&Path>,
     tmp: &Path,
 ) -> TrainResult<()> {
@@ -1100,6 +1116,8 @@ pub(super) fn save_weights_and_optimizer<B: TrainBackend>(
             save_pretrained(&model.base, tmp, &opts)?;
         }
     }
+    // Without a record, the ranks wrote their shards themselves.
+    let Some(record) = record else { return Ok(()) };
     let record_path = tmp.join(format!("{OPTIMIZER_STEM}.mpk"));
     NamedMpkFileRecorder::<FullPrecisionSettings>::new()
         .record(record, tmp.join(OPTIMIZER_STEM))
@@ -1143,10 +1161,22 @@ pub(super) fn load_optimizer<B: TrainBackend>(
             "field `param_names`: the model's parameters differ from the checkpoint's",
         ));
     }
-    let record_path = ckpt.join(format!("{OPTIMIZER_STEM}.mpk"));
-    let record: OptimRecord<B> = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
-        .load(ckpt.join(OPTIMIZER_STEM), device)
-        .map_err(|e| TrainError::checkpoint(&record_path, e.to_string()))?;
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    let stems = match checkpoint::optimizer_shards(ckpt) {
+        // Written by N processes: every part is needed.
+        Some(n) => (0..n)
+            .map(|r| checkpoint::optimizer_shard_stem(r, n))
+            .collect(),
+        None => vec![OPTIMIZER_STEM.to_string()],
+    };
+    let mut record = OptimRecord::<B>::default();
+    for stem in stems {
+        let path = ckpt.join(format!("{stem}.mpk"));
+        let part: OptimRecord<B> = recorder
+            .load(ckpt.join(&stem), device)
+            .map_err(|e| TrainError::checkpoint(&path, e.to_string()))?;
+        record.extend(part);
+    }
     let (decay, plain): (OptimRecord<B>, OptimRecord<B>) = record
         .into_iter()
         .partition(|(id, _)| decay_ids.contains(id));

@@ -749,6 +749,17 @@ fn processes_over_loopback_match_one_process() {
         }
         let held: Vec<u64> = ranks.iter().map(|(_, _, b)| b.optimizer).collect();
         let whole = whole.optimizer;
+        // Sharded, each rank wrote its part of the optimizer state into rank 0's checkpoint.
+        let files: Vec<bool> = [
+            "optimizer.mpk",
+            "optimizer-00000-of-00002.mpk",
+            "optimizer-00001-of-00002.mpk",
+        ]
+        .iter()
+        .map(|f| ckpt.join(f).is_file())
+        .collect();
+        let sharded = sharding == Sharding::Optimizer;
+        assert_eq!(files, [!sharded, sharded, sharded], "{sharding:?}");
         // The checkpoint holds every rank's state: one device resumes it to the same end.
         let mut resumed = Trainer::<T>::resume(&ckpt, &examples, &device()).unwrap();
         while resumed.step().unwrap().is_some() {}
