@@ -4,9 +4,10 @@
 //! A train stage on rank 0 sends the others its job (the base model's path, the training
 //! config, the curated records, the checkpoint to resume from), every rank builds the same
 //! trainer on its own device, and before each step rank 0 says whether to take it; the
-//! trainer sums the gradients across the ranks. Only rank 0 writes checkpoints and the
-//! database: paths in a job (the base model, a checkpoint) must therefore be readable on
-//! every node, as they are for PyTorch jobs on a cluster's shared storage.
+//! trainer sums the gradients across the ranks. Only rank 0 writes the database and
+//! checkpoints (with the optimizer sharded, each rank adds its part to rank 0's checkpoint
+//! folder): paths in a job (the base model, a checkpoint, the run's folder) must therefore be
+//! shared by every node, as they are for PyTorch jobs on a cluster's shared storage.
 //!
 //! The group is process-wide, as `torch.distributed`'s default process group is: a process
 //! belongs to one set of training processes for its whole life, and the train stages are
