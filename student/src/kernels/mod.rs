@@ -1315,16 +1315,7 @@ mod tests {
         };
         // Queries, keys and values as the model makes them: `[b, s, heads, d]` views with the
         // heads swapped in; grouped-query cases share each key/value head between query heads.
-        // Past 64 queries the products run in row blocks that skip the masked keys (a partial
-        // last block, and more keys than queries, included).
-        for (n, t, h, kv) in [
-            (7, 7, 3, 3),
-            (3, 7, 6, 2),
-            (1, 5, 4, 1),
-            (33, 40, 6, 2),
-            (150, 150, 4, 2),
-            (70, 129, 2, 1),
-        ] {
+        for (n, t, h, kv) in [(7, 7, 3, 3), (3, 7, 6, 2), (1, 5, 4, 1), (33, 40, 6, 2)] {
             let q = normal([2, n, h, 8]).swap_dims(1, 2);
             let k = normal([2, t, kv, 8]).swap_dims(1, 2);
             let v = normal([2, kv, t, 8]);
