@@ -126,8 +126,8 @@ pub fn prepare_cuda() -> Result<(), String> {
 /// Matrix products a backend may implement itself. The defaults are Burn's ops, so a backend
 /// that does nothing here (the CPU) runs exactly the model code it always ran.
 pub trait Kernels: Backend {
-    /// Runs `f`, a stretch of host code that launches many kernels (a training step, a decoding
-    /// step), on the thread the backend launches them best from. The default: this thread.
+    /// Runs `f`, a stretch of host code that launches many kernels (a training step), on the
+    /// thread the backend launches them best from. The default: this thread.
     fn on_kernel_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         f()
     }
@@ -1540,6 +1540,18 @@ mod tests {
 
     /// Three AdamW steps (decayed, clipped, over several kernel blocks) give Burn's `AdamW`'s
     /// parameters and moments bit for bit, fused and composed.
+    /// The CPU trainer's step runs where burn-flex's parallel loops fork without a hand-off.
+    #[test]
+    fn cpu_kernel_thread_is_a_rayon_thread() {
+        assert_eq!(
+            rayon::current_thread_index(),
+            None,
+            "the test starts outside the pool"
+        );
+        let inside = <Ad as Kernels>::on_kernel_thread(rayon::current_thread_index);
+        assert!(inside.is_some(), "the closure ran outside rayon's pool");
+    }
+
     #[test]
     fn fused_adamw_reproduces_burns_adamw_bit_for_bit() {
         use burn::optim::{AdamWConfig, AdamWState, SimpleOptimizer};
