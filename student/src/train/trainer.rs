@@ -600,8 +600,13 @@ impl<B: TrainBackend> Trainer<B> {
             return Ok(());
         };
         let path = lock(group).broadcast(None)?;
-        let tmp = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
-        match self.write_optimizer_shard(&tmp) {
+        let written = String::from_utf8(path)
+            .map_err(|_| TrainError::Config {
+                field: "checkpoint".into(),
+                message: "rank 0 sent a checkpoint folder path that is not UTF-8".into(),
+            })
+            .and_then(|tmp| self.write_optimizer_shard(Path::new(&tmp)));
+        match written {
             Ok(()) => lock(group).gather(&[]).map(drop).map_err(Into::into),
             Err(e) => {
                 lock(group).fail(&e.to_string());
@@ -956,7 +961,15 @@ impl<B: TrainBackend> Trainer<B> {
         // into the folder being built; rank 0 writes the rest once all parts are in.
         let record = match (&self.group, &self.owners) {
             (Some(group), Some(_)) => {
-                let path = tmp.to_string_lossy().into_owned();
+                // Sent as text: a lossy conversion would send the other ranks' parts elsewhere.
+                let Some(path) = tmp.to_str() else {
+                    let message = format!("{} is not UTF-8", tmp.display());
+                    lock(group).fail(&message);
+                    return Err(TrainError::Config {
+                        field: "checkpoint".into(),
+                        message,
+                    });
+                };
                 lock(group).broadcast(Some(path.as_bytes()))?;
                 let own = self.write_optimizer_shard(&tmp);
                 lock(group).gather(&[])?;
