@@ -36,6 +36,9 @@ pub enum DbError {
     /// Any other SQLite error.
     #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
+    /// An SQLite error on the bulk-insert path (`bulk`).
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
     /// A JSON column could not be encoded or decoded.
     #[error("malformed JSON in the job database: {0}")]
     Json(#[from] serde_json::Error),

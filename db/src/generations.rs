@@ -144,55 +144,64 @@ pub async fn upsert(tx: &mut WriteTx, stage_id: i64, g: &NewGeneration) -> Resul
     Ok(())
 }
 
-/// Rows per multi-row INSERT: 21 parameters each stays far below SQLite's 32766.
-const INSERT_CHUNK: usize = 500;
-
-/// Records successful samples of a stage that has none yet (an import), many rows per
-/// statement: per-statement overhead, not SQLite, bounds single-row inserts.
-pub async fn insert_many(tx: &mut WriteTx, stage_id: i64, rows: &[NewGeneration]) -> Result<()> {
+/// Records successful samples of a stage that has none yet (an import): one prepared
+/// statement stepped per row on the connection's handle (`bulk`).
+pub async fn insert_many(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    stage_id: i64,
+    rows: &[NewGeneration],
+) -> Result<()> {
     let now = now_ms();
-    for chunk in rows.chunks(INSERT_CHUNK) {
-        let mut q = sqlx::QueryBuilder::new(
+    crate::bulk::with_handle(tx, |conn| {
+        let mut stmt = conn.prepare(
             "INSERT INTO generations (stage_id, prompt_id, sample_index, status, reasoning, answer,
                  finish_reason, prompt_tokens, completion_tokens, reasoning_tokens, latency_ms,
                  endpoint, model, system_fingerprint, request_hash, cached, attempts, error_kind,
-                 error, created_at, extra) ",
-        );
-        q.push_values(chunk, |mut b, g| {
+                 error, created_at, extra)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        for g in rows {
             let (status, kind, message) = match &g.error {
                 None => ("ok", None, None),
                 Some((k, m)) => ("failed", Some(k.as_str()), Some(m.as_str())),
             };
-            b.push_bind(stage_id)
-                .push_bind(g.prompt_id)
-                .push_bind(g.sample_index)
-                .push_bind(status)
-                .push_bind(g.reasoning.as_deref())
-                .push_bind(g.answer.as_deref())
-                .push_bind(g.finish_reason.as_deref())
-                .push_bind(g.prompt_tokens)
-                .push_bind(g.completion_tokens)
-                .push_bind(g.reasoning_tokens)
-                .push_bind(g.latency_ms)
-                .push_bind(g.endpoint.as_deref())
-                .push_bind(g.model.as_deref())
-                .push_bind(g.system_fingerprint.as_deref())
-                .push_bind(g.request_hash.as_str())
-                .push_bind(g.cached)
-                .push_bind(g.attempts)
-                .push_bind(kind)
-                .push_bind(message)
-                .push_bind(now)
-                .push_bind(g.extra.as_deref());
-        });
-        // Full chunks share one SQL text: cached, it is compiled once per connection instead
-        // of once per 500 rows (a 10,500-parameter statement). The last, shorter chunk is not.
-        q.build()
-            .persistent(chunk.len() == INSERT_CHUNK)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
+            stmt.execute(rusqlite::params![
+                stage_id,
+                g.prompt_id,
+                g.sample_index,
+                status,
+                g.reasoning,
+                g.answer,
+                g.finish_reason,
+                g.prompt_tokens,
+                g.completion_tokens,
+                g.reasoning_tokens,
+                g.latency_ms,
+                g.endpoint,
+                g.model,
+                g.system_fingerprint,
+                g.request_hash,
+                g.cached,
+                g.attempts,
+                kind,
+                message,
+                now,
+                g.extra,
+            ])?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Number of samples (successful or failed) a stage has recorded.
+pub async fn count<'e>(ex: impl SqliteExecutor<'e>, stage_id: i64) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM generations WHERE stage_id = ?")
+            .bind(stage_id)
+            .fetch_one(ex)
+            .await?,
+    )
 }
 
 /// `(prompt_id, sample_index)` of every successful sample of a stage.

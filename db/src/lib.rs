@@ -9,6 +9,7 @@
 //! writes so that two writers fail fast on the lock instead of deadlocking on an
 //! upgrade from a read transaction.
 
+mod bulk;
 mod error;
 pub mod evals;
 pub mod generations;
@@ -28,6 +29,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Sqlite, Transaction};
 
+pub use bulk::BulkWriter;
 pub use error::DbError;
 
 /// Result type of this crate.

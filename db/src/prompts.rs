@@ -59,44 +59,35 @@ pub async fn insert(tx: &mut WriteTx, stage_id: i64, idx: i64, p: &NewPrompt) ->
     Ok(())
 }
 
-/// Writes prompts at positions `first_idx..` of `stage_id`, many rows per statement, and
-/// returns their row ids in order. The ids are assigned here, above every existing
-/// one: the write transaction holds SQLite's lock, so nothing can take them meanwhile.
+/// Writes prompts at positions `first_idx..` of `stage_id` (an import's chunk) and returns
+/// their row ids in order, one prepared statement stepped per row on the connection's
+/// handle (`bulk`).
 pub async fn insert_many(
-    tx: &mut WriteTx,
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     stage_id: i64,
     first_idx: i64,
     rows: &[NewPrompt],
 ) -> Result<Vec<i64>> {
-    let max: Option<i64> = sqlx::query_scalar("SELECT MAX(id) FROM prompts")
-        .fetch_one(&mut **tx)
-        .await?;
-    let first_id = max.unwrap_or(0) + 1;
-    // 8 parameters a row.
-    const CHUNK: usize = 1000;
-    for (c, chunk) in rows.chunks(CHUNK).enumerate() {
-        let offset = (c * CHUNK) as i64;
-        let mut q = sqlx::QueryBuilder::new(
-            "INSERT INTO prompts (id, stage_id, idx, source_id, prompt, answer, content_hash, extra) ",
-        );
-        q.push_values(chunk.iter().enumerate(), |mut b, (i, p)| {
-            let n = offset + i as i64;
-            b.push_bind(first_id + n)
-                .push_bind(stage_id)
-                .push_bind(first_idx + n)
-                .push_bind(p.source_id.as_str())
-                .push_bind(p.prompt.as_str())
-                .push_bind(p.answer.as_deref())
-                .push_bind(p.content_hash.as_str())
-                .push_bind(p.extra.as_deref());
-        });
-        // Full chunks share one SQL text, compiled once when cached.
-        q.build()
-            .persistent(chunk.len() == CHUNK)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok((0..rows.len() as i64).map(|n| first_id + n).collect())
+    crate::bulk::with_handle(tx, |conn| {
+        let mut stmt = conn.prepare(
+            "INSERT INTO prompts (stage_id, idx, source_id, prompt, answer, content_hash, extra)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        let mut ids = Vec::with_capacity(rows.len());
+        for (n, p) in rows.iter().enumerate() {
+            ids.push(stmt.insert(rusqlite::params![
+                stage_id,
+                first_idx + n as i64,
+                p.source_id,
+                p.prompt,
+                p.answer,
+                p.content_hash,
+                p.extra,
+            ])?);
+        }
+        Ok(ids)
+    })
+    .await
 }
 
 /// Number of prompts a stage has written.

@@ -232,6 +232,55 @@ async fn presets_import_exact_counts_and_split_reasoning_from_answers() {
 
 /// An explicit column mapping reads a layout no preset knows.
 #[tokio::test]
+async fn a_resumed_import_continues_after_its_last_committed_chunk() {
+    let w = workdir();
+    let one = PRESETS
+        .split("[[stage]]")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("[[stage]]");
+    w.write("pipeline.toml", &one);
+    w.run(&["run", "pipeline.toml"]).ok();
+    let db = w.db().await;
+    let whole = samples(&db, "openr1").await;
+    let ids: Vec<i64> = prompt_rows(&db, "openr1")
+        .await
+        .iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!((ids.len(), whole.len()), (5, 13));
+
+    // As a kill leaves it: the first chunks committed (here two prompts and their
+    // samples; the fixture is one chunk), the stage not done.
+    sqlx::query(
+        "DELETE FROM prompts WHERE idx >= 2 AND stage_id = (SELECT id FROM stages WHERE name = 'openr1')",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE stages SET status = 'failed' WHERE name = 'openr1'")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE runs SET status = 'failed'")
+        .execute(&db)
+        .await
+        .unwrap();
+    assert!(samples(&db, "openr1").await.len() < whole.len());
+    db.close().await;
+
+    w.run(&["resume", "imports"]).ok();
+    let db = w.db().await;
+    assert_eq!(samples(&db, "openr1").await, whole);
+    let resumed: Vec<i64> = prompt_rows(&db, "openr1")
+        .await
+        .iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(resumed, ids);
+}
+
+#[tokio::test]
 async fn an_explicit_mapping_reads_any_layout() {
     let w = Workdir::new();
     w.write(
