@@ -33,6 +33,9 @@ preset = "openr1-math"
 path = "data/train-*.parquet"
 TOML
 cd "$WORK"
+# The shards were just written: flush them first, or their write-back to disk runs during
+# the import and competes with its own.
+sync
 start=$(date +%s.%N)
 taskset -c "$CORES" "$CARGO_TARGET_DIR/release/distill" run pipeline.toml >/dev/null 2>"$WORK/log"
 end=$(date +%s.%N)
