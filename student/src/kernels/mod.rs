@@ -315,8 +315,34 @@ impl Kernels for crate::CpuBackend {
     /// done (a wake-up and a context switch per op, thousands per step). From inside the pool a
     /// split costs a deque push. A 1-thread training step took ~10% less time (bench `train`,
     /// alternating runs); with one thread the pool's thread then runs everything itself.
+    ///
+    /// The pool is the calling thread's own, not rayon's global one. A step is one long job
+    /// that takes burn-autodiff's process-wide graph lock; in a shared pool, a worker waiting
+    /// inside one trainer's parallel op could take another trainer's whole step and run it on
+    /// top of its stack, where it waited for the lock the frame below held: two train stages
+    /// of one run, in one process, hung that way. Each trainer's thread now has a pool of
+    /// its own (the same thread count, so the arithmetic is unchanged).
     fn on_kernel_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-        rayon::scope(move |_| f())
+        if rayon::current_thread_index().is_some() {
+            return f();
+        }
+        thread_local! {
+            static POOL: std::cell::OnceCell<Option<rayon::ThreadPool>> =
+                const { std::cell::OnceCell::new() };
+        }
+        POOL.with(|pool| {
+            let pool = pool.get_or_init(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .thread_name(|i| format!("kernels-{i}"))
+                    .build()
+                    .ok()
+            });
+            match pool {
+                Some(pool) => pool.install(f),
+                // No threads to be had: the caller's own thread still runs the step.
+                None => f(),
+            }
+        })
     }
 
     fn fuses_attention(q: &FloatTensor<Self>) -> bool {
@@ -1550,6 +1576,54 @@ mod tests {
         );
         let inside = <Ad as Kernels>::on_kernel_thread(rayon::current_thread_index);
         assert!(inside.is_some(), "the closure ran outside rayon's pool");
+    }
+
+    /// Two trainers' steps at once, each holding a lock the other needs while it forks:
+    /// with one shared pool, the first step's worker could run the second step on top of its
+    /// own frame while waiting for a forked half, and hang (as two train stages did).
+    #[test]
+    fn concurrent_steps_on_kernel_threads_do_not_nest_in_one_pool() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        if rayon::current_num_threads() < 2 {
+            eprintln!("skipped: needs two rayon threads (one forks, the other takes the half)");
+            return;
+        }
+        let (done, finished) = mpsc::channel();
+        let (started, in_join) = mpsc::channel();
+        let first = done.clone();
+        std::thread::spawn(move || {
+            <Ad as Kernels>::on_kernel_thread(move || {
+                let _held = LOCK.lock().unwrap();
+                // The second half is taken by another worker; once it runs, this one
+                // returns from the first half and waits for it, looking for other work.
+                let taken = std::sync::atomic::AtomicBool::new(false);
+                rayon::join(
+                    || {
+                        while !taken.load(std::sync::atomic::Ordering::Acquire) {
+                            std::thread::yield_now();
+                        }
+                        started.send(()).unwrap();
+                    },
+                    || {
+                        taken.store(true, std::sync::atomic::Ordering::Release);
+                        std::thread::sleep(Duration::from_millis(500));
+                    },
+                );
+            });
+            first.send("first").unwrap();
+        });
+        in_join.recv().unwrap();
+        std::thread::spawn(move || {
+            <Ad as Kernels>::on_kernel_thread(|| drop(LOCK.lock().unwrap()));
+            done.send("second").unwrap();
+        });
+        for _ in 0..2 {
+            finished
+                .recv_timeout(Duration::from_secs(20))
+                .expect("a step waited forever for the other's lock");
+        }
     }
 
     #[test]
