@@ -9,13 +9,10 @@
 //! thread: no copies but SQLite's own, and no statement journal. sqlx has no bulk-insert
 //! API of its own, so this is the one place that drops below it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use rusqlite::Connection;
 use sqlx::pool::PoolConnection;
 use sqlx::{Sqlite, Transaction};
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::{Db, Result};
@@ -48,8 +45,8 @@ pub(crate) async fn with_handle<T>(
 /// the WAL from its start, so the WAL stays a few chunks long.
 pub struct BulkWriter {
     conn: Option<PoolConnection<Sqlite>>,
-    wake: Arc<Notify>,
-    stop: Arc<AtomicBool>,
+    /// Wakes the checkpointer (one pending wake-up at most); dropping it stops the task.
+    wake: Option<mpsc::Sender<()>>,
     checkpointer: Option<JoinHandle<()>>,
 }
 
@@ -63,15 +60,10 @@ impl BulkWriter {
         sqlx::query("PRAGMA wal_autocheckpoint = 0")
             .execute(&mut *conn)
             .await?;
-        let wake = Arc::new(Notify::new());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (pool, woken, stopped) = (db.pool().clone(), wake.clone(), stop.clone());
+        let (wake, mut woken) = mpsc::channel::<()>(1);
+        let pool = db.pool().clone();
         let checkpointer = tokio::spawn(async move {
-            loop {
-                woken.notified().await;
-                if stopped.load(Ordering::Acquire) || pool.is_closed() {
-                    break;
-                }
+            while woken.recv().await.is_some() {
                 // Busy (another checkpoint, or a reader on an old snapshot) is not an
                 // error: the next wake-up, or SQLite's own checkpoints later, catch up.
                 if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
@@ -84,8 +76,7 @@ impl BulkWriter {
         });
         Ok(Self {
             conn: Some(conn),
-            wake,
-            stop,
+            wake: Some(wake),
             checkpointer: Some(checkpointer),
         })
     }
@@ -99,15 +90,17 @@ impl BulkWriter {
     /// Has the checkpointer copy into the database file what the last commit wrote; call
     /// after each commit of a transaction from `begin`.
     pub fn committed(&self) {
-        self.wake.notify_one();
+        if let Some(wake) = &self.wake {
+            // Full: a wake-up is already pending, and it will see this commit too.
+            let _ = wake.try_send(());
+        }
     }
 
     /// Stops the checkpointer and gives the connection back with SQLite's automatic
     /// checkpoints on again (the next commit on any connection checkpoints what is left).
     pub async fn finish(mut self) -> Result<()> {
+        self.wake = None;
         if let Some(task) = self.checkpointer.take() {
-            self.stop.store(true, Ordering::Release);
-            self.wake.notify_one();
             let _ = task.await;
         }
         if let Some(mut conn) = self.conn.take() {
@@ -123,11 +116,9 @@ impl BulkWriter {
 
 impl Drop for BulkWriter {
     fn drop(&mut self) {
-        if let Some(task) = self.checkpointer.take() {
-            task.abort();
-        }
-        // Not finished (an error, a cancellation): the connection is closed rather than
-        // returned to the pool with its automatic checkpoints off.
+        // The checkpointer ends by itself once `wake` is dropped. Not finished (an error, a
+        // cancellation): the connection is closed rather than returned to the pool with its
+        // automatic checkpoints off.
         if let Some(mut conn) = self.conn.take() {
             conn.close_on_drop();
         }
