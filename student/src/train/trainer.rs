@@ -733,11 +733,8 @@ impl<B: TrainBackend> Trainer<B> {
     /// Takes one optimizer step; `None` once the run is complete. On a non-finite loss or
     /// gradient norm the update is not applied and the position does not advance.
     pub fn step(&mut self) -> TrainResult<Option<StepMetrics>> {
-        if self.group.is_some() {
-            // A rank blocks inside its step until the others reach theirs: on a pool thread
-            // that could starve ranks that share this process's pool (the loopback tests).
-            return self.step_here();
-        }
+        // A rank that blocks inside its step until the others reach theirs blocks only its
+        // own thread's pool (`Kernels::on_kernel_thread`), so ranks sharing a process go on.
         B::on_kernel_thread(|| self.step_here())
     }
 
