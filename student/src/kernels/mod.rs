@@ -297,6 +297,12 @@ pub trait Kernels: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         adamw_step_composed::<Self>(param, grad, moments, step)
     }
+
+    /// `Σ x²` over every element of `x` as a one-element f32 tensor (the gradient norm's
+    /// pass). The default is Burn's `square().sum()` in f32.
+    fn sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        sum_of_squares_composed::<Self>(x)
+    }
 }
 
 /// Whether the CPU's fused kernels are on: `DISTILL_FUSED=0` turns them off, so that a run
@@ -448,6 +454,27 @@ impl Kernels for crate::CpuBackend {
         }
         burn_flex::ops::fused::adamw_step(param, &grad, moments, step)
     }
+
+    /// One parallel read with f64 partial sums in fixed blocks (the same bits on any thread
+    /// count), instead of a squared copy summed on one thread.
+    fn sum_of_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        if !(x.dtype() == burn::tensor::DType::F32 && cpu_fusion_enabled()) {
+            return sum_of_squares_composed::<Self>(x);
+        }
+        burn_flex::ops::fused::sum_of_squares(&x)
+    }
+}
+
+/// Burn's `Σ x²` in f32, as a one-element tensor: [`Kernels::sum_of_squares`]'s default.
+pub fn sum_of_squares_composed<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let n = x.shape().num_elements();
+    let x = float::<B, 1>(B::float_reshape(x, burn::tensor::Shape::new([n])));
+    let x = if x.dtype() == burn::tensor::DType::F32 {
+        x
+    } else {
+        x.cast(burn::tensor::DType::F32)
+    };
+    x.square().sum().into_primitive().tensor()
 }
 
 /// `1/√d` of queries `[.., d]`.
@@ -1341,7 +1368,16 @@ mod tests {
         };
         // Queries, keys and values as the model makes them: `[b, s, heads, d]` views with the
         // heads swapped in; grouped-query cases share each key/value head between query heads.
-        for (n, t, h, kv) in [(7, 7, 3, 3), (3, 7, 6, 2), (1, 5, 4, 1), (33, 40, 6, 2)] {
+        // Past 64 queries the products run in row blocks that skip the masked keys (a partial
+        // last block, and more keys than queries, included).
+        for (n, t, h, kv) in [
+            (7, 7, 3, 3),
+            (3, 7, 6, 2),
+            (1, 5, 4, 1),
+            (33, 40, 6, 2),
+            (150, 150, 4, 2),
+            (70, 129, 2, 1),
+        ] {
             let q = normal([2, n, h, 8]).swap_dims(1, 2);
             let k = normal([2, t, kv, 8]).swap_dims(1, 2);
             let v = normal([2, kv, t, 8]);
@@ -1517,6 +1553,30 @@ mod tests {
         );
         assert!(max_diff(float::<Cpu, 3>(f.0), float(c.0)) < 1e-5);
         assert!(max_diff(float::<Cpu, 3>(f.1), float(c.1)) < 1e-5);
+    }
+
+    /// The CPU's one-pass `Σ x²` equals an f64 sum on the host, on a strided view spanning
+    /// several blocks with a partial last one, and the composed default agrees.
+    #[test]
+    fn fused_cpu_sum_of_squares_matches_a_host_sum() {
+        type Cpu = crate::CpuBackend;
+        let device = Default::default();
+        let x = Tensor::<Cpu, 2>::random([301, 170], Distribution::Normal(0.0, 3.0), &device)
+            .swap_dims(0, 1);
+        let host: f64 = x
+            .clone()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum();
+        let read = |t: FloatTensor<Cpu>| f64::from(float::<Cpu, 1>(t).into_scalar());
+        let p = x.into_primitive().tensor();
+        let fused = read(<Cpu as Kernels>::sum_of_squares(p.clone()));
+        let composed = read(sum_of_squares_composed::<Cpu>(p));
+        assert!((fused - host).abs() <= 1e-7 * host, "{fused} vs {host}");
+        assert!((composed - host).abs() <= 1e-5 * host, "{composed} vs {host}");
     }
 
     /// The fused cross-entropy's NLL and logit gradient equal Burn's `log_softmax` + `gather`,

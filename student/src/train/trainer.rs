@@ -24,7 +24,7 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use burn::tensor::DType;
+use burn::tensor::{DType, TensorPrimitive};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{
@@ -44,7 +44,7 @@ use super::model::{Fwd, SequentialIds, TrainModel, causal_attention, to_dtype};
 use super::parallel::{self, Replica, ReplicaBytes, Sharding};
 use super::qlora::{QuantLayer, load_quantized, quantize_base};
 use super::schedule;
-use crate::kernels::cross_entropy;
+use crate::kernels::{Kernels, cross_entropy};
 use crate::model::CausalLm;
 use crate::tokenizer::SftExample;
 use crate::weights::{
@@ -216,7 +216,9 @@ impl<B: TrainBackend> ModuleVisitor<B> for SquaredNorms<'_, B> {
             .iter()
             .find_map(|grads| grads.get::<B::InnerBackend, D>(p.id))
         {
-            self.parts.push(to_dtype(g, DType::F32).square().sum());
+            self.parts.push(Tensor::from_primitive(TensorPrimitive::Float(
+                <B::InnerBackend as Kernels>::sum_of_squares(g.into_primitive().tensor()),
+            )));
         }
     }
 }

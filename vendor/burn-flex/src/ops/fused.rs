@@ -207,6 +207,26 @@ fn group_size([b, h, n, d]: [usize; 4], [kb, kv, t, kd]: [usize; 4]) -> usize {
     h / kv
 }
 
+/// Query rows per block of causal attention's products (gemm's f32 AVX-512 tile height). A
+/// block's products stop at the last key its last row sees, so a `256×256` square costs 62.5%
+/// of the full products (the masked corner is never computed).
+const ATTENTION_ROWS: usize = 64;
+
+/// Keys query row `i` of `n` sees among `t` (bottom-right aligned).
+fn visible(i: usize, n: usize, t: usize) -> usize {
+    (i + t - n + 1).min(t)
+}
+
+/// `(first row, rows, keys seen by the block)` of each block of [`ATTENTION_ROWS`] query rows;
+/// the last block sees all `t` keys.
+fn row_blocks(n: usize, t: usize) -> impl DoubleEndedIterator<Item = (usize, usize, usize)> {
+    (0..n.div_ceil(ATTENTION_ROWS)).map(move |blk| {
+        let r0 = blk * ATTENTION_ROWS;
+        let rows = ATTENTION_ROWS.min(n - r0);
+        (r0, rows, visible(r0 + rows - 1, n, t))
+    })
+}
+
 /// Causal attention of `q [b, h, n, d]` over `k`, `v [b, kv, t, d]` with `t ≥ n` (query `i`
 /// sees keys `..= i + t - n`, Burn's bottom-right alignment), scores scaled by `scale`.
 /// Grouped-query attention when `kv < h`: query head `j` reads key/value head `j / (h / kv)`,
@@ -239,49 +259,53 @@ pub fn causal_attention_forward(
     let mut probs = uninit(b * h * n * t);
     let (o, p) = (Out::of(&mut out), Out::of(&mut probs));
     let ti = t as isize;
+    let (q_rs, o_rs) = (q.rows().0, (h * d) as isize);
     for_each_pair(b * h, |pair| {
         let (bi, hh) = (pair / h, pair % h);
         let g = hh / rep;
         // SAFETY: each pair owns its `n×t` block of `probs` and its head's rows of `out`; the
-        // operands' strides describe their views.
+        // operands' strides describe their views, and every row block stays inside them.
         unsafe {
             let pp = p.block(pair * n * t, n * t);
-            // Scores `scale·q·kᵀ`: kᵀ is k read with its strides swapped.
-            product(
-                n,
-                t,
-                d,
-                pp.as_mut_ptr(),
-                ti,
-                q.at(bi, hh),
-                q.rows(),
-                k.at(bi, g),
-                k.cols(),
-                scale,
-                false,
-            );
-            for (i, row) in pp.chunks_exact_mut(t).enumerate() {
-                let visible = (i + t - n + 1).min(t);
-                let (seen, hidden) = row.split_at_mut(visible);
-                let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum = exp_shifted_sum_inplace(seen, max);
-                let inv = 1.0 / sum;
-                seen.iter_mut().for_each(|x| *x *= inv);
-                hidden.fill(0.0);
+            for (r0, rows, vis) in row_blocks(n, t) {
+                let pb = pp.as_mut_ptr().add(r0 * t);
+                // Scores `scale·q·kᵀ` of the keys the block sees: kᵀ is k read with its
+                // strides swapped.
+                product(
+                    rows,
+                    vis,
+                    d,
+                    pb,
+                    ti,
+                    q.at(bi, hh).offset(r0 as isize * q_rs),
+                    q.rows(),
+                    k.at(bi, g),
+                    k.cols(),
+                    scale,
+                    false,
+                );
+                for (i, row) in pp[r0 * t..(r0 + rows) * t].chunks_exact_mut(t).enumerate() {
+                    let (seen, hidden) = row.split_at_mut(visible(r0 + i, n, t));
+                    let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum = exp_shifted_sum_inplace(seen, max);
+                    let inv = 1.0 / sum;
+                    seen.iter_mut().for_each(|x| *x *= inv);
+                    hidden.fill(0.0);
+                }
+                product(
+                    rows,
+                    d,
+                    vis,
+                    o.at(bi * n * h * d + r0 * h * d + hh * d),
+                    o_rs,
+                    pp.as_ptr().add(r0 * t),
+                    (ti, 1),
+                    v.at(bi, g),
+                    v.rows(),
+                    1.0,
+                    false,
+                );
             }
-            product(
-                n,
-                d,
-                t,
-                o.at(bi * n * h * d + hh * d),
-                (h * d) as isize,
-                pp.as_ptr(),
-                (ti, 1),
-                v.at(bi, g),
-                v.rows(),
-                1.0,
-                false,
-            );
         }
     });
     // SAFETY: every pair wrote its whole block of `probs` and its head's rows of `out`.
@@ -347,60 +371,46 @@ pub fn causal_attention_backward(
             for r in 0..rep {
                 let hh = gi * rep + r;
                 let pp = ps.as_ptr().add((bi * h + hh) * n * t);
-                // The group's first head writes dK and dV, the others add to them.
-                let acc = r > 0;
-                // dV += Pᵀ·dO
-                product(t, d, n, dvp, kv_rs, pp, (1, ti), g.at(bi, hh), g.rows(), 1.0, acc);
-                // dP = dO·Vᵀ
-                product(
-                    n,
-                    t,
-                    d,
-                    dsp.as_mut_ptr(),
-                    ti,
-                    g.at(bi, hh),
-                    g.rows(),
-                    v.at(bi, gi),
-                    v.cols(),
-                    1.0,
-                    false,
-                );
-                // dS = scale·P∘(dP − Σⱼ P·dP), row by row (P is zero where masked).
-                let prow = core::slice::from_raw_parts(pp, n * t);
-                for (dsr, pr) in dsp.chunks_exact_mut(t).zip(prow.chunks_exact(t)) {
-                    let dot: f32 = dsr.iter().zip(pr).map(|(g, p)| g * p).sum();
-                    dsr.iter_mut()
-                        .zip(pr)
-                        .for_each(|(g, p)| *g = scale * p * (*g - dot));
+                let (gh, qh) = (g.at(bi, hh), q.at(bi, hh));
+                // Row blocks from the last, whose rows see every key: for the group's first
+                // head it writes all of dK and dV, and every later product adds to them.
+                for (r0, rows, vis) in row_blocks(n, t).rev() {
+                    let acc = r > 0 || vis < t;
+                    let (pb, db) = (pp.add(r0 * t), dsp.as_mut_ptr().add(r0 * t));
+                    let (gb, qb) = (
+                        gh.offset(r0 as isize * g.rows().0),
+                        qh.offset(r0 as isize * q.rows().0),
+                    );
+                    // dV (+)= Pᵀ·dO
+                    product(vis, d, rows, dvp, kv_rs, pb, (1, ti), gb, g.rows(), 1.0, acc);
+                    // dP = dO·Vᵀ
+                    product(rows, vis, d, db, ti, gb, g.rows(), v.at(bi, gi), v.cols(), 1.0, false);
+                    // dS = scale·P∘(dP − Σⱼ P·dP), row by row (P is zero where masked).
+                    for i in 0..rows {
+                        let dsr = core::slice::from_raw_parts_mut(db.add(i * t), vis);
+                        let pr = core::slice::from_raw_parts(pb.add(i * t), vis);
+                        let dot: f32 = dsr.iter().zip(pr).map(|(g, p)| g * p).sum();
+                        dsr.iter_mut()
+                            .zip(pr)
+                            .for_each(|(g, p)| *g = scale * p * (*g - dot));
+                    }
+                    // dQ = dS·K
+                    product(
+                        rows,
+                        d,
+                        vis,
+                        oq.at(bi * n * h * d + r0 * h * d + hh * d),
+                        q_rs,
+                        db,
+                        (ti, 1),
+                        k.at(bi, gi),
+                        k.rows(),
+                        1.0,
+                        false,
+                    );
+                    // dK (+)= dSᵀ·Q
+                    product(vis, d, rows, dkp, kv_rs, db, (1, ti), qb, q.rows(), 1.0, acc);
                 }
-                // dQ = dS·K
-                product(
-                    n,
-                    d,
-                    t,
-                    oq.at(bi * n * h * d + hh * d),
-                    q_rs,
-                    dsp.as_ptr(),
-                    (ti, 1),
-                    k.at(bi, gi),
-                    k.rows(),
-                    1.0,
-                    false,
-                );
-                // dK += dSᵀ·Q
-                product(
-                    t,
-                    d,
-                    n,
-                    dkp,
-                    kv_rs,
-                    dsp.as_ptr(),
-                    (1, ti),
-                    q.at(bi, hh),
-                    q.rows(),
-                    1.0,
-                    acc,
-                );
             }
         }
     });
@@ -917,4 +927,49 @@ pub fn adamw_step(
         });
     });
     (p, m, v)
+}
+
+/// `Σ x²` over every element of `x` (f32, any layout), as a `[1]` f32 tensor: the gradient
+/// norm's pass. One read of `x`, no squared copy; f64 partial sums over fixed blocks of
+/// [`ELEMS_PER_BLOCK`] elements, in parallel, added in block order, so the result does not
+/// depend on the thread count (Burn's `square().sum()` writes the squares out and then sums
+/// them on one thread below 4M elements).
+pub fn sum_of_squares(x: &FlexTensor) -> FlexTensor {
+    assert_eq!(x.dtype(), DType::F32, "sum_of_squares: f32 only");
+    let x = values(x);
+    let xs = x.storage::<f32>();
+    let block = |i: usize| -> f64 {
+        let b = &xs[i * ELEMS_PER_BLOCK..((i + 1) * ELEMS_PER_BLOCK).min(xs.len())];
+        widest(|| {
+            // Eight independent lanes, so the loop vectorises without reordering a sum.
+            let mut acc = [0.0f64; 8];
+            let mut chunks = b.chunks_exact(8);
+            for c in &mut chunks {
+                for j in 0..8 {
+                    let v = f64::from(c[j]);
+                    acc[j] += v * v;
+                }
+            }
+            let tail: f64 = chunks
+                .remainder()
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum();
+            acc.iter().sum::<f64>() + tail
+        })
+    };
+    let blocks = xs.len().div_ceil(ELEMS_PER_BLOCK);
+    #[cfg(feature = "rayon")]
+    let parts: Vec<f64> = {
+        use rayon::prelude::*;
+        (0..blocks).into_par_iter().map(block).collect()
+    };
+    #[cfg(not(feature = "rayon"))]
+    let parts: Vec<f64> = (0..blocks).map(block).collect();
+    let total = parts.iter().sum::<f64>() as f32;
+    FlexTensor::new(
+        Bytes::from_elems(alloc::vec![total]),
+        Layout::contiguous(Shape::from(alloc::vec![1])),
+        DType::F32,
+    )
 }
