@@ -1576,7 +1576,10 @@ mod tests {
         let fused = read(<Cpu as Kernels>::sum_of_squares(p.clone()));
         let composed = read(sum_of_squares_composed::<Cpu>(p));
         assert!((fused - host).abs() <= 1e-7 * host, "{fused} vs {host}");
-        assert!((composed - host).abs() <= 1e-5 * host, "{composed} vs {host}");
+        assert!(
+            (composed - host).abs() <= 1e-5 * host,
+            "{composed} vs {host}"
+        );
     }
 
     /// The fused cross-entropy's NLL and logit gradient equal Burn's `log_softmax` + `gather`,

@@ -216,9 +216,10 @@ impl<B: TrainBackend> ModuleVisitor<B> for SquaredNorms<'_, B> {
             .iter()
             .find_map(|grads| grads.get::<B::InnerBackend, D>(p.id))
         {
-            self.parts.push(Tensor::from_primitive(TensorPrimitive::Float(
-                <B::InnerBackend as Kernels>::sum_of_squares(g.into_primitive().tensor()),
-            )));
+            self.parts
+                .push(Tensor::from_primitive(TensorPrimitive::Float(
+                    <B::InnerBackend as Kernels>::sum_of_squares(g.into_primitive().tensor()),
+                )));
         }
     }
 }
