@@ -35,7 +35,10 @@ for k, v in keys.items():
         lines.append(f'{k} = {v}')
 open(dst, 'w').write(s[:start] + '\n'.join(lines) + '\n\n' + s[end:])
 PY
-    (cd "$dir" && RAYON_NUM_THREADS=1 taskset -c "$cpu" "$bin" run quickstart.toml >out.txt 2>log.txt)
+    if ! (cd "$dir" && RAYON_NUM_THREADS=1 taskset -c "$cpu" "$bin" run quickstart.toml >out.txt 2>log.txt); then
+        echo "seed $seed: the run failed, see $dir/log.txt"
+        return
+    fi
     python3 - "$dir/distill.db" "$seed" <<'PY'
 import sqlite3, sys
 c = sqlite3.connect(sys.argv[1])
